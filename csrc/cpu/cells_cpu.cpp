@@ -1,0 +1,67 @@
+// Index build on CPU: counting sort of classes by cell (stable: ascending id within a cell), then
+// per-cell masses and within-cell CDFs from the shared body.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "imi_softmax/cells.h"
+
+namespace imi_softmax {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cells_cpu(
+    const at::Tensor& code1_in, const at::Tensor& code2_in, const std::optional<at::Tensor>& beta_in,
+    int64_t K) {
+  TORCH_CHECK(K >= 1, "build_cells: num_codewords must be >= 1, got ", K);
+  TORCH_CHECK(code1_in.dim() == 1 && code1_in.sizes() == code2_in.sizes() &&
+                  code1_in.scalar_type() == at::kLong && code2_in.scalar_type() == at::kLong,
+              "build_cells: code1 and code2 must be int64 [N] of equal length");
+  const auto code1 = code1_in.contiguous();
+  const auto code2 = code2_in.contiguous();
+  const int64_t N = code1.size(0), KK = K * K;
+  const bool has_beta = beta_in.has_value() && beta_in->defined();
+  at::Tensor beta;
+  if (has_beta) {
+    TORCH_CHECK(beta_in->dim() == 1 && beta_in->size(0) == N && beta_in->scalar_type() == at::kFloat,
+                "build_cells: beta must be float32 [N]");
+    beta = beta_in->contiguous();
+  }
+  const int64_t* c1 = code1.data_ptr<int64_t>();
+  const int64_t* c2 = code2.data_ptr<int64_t>();
+  const auto long_opts = code1.options();
+  const auto float_opts = code1.options().dtype(at::kFloat);
+
+  auto offsets = at::zeros({KK + 1}, long_opts);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(c1[i] >= 0 && c1[i] < K && c2[i] >= 0 && c2[i] < K, "build_cells: code of class ",
+                i, " out of range [0, ", K, "): (", c1[i], ", ", c2[i], ")");
+    ++off[imi::cell_of(c1, c2, i, K) + 1];
+  }
+  for (int64_t c = 0; c < KK; ++c) off[c + 1] += off[c];
+  auto class_ids = at::empty({N}, long_opts);
+  int64_t* ids = class_ids.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(off, off + KK);
+  for (int64_t i = 0; i < N; ++i) ids[cursor[imi::cell_of(c1, c2, i, K)]++] = i;
+
+  auto cell_cdf = at::empty({has_beta ? N : 0}, float_opts);
+  auto log_n = at::empty({K, K}, float_opts);
+  const float* bp = has_beta ? beta.data_ptr<float>() : nullptr;
+  float* cdf = has_beta ? cell_cdf.data_ptr<float>() : nullptr;
+  float* ln = log_n.data_ptr<float>();
+  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) ln[c] = imi::cell_log_mass_and_cdf(ids, off[c], off[c + 1], bp, cdf);
+  });
+  // Finite max: empty cells are -inf and N >= 1 guarantees one finite entry.
+  auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
+  auto cell_mass = (log_n - log_n_max).exp();
+  return {offsets, class_ids, cell_cdf, log_n, cell_mass, log_n_max};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imi_softmax, CPU, m) { m.impl("build_cells", &build_cells_cpu); }
+
+}  // namespace imi_softmax

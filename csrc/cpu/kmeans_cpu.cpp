@@ -1,0 +1,51 @@
+// k-means assignment on CPU: blocked GEMM for the dots, then the shared argmin body per row.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "imi_softmax/kmeans.h"
+
+namespace imi_softmax {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> assign_codewords_cpu(const at::Tensor& x_in,
+                                                        const at::Tensor& centroids_in) {
+  TORCH_CHECK(x_in.dim() == 2 && centroids_in.dim() == 2 && x_in.size(1) == centroids_in.size(1),
+              "assign_codewords: x [N, d] and centroids [K, d] expected, got ", x_in.sizes(),
+              " and ", centroids_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == centroids_in.scalar_type(),
+              "assign_codewords: x and centroids dtypes differ");
+  TORCH_CHECK(centroids_in.size(0) > 0, "assign_codewords: no centroids");
+  const auto x = x_in.contiguous();
+  const auto centroids = centroids_in.contiguous();
+  const int64_t N = x.size(0), K = centroids.size(0);
+  auto codes = at::empty({N}, x.options().dtype(at::kLong));
+  auto sqdist = at::empty({N}, x.options());
+  const auto c_sqnorm = centroids.mul(centroids).sum(1).contiguous();
+  // Bound the dots buffer to ~16 MB whatever N is.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / K);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "assign_codewords_cpu", [&] {
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t len = std::min(chunk, N - start);
+      const auto xs = x.narrow(0, start, len);
+      const auto dots = at::matmul(xs, centroids.t()).contiguous();
+      const auto x_sqnorm = xs.mul(xs).sum(1).contiguous();
+      const scalar_t* dp = dots.data_ptr<scalar_t>();
+      const scalar_t* xn = x_sqnorm.data_ptr<scalar_t>();
+      const scalar_t* cn = c_sqnorm.data_ptr<scalar_t>();
+      int64_t* cp = codes.data_ptr<int64_t>() + start;
+      scalar_t* sp = sqdist.data_ptr<scalar_t>() + start;
+      at::parallel_for(0, len, 1024, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i)
+          imi::nearest_codeword_row<scalar_t>(dp + i * K, cn, xn[i], K, cp + i, sp + i);
+      });
+    }
+  });
+  return {codes, sqdist};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imi_softmax, CPU, m) { m.impl("assign_codewords", &assign_codewords_cpu); }
+
+}  // namespace imi_softmax

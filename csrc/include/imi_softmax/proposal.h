@@ -1,0 +1,119 @@
+// The MIDX proposal over an Inverted Multi-Index (DESIGN.md, "Proposal"):
+//   log Q(i|h) = s1[a1(i)] + s2[a2(i)] + beta_i - log Z(h),
+//   Z(h) = sum_{k1,k2} exp(s1[k1] + s2[k2]) n[k1,k2].
+// Bodies shared by the CPU loops and the CUDA kernels: partition function, the three-stage draw,
+// and log-probabilities of arbitrary ids.
+#pragma once
+
+#include "common.h"
+#include "philox.h"
+
+namespace imi {
+
+// Read-only view of an index built by build_cells. All pointers are on the executing device.
+struct CellIndex {
+  int64_t K;                 // codewords per codebook; K*K cells
+  const float* log_n;        // [K*K] log sum_{i in cell} exp(beta_i); -inf for empty cells
+  const float* cell_mass;    // [K*K] exp(log_n - *log_n_max); 0 for empty cells
+  const float* log_n_max;    // [1] max finite log_n (kept on device: no host sync to launch)
+  const int64_t* offsets;    // [K*K+1] CSR offsets into class_ids
+  const int64_t* class_ids;  // [N] class ids grouped by cell
+  const float* cell_cdf;     // [N] within-cell cumulative exp(beta) (CSR order, each cell ends at 1);
+                             //     nullptr: no bias, classes are uniform within a cell
+  const float* beta;         // [N] bias snapshot by class id; nullptr: zero
+  const int64_t* code1;      // [N] first-codebook code of each class
+  const int64_t* code2;      // [N] second-codebook code of each class
+};
+
+// Row masses below this are recomputed in log space: the scaled product underflowed.
+#define IMI_ROW_MASS_FLOOR 1e-30f
+
+// log sum_k2 exp(s2[k2] + log_n[k1,k2]) for one row k1, given e2 = exp(s2 - m2).
+// Fast path: one dot product with the scaled cell masses; exact log-space path if it underflows.
+IMI_HD float row_log_mass(const CellIndex& ix, int64_t k1, const float* s2, const float* e2,
+                          float m2) {
+  const int64_t K = ix.K;
+  const float* mass = ix.cell_mass + k1 * K;
+  float R = 0.f;
+  for (int64_t k2 = 0; k2 < K; ++k2) R += mass[k2] * e2[k2];
+  if (R > IMI_ROW_MASS_FLOOR) return log_(R) + m2 + *ix.log_n_max;
+  OnlineLSE<float> lse;
+  const float* ln = ix.log_n + k1 * K;
+  for (int64_t k2 = 0; k2 < K; ++k2) lse.add(s2[k2] + ln[k2]);
+  return lse.value();
+}
+
+// Per-query preparation shared by sampling and log_prob. Fills e2[K] = exp(s2 - max s2),
+// r[K] = row log masses, cdf1[K] = cumulative stage-1 weights exp(s1 + r - max); returns log Z.
+IMI_HD float query_prepare(const CellIndex& ix, const float* s1, const float* s2, float* e2,
+                           float* r, float* cdf1) {
+  const int64_t K = ix.K;
+  float m2 = neg_inf<float>();
+  for (int64_t k = 0; k < K; ++k) m2 = max_(m2, s2[k]);
+  for (int64_t k = 0; k < K; ++k) e2[k] = exp_(s2[k] - m2);
+  float l1max = neg_inf<float>();
+  for (int64_t k1 = 0; k1 < K; ++k1) {
+    r[k1] = row_log_mass(ix, k1, s2, e2, m2);
+    if (r[k1] != neg_inf<float>()) l1max = max_(l1max, s1[k1] + r[k1]);
+  }
+  float acc = 0.f;
+  for (int64_t k1 = 0; k1 < K; ++k1) {
+    if (r[k1] != neg_inf<float>()) acc += exp_(s1[k1] + r[k1] - l1max);
+    cdf1[k1] = acc;
+  }
+  return l1max + log_(acc);
+}
+
+// Cumulative stage-2 weights of row k1: exp(s2[k2]) n[k1,k2], scaled; same fast/exact split as
+// row_log_mass so that the two agree on which cells have mass.
+IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, const float* e2,
+                           float r_k1, float* out) {
+  const int64_t K = ix.K;
+  const float* mass = ix.cell_mass + k1 * K;
+  float acc = 0.f;
+  for (int64_t k2 = 0; k2 < K; ++k2) {
+    acc += mass[k2] * e2[k2];
+    out[k2] = acc;
+  }
+  if (acc > IMI_ROW_MASS_FLOOR) return;
+  const float* ln = ix.log_n + k1 * K;
+  acc = 0.f;
+  for (int64_t k2 = 0; k2 < K; ++k2) {
+    if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - r_k1);
+    out[k2] = acc;
+  }
+}
+
+// Inverse-CDF search over an unnormalized cumulative array: the first index whose cumulative
+// weight exceeds u * total. Zero-mass entries are never returned.
+IMI_HD int64_t cdf_search(const float* cdf, int64_t n, float u) {
+  const float target = u * cdf[n - 1];
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (cdf[mid] > target) hi = mid; else lo = mid + 1;
+  }
+  // Only reachable when rounding put target at the total: step back to the last entry with mass.
+  while (lo > 0 && cdf[lo] == cdf[lo - 1]) --lo;
+  return lo;
+}
+
+// Stage three: a class within `cell`, with probability exp(beta_i) / n[cell] (uniform if no bias).
+IMI_HD int64_t draw_in_cell(const CellIndex& ix, int64_t cell, float u) {
+  const int64_t begin = ix.offsets[cell];
+  const int64_t count = ix.offsets[cell + 1] - begin;
+  if (ix.cell_cdf == nullptr) {
+    int64_t j = static_cast<int64_t>(u * static_cast<float>(count));
+    if (j >= count) j = count - 1;
+    return ix.class_ids[begin + j];
+  }
+  return ix.class_ids[begin + cdf_search(ix.cell_cdf + begin, count, u)];
+}
+
+IMI_HD float class_log_q(const CellIndex& ix, const float* s1, const float* s2, int64_t id,
+                         float log_z) {
+  const float b = ix.beta == nullptr ? 0.f : ix.beta[id];
+  return (s1[ix.code1[id]] + s2[ix.code2[id]] + b) - log_z;
+}
+
+}  // namespace imi

@@ -1,0 +1,54 @@
+// Operator schemas of the imi_softmax library. Backends register kernels in csrc/cpu and
+// csrc/cuda; fakes and autograd are registered from Python (imi_softmax/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing imi_softmax._C loads this shared library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(imi_softmax, m) {
+  // k-means step: nearest codeword of each row of x [N, d] among centroids [K, d].
+  m.def("assign_codewords(Tensor x, Tensor centroids) -> (Tensor codes, Tensor sqdist)");
+  // Index build: cells CSR from the two code vectors, with per-cell masses from the bias snapshot.
+  m.def(
+      "build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
+      "(Tensor offsets, Tensor class_ids, Tensor cell_cdf, Tensor log_n, Tensor cell_mass, "
+      "Tensor log_n_max)");
+  // Three-stage draw from the MIDX proposal. s1, s2: [B, K] float32 query scores per codebook.
+  m.def(
+      "midx_sample(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
+      "Tensor offsets, Tensor class_ids, Tensor? cell_cdf, Tensor? beta, Tensor code1, "
+      "Tensor code2, int num_samples, Generator? generator) -> (Tensor ids, Tensor log_q)");
+  // Same draw from an explicit Philox (seed, offset): identical samples on every backend.
+  m.def(
+      "midx_sample_seeded(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, "
+      "Tensor log_n_max, Tensor offsets, Tensor class_ids, Tensor? cell_cdf, Tensor? beta, "
+      "Tensor code1, Tensor code2, int num_samples, int seed, int offset) -> "
+      "(Tensor ids, Tensor log_q)");
+  // Exact normalized log Q(ids | query) for ids [B, L].
+  m.def(
+      "midx_log_prob(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
+      "Tensor? beta, Tensor code1, Tensor code2, Tensor ids) -> Tensor");
+  // Fused sampled softmax. ids/log_q: [B, 1+M], column 0 = target. Returns per-row loss and lse.
+  m.def(
+      "sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "
+      "bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> (Tensor loss, Tensor lse)");
+  // Backward: grad of x and the per-column coefficients d loss_b / d u_bj (scaled by grad_loss).
+  m.def(
+      "sampled_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor ids, Tensor log_q, Tensor lse, bool remove_accidental_hits, int ignore_index) -> "
+      "(Tensor grad_x, Tensor coef)");
+  // Weight/bias gradients from the coefficients: dense [N, d] and [N] ...
+  m.def(
+      "dense_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
+      "(Tensor grad_weight, Tensor grad_bias)");
+  // ... or only the touched rows: sorted unique ids, their weight-grad rows and bias grads.
+  m.def(
+      "sparse_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
+      "(Tensor unique_ids, Tensor grad_weight_rows, Tensor grad_bias_rows)");
+}

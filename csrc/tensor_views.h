@@ -1,0 +1,83 @@
+// Tensor -> raw-pointer views shared by the CPU and CUDA launch code (torch side only).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+#include "imi_softmax/proposal.h"
+
+namespace imi_softmax {
+
+template <typename T>
+inline const T* optional_ptr(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined() && t->numel() > 0) ? t->data_ptr<T>() : nullptr;
+}
+
+// Every tensor must already be contiguous and on the executing device.
+inline imi::CellIndex make_cell_index(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
+                                      const at::Tensor& log_n_max, const at::Tensor& offsets,
+                                      const at::Tensor& class_ids,
+                                      const std::optional<at::Tensor>& cell_cdf,
+                                      const std::optional<at::Tensor>& beta,
+                                      const at::Tensor& code1, const at::Tensor& code2) {
+  imi::CellIndex ix;
+  ix.K = K;
+  ix.log_n = log_n.data_ptr<float>();
+  ix.cell_mass = cell_mass.data_ptr<float>();
+  ix.log_n_max = log_n_max.data_ptr<float>();
+  ix.offsets = offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr;
+  ix.class_ids = class_ids.defined() ? class_ids.data_ptr<int64_t>() : nullptr;
+  ix.cell_cdf = optional_ptr<float>(cell_cdf);
+  ix.beta = optional_ptr<float>(beta);
+  ix.code1 = code1.data_ptr<int64_t>();
+  ix.code2 = code2.data_ptr<int64_t>();
+  return ix;
+}
+
+// Schema-level checks shared by the backends (Python validates user input before this; these
+// guard direct calls to torch.ops.imi_softmax.*).
+inline void check_index_tensors(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
+                                const at::Tensor& log_n_max, const at::Tensor& code1,
+                                const at::Tensor& code2) {
+  TORCH_CHECK(log_n.numel() == K * K && cell_mass.numel() == K * K,
+              "imi_softmax: log_n and cell_mass must have K*K = ", K * K, " entries");
+  TORCH_CHECK(log_n.scalar_type() == at::kFloat && cell_mass.scalar_type() == at::kFloat &&
+                  log_n_max.scalar_type() == at::kFloat && log_n_max.numel() == 1,
+              "imi_softmax: index masses must be float32");
+  TORCH_CHECK(code1.scalar_type() == at::kLong && code2.scalar_type() == at::kLong &&
+                  code1.numel() == code2.numel(),
+              "imi_softmax: code1/code2 must be int64 of equal length");
+}
+
+inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
+  TORCH_CHECK(s1.dim() == 2 && s2.dim() == 2 && s1.sizes() == s2.sizes(),
+              "imi_softmax: s1 and s2 must both be [B, K], got ", s1.sizes(), " and ", s2.sizes());
+  TORCH_CHECK(s1.scalar_type() == at::kFloat && s2.scalar_type() == at::kFloat,
+              "imi_softmax: query scores must be float32");
+}
+
+inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& ids,
+                              const at::Tensor& log_q) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "imi_softmax: x [B, d] and weight [N, d] expected, got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "imi_softmax: x and weight dtypes differ");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                    bias->scalar_type() == weight.scalar_type(),
+                "imi_softmax: bias must be [N] with weight's dtype");
+  }
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong,
+              "imi_softmax: ids must be int64 [B, 1+M]");
+  TORCH_CHECK(log_q.sizes() == ids.sizes(), "imi_softmax: log_q must match ids' shape");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(log_q.scalar_type() == acc, "imi_softmax: log_q must be ", acc, " for x of ",
+              x.scalar_type());
+}
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace imi_softmax

@@ -1,0 +1,12 @@
+"""imi_softmax: adaptive sampled softmax over an Inverted Multi-Index (MIDX).
+
+A drop-in replacement for ``nn.Linear`` + softmax cross-entropy over huge output spaces.
+"""
+from . import functional
+from ._ops import ops
+from .module import IMISoftmax
+from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
+
+__version__ = "0.1.0"
+__all__ = ["IMISoftmax", "MIDXSampler", "UniformSampler", "UnigramSampler", "ExactSampler",
+           "Sampler", "functional", "ops"]

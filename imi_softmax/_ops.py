@@ -1,0 +1,110 @@
+"""Python side of the custom ops: fake (meta) kernels for torch.compile and autograd formulas."""
+import torch
+from torch import Tensor
+
+from ._loader import load_library
+
+load_library()
+
+ops = torch.ops.imi_softmax
+_lib = "imi_softmax::"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the loss kernels: fp64 stays fp64, everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(_lib + "assign_codewords")
+def _assign_codewords_fake(x, centroids):
+    n = x.shape[0]
+    return x.new_empty(n, dtype=torch.int64), x.new_empty(n)
+
+
+@torch.library.register_fake(_lib + "build_cells")
+def _build_cells_fake(code1, code2, beta, num_codewords):
+    n, kk = code1.shape[0], num_codewords * num_codewords
+    f32 = dict(dtype=torch.float32)
+    return (
+        code1.new_empty(kk + 1),
+        code1.new_empty(n),
+        code1.new_empty(n if beta is not None else 0, **f32),
+        code1.new_empty((num_codewords, num_codewords), **f32),
+        code1.new_empty((num_codewords, num_codewords), **f32),
+        code1.new_empty(1, **f32),
+    )
+
+
+def _sample_fake(s1, *args):
+    num_samples = args[10]
+    shape = (s1.shape[0], num_samples)
+    return s1.new_empty(shape, dtype=torch.int64), s1.new_empty(shape)
+
+
+torch.library.register_fake(_lib + "midx_sample")(_sample_fake)
+torch.library.register_fake(_lib + "midx_sample_seeded")(_sample_fake)
+
+
+@torch.library.register_fake(_lib + "midx_log_prob")
+def _log_prob_fake(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids):
+    return ids.new_empty(ids.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(_lib + "sampled_softmax_forward")
+def _forward_fake(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+
+
+@torch.library.register_fake(_lib + "sampled_softmax_backward")
+def _backward_fake(grad_loss, x, weight, bias, ids, log_q, lse, remove_accidental_hits, ignore_index):
+    return torch.empty_like(x), x.new_empty(ids.shape, dtype=acc_dtype(x.dtype))
+
+
+@torch.library.register_fake(_lib + "dense_weight_grad")
+def _dense_grad_fake(coef, ids, x, num_classes):
+    return x.new_empty((num_classes, x.shape[1])), x.new_empty(num_classes)
+
+
+@torch.library.register_fake(_lib + "sparse_weight_grad")
+def _sparse_grad_fake(coef, ids, x, num_classes):
+    u = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty(u, dtype=torch.int64), x.new_empty((u, x.shape[1])), x.new_empty(u)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad = inputs
+    _, lse = output
+    ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
+    ctx.remove_accidental_hits = remove_accidental_hits
+    ctx.ignore_index = ignore_index
+    ctx.sparse_grad = sparse_grad
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_lse):
+    x, weight, bias, ids, log_q, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    grad_x, coef = ops.sampled_softmax_backward(
+        grad_loss, x, weight, bias, ids, log_q, lse, ctx.remove_accidental_hits, ctx.ignore_index
+    )
+    num_classes = weight.shape[0]
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.sparse_grad:
+            uniq, rows, bias_rows = ops.sparse_weight_grad(coef, ids, x, num_classes)
+            index = uniq.unsqueeze(0)
+            grad_w = torch.sparse_coo_tensor(index, rows, weight.shape, is_coalesced=True, check_invariants=False)
+            if bias is not None:
+                grad_b = torch.sparse_coo_tensor(index, bias_rows, bias.shape, is_coalesced=True, check_invariants=False)
+        else:
+            grad_w, grad_b = ops.dense_weight_grad(coef, ids, x, num_classes)
+            if bias is None:
+                grad_b = None
+    return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    _lib + "sampled_softmax_forward", _backward, setup_context=_setup_context
+)

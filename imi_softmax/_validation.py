@@ -1,0 +1,62 @@
+"""Argument checks that run before any kernel: bad input gets a Python error naming the argument."""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, value, *, dims: Optional[Sequence[int]] = None, dtypes=None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dims is not None and value.dim() not in dims:
+        want = " or ".join(str(d) for d in dims)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    return value
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device"
+            )
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    if _compiling():
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: Optional[int] = None) -> None:
+    """Ids must lie in [0, num_classes), except ignore_index where it is allowed."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (torch.long), got {ids.dtype}")
+    if _compiling() or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= num_classes)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if bool(bad.any()):
+        value = int(ids[bad].flatten()[0])
+        allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        raise IndexError(f"{name} has class id {value} outside {allowed}")

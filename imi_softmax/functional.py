@@ -1,0 +1,89 @@
+"""Functional form of the fused sampled-softmax loss."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._ops import acc_dtype, ops
+from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_same_device, check_tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def sampled_softmax_loss(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    sample_ids: Tensor,
+    sample_log_q: Tensor,
+    target_log_q: Tensor,
+    *,
+    remove_accidental_hits: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    sparse_grad: bool = False,
+) -> Tensor:
+    """Bias-corrected sampled softmax cross-entropy (DESIGN.md, "Loss").
+
+    Per row with target y and samples s_j drawn from Q(.|x):
+    ``u_0 = x.w_y + b_y - log Q(y)``, ``u_j = x.w_sj + b_sj - log Q(s_j)`` (-inf for accidental hits
+    when removed), ``loss = logsumexp(u) - u_0``. Gradients reach x and the rows of weight/bias that
+    were used; log Q is a constant.
+
+    Shapes: x [*, d], weight [N, d], bias [N] or None, target [*] int64 (ignore_index rows skipped),
+    sample_ids [*, M] int64, sample_log_q [*, M], target_log_q [*].
+    Returns a scalar ("mean" over non-ignored rows, or "sum") or per-row losses [*] ("none").
+    ``sparse_grad=True`` makes weight.grad (and bias.grad) sparse COO tensors over the touched rows.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [*, {weight.shape[1]}] to match weight [N, d], got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them")
+    n, d = weight.shape
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,), dtypes=(weight.dtype,))
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    batch_shape = x.shape[:-1]
+    check_tensor("target", target)
+    if target.shape != batch_shape:
+        raise ValueError(f"target must have shape {tuple(batch_shape)} (x without its last dim), got {tuple(target.shape)}")
+    check_tensor("sample_ids", sample_ids)
+    if sample_ids.shape[:-1] != batch_shape or sample_ids.dim() != x.dim():
+        raise ValueError(f"sample_ids must be [{', '.join(map(str, batch_shape))}, M], got {tuple(sample_ids.shape)}")
+    check_tensor("sample_log_q", sample_log_q, dtypes=FLOAT_DTYPES)
+    if sample_log_q.shape != sample_ids.shape:
+        raise ValueError(f"sample_log_q must match sample_ids' shape {tuple(sample_ids.shape)}, got {tuple(sample_log_q.shape)}")
+    check_tensor("target_log_q", target_log_q, dtypes=FLOAT_DTYPES)
+    if target_log_q.shape != batch_shape:
+        raise ValueError(f"target_log_q must have shape {tuple(batch_shape)}, got {tuple(target_log_q.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_same_device(x=x, weight=weight, bias=bias, target=target, sample_ids=sample_ids,
+                      sample_log_q=sample_log_q, target_log_q=target_log_q)
+    check_class_ids("target", target, n, ignore_index=ignore_index)
+    check_class_ids("sample_ids", sample_ids, n)
+    check_finite("x", x)
+
+    m = sample_ids.shape[-1]
+    acc = acc_dtype(x.dtype)
+    flat_target = target.reshape(-1)
+    ignored = flat_target == ignore_index
+    # Ignored rows are marked -1 for the kernels, so any ignore_index value works (even a valid id).
+    kernel_target = torch.where(ignored, torch.full_like(flat_target, -1), flat_target)
+    ids = torch.cat([kernel_target.unsqueeze(1), sample_ids.reshape(-1, m)], dim=1)
+    tlq = torch.where(ignored, torch.zeros((), dtype=acc, device=x.device), target_log_q.reshape(-1).to(acc))
+    log_q = torch.cat([tlq.unsqueeze(1), sample_log_q.reshape(-1, m).to(acc)], dim=1)
+    loss, _ = ops.sampled_softmax_forward(x.reshape(-1, d), weight, bias, ids, log_q,
+                                          bool(remove_accidental_hits), -1, bool(sparse_grad))
+    if reduction == "none":
+        return loss.reshape(batch_shape).to(x.dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(x.dtype)
+    return (total / (~ignored).sum().to(total.dtype)).to(x.dtype)

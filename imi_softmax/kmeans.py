@@ -1,0 +1,68 @@
+"""k-means for the codebooks: warm-started, fitted on a subsample, empty clusters re-seeded."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+
+def assign(x: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Nearest centroid of each row. x [N, d], centroids [K, d] -> (codes [N] int64, sqdist [N])."""
+    return ops.assign_codewords(x, centroids)
+
+
+def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centroid is a row drawn with
+    probability proportional to its squared distance to the nearest centroid so far."""
+    n = x.shape[0]
+    first = int(torch.randint(0, n, (1,), generator=generator))
+    centroids = x.new_empty((num_clusters, x.shape[1]))
+    centroids[0] = x[first]
+    nearest = (x - x[first]).pow(2).sum(1)
+    for k in range(1, num_clusters):
+        total = float(nearest.sum())
+        if total <= 0:  # every row already coincides with a centroid: duplicates are all we have
+            idx = int(torch.randint(0, n, (1,), generator=generator))
+        else:
+            idx = int(torch.multinomial(nearest.cpu().double(), 1, generator=generator))
+        centroids[k] = x[idx]
+        nearest = torch.minimum(nearest, (x - x[idx]).pow(2).sum(1))
+    return centroids
+
+
+def kmeans(
+    x: Tensor,
+    num_clusters: int,
+    *,
+    iters: int = 10,
+    init: Optional[Tensor] = None,
+    max_points_per_centroid: int = 256,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Lloyd's k-means on at most ``max_points_per_centroid * num_clusters`` rows of x (as FAISS).
+
+    x: [N, d] float. init: [num_clusters, d] centroids to warm-start from (e.g. the previous index).
+    Returns centroids [num_clusters, d]. A cluster that ends up empty is re-seeded on a random
+    training row, so centroids never become NaN (with fewer rows than clusters some stay duplicates).
+    """
+    n, d = x.shape
+    cap = max_points_per_centroid * num_clusters
+    if n > cap:
+        x = x[torch.randperm(n, generator=generator, device="cpu")[:cap].to(x.device)]
+        n = cap
+    if init is not None and tuple(init.shape) == (num_clusters, d):
+        centroids = init.to(device=x.device, dtype=x.dtype).clone()
+    else:
+        centroids = kmeans_plus_plus(x, num_clusters, generator)
+    for _ in range(iters):
+        codes, _ = assign(x, centroids)
+        counts = torch.bincount(codes, minlength=num_clusters)
+        sums = torch.zeros_like(centroids).index_add_(0, codes, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).to(x.dtype)
+        empty = (~filled).nonzero().flatten()
+        if empty.numel() > 0:
+            reseed = torch.randint(0, n, (empty.numel(),), generator=generator, device="cpu").to(x.device)
+            centroids[empty] = x[reseed]
+    return centroids

@@ -1,0 +1,221 @@
+"""IMISoftmax: nn.Linear + cross-entropy over a huge output space, trained with the MIDX sampled softmax."""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import FLOAT_DTYPES, check_class_ids, check_positive_int, check_tensor
+from .functional import sampled_softmax_loss
+from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
+
+SAMPLERS = ("midx", "uniform", "unigram", "exact")
+
+
+class IMISoftmax(nn.Module):
+    r"""Output layer over ``num_classes`` classes with an adaptive sampled-softmax training loss.
+
+    ``head(x)`` returns the full logits ``F.linear(x, weight, bias)`` [*, num_classes].
+    ``head(x, target)`` returns, in training mode, the sampled-softmax loss (a scalar, mean over
+    targets != ignore_index) with ``num_samples`` negatives per row drawn from the proposal and
+    corrected by its exact log-probability; in eval mode, the exact
+    ``F.cross_entropy(F.linear(x, weight, bias), target)``.
+
+    Args:
+        in_features: d, size of each input row.
+        num_classes: N, number of output classes.
+        bias: learn an additive bias (as nn.Linear).
+        num_samples: M, negatives per query row.
+        num_codewords: K codewords per codebook (K*K cells) for ``sampler="midx"``.
+        quantizer: "rq" (residual, default) or "pq" (product; needs even in_features).
+        sampler: "midx" | "uniform" | "unigram" | "exact", or a :class:`Sampler` instance.
+        refresh_every: training forward calls between index rebuilds (0 = only manual
+            :meth:`refresh_index`). The first training forward always builds the index.
+        remove_accidental_hits: drop samples equal to the row's target.
+        sparse_grad: weight.grad / bias.grad as sparse COO tensors over the touched rows.
+        class_counts: [num_classes] frequencies, required by ``sampler="unigram"``.
+        kmeans_iters: Lloyd iterations per index rebuild.
+        ignore_index: target value that is skipped (as in F.cross_entropy).
+
+    Shapes: x [*, in_features], target [*] int64.
+
+    Under ``torch.compile`` the index is not rebuilt inside the compiled graph: build it once
+    (``refresh_index()`` or one eager training step) and call ``refresh_index()`` on your schedule.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, *,
+                 num_samples: int = 256, num_codewords: int = 64, quantizer: str = "rq",
+                 sampler: Union[str, Sampler] = "midx", refresh_every: int = 1000,
+                 remove_accidental_hits: bool = True, sparse_grad: bool = False,
+                 class_counts: Optional[Tensor] = None, kmeans_iters: int = 10,
+                 ignore_index: int = -100, device=None, dtype=None):
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.refresh_every = check_positive_int("refresh_every", refresh_every, minimum=0)
+        check_positive_int("num_codewords", num_codewords)
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.sparse_grad = bool(sparse_grad)
+        self.ignore_index = ignore_index
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
+        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        if self.weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating dtype, got {self.weight.dtype}")
+        self.sampler = self._make_sampler(sampler, num_codewords, quantizer, class_counts, kmeans_iters)
+        self.reset_parameters()
+
+    def _make_sampler(self, sampler, num_codewords, quantizer, class_counts, kmeans_iters) -> Sampler:
+        if isinstance(sampler, Sampler):
+            return sampler
+        if sampler == "midx":
+            if quantizer == "pq" and self.in_features % 2:
+                raise ValueError(f"quantizer='pq' needs an even in_features, got {self.in_features}")
+            return MIDXSampler(num_codewords, quantizer, kmeans_iters=kmeans_iters)
+        if sampler == "uniform":
+            return UniformSampler(self.num_classes)
+        if sampler == "unigram":
+            if class_counts is None:
+                raise ValueError("sampler='unigram' needs class_counts=[num_classes] frequencies")
+            if class_counts.numel() != self.num_classes:
+                raise ValueError(f"class_counts must have {self.num_classes} entries, got {class_counts.numel()}")
+            return UnigramSampler(class_counts)
+        if sampler == "exact":
+            return ExactSampler()
+        raise ValueError(f"sampler must be one of {SAMPLERS} or a Sampler instance, got {sampler!r}")
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._index_stale = True
+        self._training_calls = 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "IMISoftmax":
+        """An IMISoftmax holding a copy of ``linear``'s weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                   device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        with torch.no_grad():
+            head.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                head.bias.copy_(linear.bias)
+        return head
+
+    # -- index ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_index(self) -> None:
+        """Rebuild the proposal from the current weight and bias (warm-started k-means)."""
+        self.sampler = self.sampler.to(self.weight.device)
+        self.sampler.build(self.weight, self.bias)
+        self._index_stale = False
+
+    def _maybe_refresh(self) -> None:
+        if torch.compiler.is_compiling():
+            if self._index_stale:
+                raise RuntimeError("IMISoftmax under torch.compile: call refresh_index() before compiling")
+            return
+        due = self.refresh_every > 0 and self._training_calls > 0 and self._training_calls % self.refresh_every == 0
+        sampler_device = getattr(self.sampler, "device", None)
+        moved = sampler_device is not None and sampler_device != self.weight.device
+        if self._index_stale or due or moved:
+            self.refresh_index()
+        self._training_calls += 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._index_stale = True  # the index is derived from the weights: rebuild on next use
+
+    # -- forward ----------------------------------------------------------------------------
+    def _check_input(self, x: Tensor, target: Optional[Tensor]) -> None:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [*, {self.in_features}], got {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the head's weight is {self.weight.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the head is on {self.weight.device}")
+        if target is not None:
+            check_tensor("target", target)
+            if target.shape != x.shape[:-1]:
+                raise ValueError(f"target must have shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+            if target.device != x.device:
+                raise ValueError(f"target is on {target.device} but x is on {x.device}")
+            check_class_ids("target", target, self.num_classes, ignore_index=self.ignore_index)
+
+    def forward(self, x: Tensor, target: Optional[Tensor] = None) -> Tensor:
+        self._check_input(x, target)
+        if target is None:
+            return F.linear(x, self.weight, self.bias)
+        if not self.training:
+            logits = F.linear(x, self.weight, self.bias)
+            return F.cross_entropy(logits.reshape(-1, self.num_classes), target.reshape(-1),
+                                   ignore_index=self.ignore_index)
+        return self._sampled_loss(x, target)
+
+    def _draw(self, x: Tensor, target: Tensor, generator=None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        self._maybe_refresh()
+        flat_x = x.reshape(-1, self.in_features)
+        flat_t = target.reshape(-1)
+        ids, log_q = self.sampler.sample(flat_x.detach(), self.num_samples, generator=generator)
+        safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)
+        target_log_q = self.sampler.log_prob(flat_x.detach(), safe_t.unsqueeze(1)).squeeze(1)
+        return flat_x, flat_t, ids, log_q, target_log_q
+
+    def _sampled_loss(self, x: Tensor, target: Tensor) -> Tensor:
+        flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target)
+        return sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
+                                    remove_accidental_hits=self.remove_accidental_hits,
+                                    ignore_index=self.ignore_index, sparse_grad=self.sparse_grad)
+
+    def sampled_logits(self, x: Tensor, target: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """Bias-corrected logits [B, 1+M] (column 0 = target; accidental hits -inf when removed)
+        and the sample ids [B, M], for x [*, d] flattened to B rows. Differentiable (materializes
+        the gathered rows; the training loss uses the fused kernel instead)."""
+        self._check_input(x, target)
+        flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target, generator)
+        all_ids = torch.cat([flat_t.clamp_min(0).unsqueeze(1), ids], dim=1)
+        w = self.weight[all_ids]
+        logits = torch.einsum("bd,bmd->bm", flat_x, w)
+        if self.bias is not None:
+            logits = logits + self.bias[all_ids]
+        logits = logits - torch.cat([target_log_q.unsqueeze(1), log_q], dim=1).to(logits.dtype)
+        if self.remove_accidental_hits:
+            hits = ids == flat_t.unsqueeze(1)
+            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hits, float("-inf"))], dim=1)
+        return logits, ids
+
+    @torch.no_grad()
+    def topk(self, x: Tensor, k: int, chunk_size: int = 65536) -> Tuple[Tensor, Tensor]:
+        """(values, indices) [*, k] of the k largest logits, computed over class chunks so the full
+        [*, num_classes] logit matrix never exists at once."""
+        self._check_input(x, None)
+        check_positive_int("k", k)
+        if k > self.num_classes:
+            raise ValueError(f"k must be <= num_classes ({self.num_classes}), got {k}")
+        flat = x.reshape(-1, self.in_features)
+        best_v = best_i = None
+        for start in range(0, self.num_classes, chunk_size):
+            stop = min(start + chunk_size, self.num_classes)
+            b = None if self.bias is None else self.bias[start:stop]
+            logits = F.linear(flat, self.weight[start:stop], b)
+            v, i = logits.topk(min(k, stop - start), dim=-1)
+            i = i + start
+            if best_v is not None:
+                v, j = torch.cat([best_v, v], 1).topk(k, dim=-1) if best_v.shape[1] + v.shape[1] >= k else (torch.cat([best_v, v], 1), None)
+                i = torch.cat([best_i, i], 1) if j is None else torch.cat([best_i, i], 1).gather(1, j)
+            best_v, best_i = v, i
+        return best_v.reshape(*x.shape[:-1], k), best_i.reshape(*x.shape[:-1], k)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.bias is not None}, num_samples={self.num_samples}, sampler={self.sampler}, "
+                f"refresh_every={self.refresh_every}, remove_accidental_hits={self.remove_accidental_hits}, "
+                f"sparse_grad={self.sparse_grad}")

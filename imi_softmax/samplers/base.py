@@ -1,0 +1,66 @@
+"""The interface every proposal implements (DESIGN.md, "Samplers share one interface")."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._validation import check_positive_int, check_tensor
+
+
+class Sampler:
+    """A proposal Q(i | query) over ``num_classes`` classes.
+
+    ``build(weight, bias)`` (re)builds whatever the proposal derives from the class vectors;
+    ``sample(query [B, d], M)`` -> (ids [B, M] int64, log_q [B, M] float32) with log_q the exact
+    normalized log Q of each id; ``log_prob(query [B, d], ids [B, ...])`` -> log Q, same shape as ids.
+    """
+
+    num_classes: Optional[int] = None
+
+    def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "Sampler":
+        check_tensor("weight", weight, dims=(2,))
+        if weight.shape[0] < 1:
+            raise ValueError("weight must hold at least one class (got 0 rows)")
+        if self.num_classes is not None and weight.shape[0] != self.num_classes:
+            raise ValueError(f"weight has {weight.shape[0]} classes but the sampler has {self.num_classes}")
+        self.num_classes = weight.shape[0]
+        return self
+
+    @property
+    def is_built(self) -> bool:
+        return self.num_classes is not None
+
+    def _require_built(self) -> int:
+        if not self.is_built:
+            raise RuntimeError(f"{type(self).__name__} has no index yet: call build(weight, bias) first")
+        return self.num_classes
+
+    def _check_sample_args(self, query: Tensor, num_samples: int) -> None:
+        self._require_built()
+        check_tensor("query", query, dims=(2,))
+        check_positive_int("num_samples", num_samples)
+
+    def _check_ids(self, query: Tensor, ids: Tensor) -> None:
+        from .._validation import check_class_ids
+
+        n = self._require_built()
+        check_tensor("query", query, dims=(2,))
+        check_tensor("ids", ids)
+        if ids.dim() < 1 or ids.shape[0] != query.shape[0]:
+            raise ValueError(f"ids must be [B, ...] with B = {query.shape[0]} (query rows), got {tuple(ids.shape)}")
+        check_class_ids("ids", ids, n)
+
+    def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to(self, device) -> "Sampler":
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"

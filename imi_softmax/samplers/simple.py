@@ -1,0 +1,99 @@
+"""Query-independent proposals (uniform, unigram) and the exact softmax proposal (tests, small N)."""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._validation import check_positive_int, check_tensor
+from .base import Sampler
+
+
+class UniformSampler(Sampler):
+    """Q(i) = 1 / num_classes for every query."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = check_positive_int("num_classes", num_classes)
+
+    def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        self._check_sample_args(query, num_samples)
+        shape = (query.shape[0], num_samples)
+        ids = torch.randint(0, self.num_classes, shape, generator=generator, device=query.device)
+        return ids, torch.full(shape, -math.log(self.num_classes), device=query.device)
+
+    def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
+        self._check_ids(query, ids)
+        return torch.full(ids.shape, -math.log(self.num_classes), device=ids.device)
+
+
+class UnigramSampler(Sampler):
+    """Q(i) proportional to counts[i] ** alpha (word2vec's 0.75 by default), for every query.
+
+    counts: [num_classes] non-negative class frequencies. Classes with count 0 get the mass of a
+    count of 1, so every class can be drawn and has a finite log Q.
+    """
+
+    def __init__(self, counts: Tensor, alpha: float = 0.75):
+        check_tensor("counts", counts, dims=(1,))
+        if counts.numel() < 1:
+            raise ValueError("counts must have at least one class")
+        counts = counts.detach().to(torch.float64)
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise ValueError("counts must be finite and non-negative")
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.num_classes = counts.numel()
+        weights = counts.clamp_min(1.0).pow(self.alpha)
+        self._log_p = (weights / weights.sum()).log().to(torch.float32)
+
+    def to(self, device) -> "UnigramSampler":
+        self._log_p = self._log_p.to(device)
+        return self
+
+    def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        self._check_sample_args(query, num_samples)
+        log_p = self._log_p.to(query.device)
+        b = query.shape[0]
+        ids = torch.multinomial(log_p.exp(), b * num_samples, replacement=True, generator=generator)
+        ids = ids.view(b, num_samples)
+        return ids, log_p[ids]
+
+    def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
+        self._check_ids(query, ids)
+        return self._log_p.to(ids.device)[ids]
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, alpha={self.alpha}"
+
+
+class ExactSampler(Sampler):
+    """Q = the true softmax P(i | query) = softmax(query @ weight.T + bias): the ideal proposal.
+
+    Costs a full [B, num_classes] logit matrix per call, so it is for tests and small catalogues.
+    It reads the live weight it was built with (no snapshot), so Q tracks training exactly.
+    """
+
+    def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "ExactSampler":
+        super().build(weight, bias)
+        self._weight, self._bias = weight, bias
+        return self
+
+    def _log_p(self, query: Tensor) -> Tensor:
+        w = self._weight.detach()
+        b = None if self._bias is None else self._bias.detach()
+        logits = F.linear(query.detach().to(torch.float64), w.to(torch.float64), None if b is None else b.to(torch.float64))
+        return torch.log_softmax(logits, dim=-1)
+
+    def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        self._check_sample_args(query, num_samples)
+        log_p = self._log_p(query)
+        ids = torch.multinomial(log_p.exp(), num_samples, replacement=True, generator=generator)
+        return ids, log_p.gather(1, ids).to(torch.float32)
+
+    def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
+        self._check_ids(query, ids)
+        log_p = self._log_p(query)
+        flat = ids.reshape(ids.shape[0], -1)
+        return log_p.gather(1, flat).reshape(ids.shape).to(torch.float32)

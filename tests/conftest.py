@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import imi_softmax  # noqa: F401  (loads the ops)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def reference_midx_log_q(sampler, query):
+    """float64 log Q(i | query) for all classes, straight from the definition:
+    log_softmax_i(s1[a1(i)] + s2[a2(i)] + beta_i), with s1, s2 from the codebooks."""
+    c1, c2 = (c.to(torch.float64) for c in sampler.codebooks)
+    q = query.to(torch.float64)
+    if sampler.quantizer == "rq":
+        s1, s2 = q @ c1.T, q @ c2.T
+    else:
+        h = q.shape[1] // 2
+        s1, s2 = q[:, :h] @ c1.T, q[:, h:] @ c2.T
+    logits = s1[:, sampler.code1] + s2[:, sampler.code2]
+    if sampler.beta is not None:
+        logits = logits + sampler.beta.to(torch.float64)
+    return torch.log_softmax(logits, dim=1)

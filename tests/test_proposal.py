@@ -1,0 +1,128 @@
+"""MIDX proposal: normalisation, exactness of sampling, log_q consistency, reproducibility."""
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from imi_softmax import MIDXSampler
+from conftest import reference_midx_log_q
+
+
+def make_sampler(n=300, d=8, k=6, quantizer="rq", bias=True, seed=0, device="cpu", scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, d, generator=g) * scale).to(device)
+    b = (torch.randn(n, generator=g) * scale).to(device) if bias else None
+    return MIDXSampler(num_codewords=k, quantizer=quantizer).build(w, b), w, b
+
+
+@pytest.mark.parametrize("quantizer", ["rq", "pq"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_log_prob_normalizes_and_matches_reference(device, quantizer, bias):
+    s, _, _ = make_sampler(quantizer=quantizer, bias=bias, device=device)
+    q = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    all_ids = torch.arange(300, device=device).expand(5, 300)
+    lp = s.log_prob(q, all_ids)
+    assert lp.dtype == torch.float32 and lp.shape == (5, 300)
+    assert torch.logsumexp(lp.double(), 1).abs().max() < 1e-5
+    ref = reference_midx_log_q(s, q)
+    torch.testing.assert_close(lp.double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantizer", ["rq", "pq"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sample_frequencies_match_log_prob(device, quantizer, bias):
+    """Chi-square goodness of fit of the empirical frequencies against exp(log_prob)."""
+    s, _, _ = make_sampler(n=120, quantizer=quantizer, bias=bias, device=device)
+    q = torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    draws = 60000
+    ids, _ = s.sample(q, draws, generator=torch.Generator(device=device).manual_seed(3))
+    p = s.log_prob(q, torch.arange(120, device=device).expand(3, 120)).double().exp().cpu()
+    for row in range(3):
+        counts = torch.bincount(ids[row].cpu(), minlength=120).double()
+        expected = p[row] * draws
+        keep = expected >= 5  # chi-square needs expected counts >= 5: pool the rest
+        obs = torch.cat([counts[keep], counts[~keep].sum().view(1)])
+        exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+        if exp[-1] < 5:
+            obs, exp = obs[:-1], exp[:-1]
+            obs[-1] += counts[~keep].sum()
+            exp[-1] += expected[~keep].sum()
+        chi2 = ((obs - exp) ** 2 / exp).sum().item()
+        dof = obs.numel() - 1
+        p_value = stats.chi2.sf(chi2, dof)
+        assert p_value > 1e-4, f"row {row}: chi2={chi2:.1f} dof={dof} p={p_value:.2e}"
+        # classes with zero mass are never drawn
+        assert counts[p[row] == 0].sum() == 0
+
+
+@pytest.mark.parametrize("quantizer", ["rq", "pq"])
+def test_sample_log_q_equals_log_prob(device, quantizer):
+    s, _, _ = make_sampler(quantizer=quantizer, device=device)
+    q = torch.randn(7, 8, generator=torch.Generator().manual_seed(4)).to(device)
+    ids, log_q = s.sample(q, 50)
+    assert ids.shape == (7, 50) and ids.dtype == torch.int64 and log_q.dtype == torch.float32
+    assert ids.min() >= 0 and ids.max() < 300
+    torch.testing.assert_close(log_q, s.log_prob(q, ids), atol=0, rtol=0)
+
+
+def test_same_seed_same_samples_and_consecutive_calls_differ(device):
+    s, _, _ = make_sampler(device=device)
+    q = torch.randn(4, 8).to(device)
+    a, la = s.sample(q, 30, generator=torch.Generator(device=device).manual_seed(7))
+    b, lb = s.sample(q, 30, generator=torch.Generator(device=device).manual_seed(7))
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    g = torch.Generator(device=device).manual_seed(7)
+    c, _ = s.sample(q, 30, generator=g)
+    d, _ = s.sample(q, 30, generator=g)
+    assert not torch.equal(c, d)
+    torch.manual_seed(11)
+    e, _ = s.sample(q, 30)
+    torch.manual_seed(11)
+    f, _ = s.sample(q, 30)
+    assert torch.equal(e, f)
+
+
+def test_fewer_classes_than_cells_has_empty_cells(device):
+    s, _, _ = make_sampler(n=10, k=8, device=device)
+    assert (s.cell_counts() == 0).sum() >= 64 - 10
+    assert s.cell_counts().sum() == 10
+    q = torch.randn(3, 8).to(device)
+    lp = s.log_prob(q, torch.arange(10, device=device).expand(3, 10))
+    assert torch.logsumexp(lp.double(), 1).abs().max() < 1e-5
+    ids, log_q = s.sample(q, 500)
+    assert ids.max() < 10 and torch.isfinite(log_q).all()
+
+
+def test_single_class(device):
+    s = MIDXSampler(num_codewords=4).build(torch.randn(1, 6).to(device), torch.randn(1).to(device))
+    q = torch.randn(2, 6).to(device)
+    ids, log_q = s.sample(q, 20)
+    assert (ids == 0).all()
+    assert log_q.abs().max() < 1e-6
+
+
+def test_identical_class_vectors(device):
+    w = torch.ones(50, 4).to(device)
+    s = MIDXSampler(num_codewords=5).build(w)
+    assert torch.isfinite(s.codebooks[0]).all() and torch.isfinite(s.codebooks[1]).all()
+    q = torch.randn(2, 4).to(device)
+    lp = s.log_prob(q, torch.arange(50, device=device).expand(2, 50))
+    torch.testing.assert_close(lp, torch.full_like(lp, -math.log(50)), atol=1e-5, rtol=0)
+
+
+def test_large_magnitude_scores_do_not_overflow(device):
+    s, _, _ = make_sampler(scale=300.0, device=device)
+    q = (torch.randn(4, 8) * 300.0).to(device)
+    lp = s.log_prob(q, torch.arange(300, device=device).expand(4, 300))
+    assert torch.isfinite(lp.max(1).values).all()
+    # float32 carries ~eps * |score| absolute error at these magnitudes (scores ~1e5 here)
+    s1, s2 = s.scores(q)
+    magnitude = (s1.abs().max(1).values + s2.abs().max(1).values + s.beta.abs().max()).double().cpu()
+    tol = 32 * torch.finfo(torch.float32).eps * magnitude
+    assert (torch.logsumexp(lp.double(), 1).abs().cpu() <= tol).all()
+    ids, log_q = s.sample(q, 100)
+    assert torch.isfinite(log_q).all()
+    ref = reference_midx_log_q(s, q)
+    # the sampled ids must be among the classes the exact proposal gives real mass to
+    assert (ref.gather(1, ids) > -30).all()
