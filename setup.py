@@ -41,11 +41,11 @@ def _rel(paths):
 def _extension():
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     link = ["-fopenmp"]
     if _want_cuda():
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
             "imi_softmax._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DIMI_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=link,

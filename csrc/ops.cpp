@@ -14,22 +14,22 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(imi_softmax, m) {
   // k-means step: nearest codeword of each row of x [N, d] among centroids [K, d].
   m.def("assign_codewords(Tensor x, Tensor centroids) -> (Tensor codes, Tensor sqdist)");
-  // Index build: cells CSR from the two code vectors, with per-cell masses from the bias snapshot.
+  // Index build: cells CSR from the two code vectors, per-cell masses from the bias snapshot, and
+  // per-cell alias tables over exp(bias) (alias_prob/alias_pos/beta_csr are empty without bias).
   m.def(
       "build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
-      "(Tensor offsets, Tensor class_ids, Tensor cell_cdf, Tensor log_n, Tensor cell_mass, "
-      "Tensor log_n_max)");
+      "(Tensor offsets, Tensor class_ids, Tensor alias_prob, Tensor alias_pos, Tensor beta_csr, "
+      "Tensor log_n, Tensor cell_mass, Tensor log_n_max)");
   // Three-stage draw from the MIDX proposal. s1, s2: [B, K] float32 query scores per codebook.
   m.def(
       "midx_sample(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
-      "Tensor offsets, Tensor class_ids, Tensor? cell_cdf, Tensor? beta, Tensor code1, "
-      "Tensor code2, int num_samples, Generator? generator) -> (Tensor ids, Tensor log_q)");
+      "Tensor offsets, Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, Tensor? beta_csr, "
+      "int num_samples, Generator? generator) -> (Tensor ids, Tensor log_q)");
   // Same draw from an explicit Philox (seed, offset): identical samples on every backend.
   m.def(
       "midx_sample_seeded(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, "
-      "Tensor log_n_max, Tensor offsets, Tensor class_ids, Tensor? cell_cdf, Tensor? beta, "
-      "Tensor code1, Tensor code2, int num_samples, int seed, int offset) -> "
-      "(Tensor ids, Tensor log_q)");
+      "Tensor log_n_max, Tensor offsets, Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, "
+      "Tensor? beta_csr, int num_samples, int seed, int offset) -> (Tensor ids, Tensor log_q)");
   // Exact normalized log Q(ids | query) for ids [B, L].
   m.def(
       "midx_log_prob(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "

@@ -14,39 +14,55 @@ inline const T* optional_ptr(const std::optional<at::Tensor>& t) {
 }
 
 // Every tensor must already be contiguous and on the executing device.
+// The cell masses every proposal op needs; the sampling and log_prob parts are filled by the
+// two helpers below.
 inline imi::CellIndex make_cell_index(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
-                                      const at::Tensor& log_n_max, const at::Tensor& offsets,
-                                      const at::Tensor& class_ids,
-                                      const std::optional<at::Tensor>& cell_cdf,
-                                      const std::optional<at::Tensor>& beta,
-                                      const at::Tensor& code1, const at::Tensor& code2) {
-  imi::CellIndex ix;
+                                      const at::Tensor& log_n_max) {
+  imi::CellIndex ix{};
   ix.K = K;
   ix.log_n = log_n.data_ptr<float>();
   ix.cell_mass = cell_mass.data_ptr<float>();
   ix.log_n_max = log_n_max.data_ptr<float>();
-  ix.offsets = offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr;
-  ix.class_ids = class_ids.defined() ? class_ids.data_ptr<int64_t>() : nullptr;
-  ix.cell_cdf = optional_ptr<float>(cell_cdf);
+  return ix;
+}
+
+inline void set_sampling_tables(imi::CellIndex& ix, const at::Tensor& offsets, const at::Tensor& class_ids,
+                                const std::optional<at::Tensor>& alias_prob,
+                                const std::optional<at::Tensor>& alias_pos,
+                                const std::optional<at::Tensor>& beta_csr) {
+  ix.offsets = offsets.data_ptr<int64_t>();
+  ix.class_ids = class_ids.data_ptr<int64_t>();
+  ix.alias_prob = optional_ptr<float>(alias_prob);
+  ix.alias_pos = optional_ptr<int64_t>(alias_pos);
+  ix.beta_csr = optional_ptr<float>(beta_csr);
+  TORCH_CHECK((ix.alias_prob == nullptr) == (ix.alias_pos == nullptr) &&
+                  (ix.alias_prob == nullptr) == (ix.beta_csr == nullptr),
+              "imi_softmax: alias_prob, alias_pos and beta_csr must be given together");
+}
+
+inline void set_class_codes(imi::CellIndex& ix, const std::optional<at::Tensor>& beta,
+                            const at::Tensor& code1, const at::Tensor& code2) {
   ix.beta = optional_ptr<float>(beta);
   ix.code1 = code1.data_ptr<int64_t>();
   ix.code2 = code2.data_ptr<int64_t>();
-  return ix;
 }
 
 // Schema-level checks shared by the backends (Python validates user input before this; these
 // guard direct calls to torch.ops.imi_softmax.*).
-inline void check_index_tensors(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
-                                const at::Tensor& log_n_max, const at::Tensor& code1,
-                                const at::Tensor& code2) {
+inline void check_cell_masses(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
+                              const at::Tensor& log_n_max) {
   TORCH_CHECK(log_n.numel() == K * K && cell_mass.numel() == K * K,
               "imi_softmax: log_n and cell_mass must have K*K = ", K * K, " entries");
   TORCH_CHECK(log_n.scalar_type() == at::kFloat && cell_mass.scalar_type() == at::kFloat &&
                   log_n_max.scalar_type() == at::kFloat && log_n_max.numel() == 1,
               "imi_softmax: index masses must be float32");
+  TORCH_CHECK(log_n.is_contiguous() && cell_mass.is_contiguous(), "imi_softmax: index masses must be contiguous");
+}
+
+inline void check_codes(const at::Tensor& code1, const at::Tensor& code2) {
   TORCH_CHECK(code1.scalar_type() == at::kLong && code2.scalar_type() == at::kLong &&
-                  code1.numel() == code2.numel(),
-              "imi_softmax: code1/code2 must be int64 of equal length");
+                  code1.numel() == code2.numel() && code1.is_contiguous() && code2.is_contiguous(),
+              "imi_softmax: code1/code2 must be contiguous int64 of equal length");
 }
 
 inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {

@@ -25,10 +25,13 @@ def _assign_codewords_fake(x, centroids):
 def _build_cells_fake(code1, code2, beta, num_codewords):
     n, kk = code1.shape[0], num_codewords * num_codewords
     f32 = dict(dtype=torch.float32)
+    per_class = n if beta is not None else 0
     return (
         code1.new_empty(kk + 1),
         code1.new_empty(n),
-        code1.new_empty(n if beta is not None else 0, **f32),
+        code1.new_empty(per_class, **f32),
+        code1.new_empty(per_class),
+        code1.new_empty(per_class, **f32),
         code1.new_empty((num_codewords, num_codewords), **f32),
         code1.new_empty((num_codewords, num_codewords), **f32),
         code1.new_empty(1, **f32),
@@ -36,7 +39,7 @@ def _build_cells_fake(code1, code2, beta, num_codewords):
 
 
 def _sample_fake(s1, *args):
-    num_samples = args[10]
+    num_samples = args[9]
     shape = (s1.shape[0], num_samples)
     return s1.new_empty(shape, dtype=torch.int64), s1.new_empty(shape)
 

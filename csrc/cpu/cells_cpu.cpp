@@ -1,5 +1,5 @@
 // Index build on CPU: counting sort of classes by cell (stable: ascending id within a cell), then
-// per-cell masses and within-cell CDFs from the shared body.
+// per-cell masses and alias tables from the shared body.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,7 +11,8 @@
 namespace imi_softmax {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cells_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+build_cells_cpu(
     const at::Tensor& code1_in, const at::Tensor& code2_in, const std::optional<at::Tensor>& beta_in,
     int64_t K) {
   TORCH_CHECK(K >= 1, "build_cells: num_codewords must be >= 1, got ", K);
@@ -46,18 +47,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<int64_t> cursor(off, off + KK);
   for (int64_t i = 0; i < N; ++i) ids[cursor[imi::cell_of(c1, c2, i, K)]++] = i;
 
-  auto cell_cdf = at::empty({has_beta ? N : 0}, float_opts);
+  const int64_t per_class = has_beta ? N : 0;
+  auto alias_prob = at::empty({per_class}, float_opts);
+  auto alias_pos = at::empty({per_class}, long_opts);
+  auto beta_csr = at::empty({per_class}, float_opts);
+  auto scratch = at::empty({per_class}, long_opts);
   auto log_n = at::empty({K, K}, float_opts);
   const float* bp = has_beta ? beta.data_ptr<float>() : nullptr;
-  float* cdf = has_beta ? cell_cdf.data_ptr<float>() : nullptr;
+  float* prob = has_beta ? alias_prob.data_ptr<float>() : nullptr;
+  int64_t* alias = has_beta ? alias_pos.data_ptr<int64_t>() : nullptr;
+  float* bcsr = has_beta ? beta_csr.data_ptr<float>() : nullptr;
+  int64_t* work = has_beta ? scratch.data_ptr<int64_t>() : nullptr;
   float* ln = log_n.data_ptr<float>();
   at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) ln[c] = imi::cell_log_mass_and_cdf(ids, off[c], off[c + 1], bp, cdf);
+    for (int64_t c = b; c < e; ++c)
+      ln[c] = imi::cell_log_mass_and_alias(ids, off[c], off[c + 1], bp, bcsr, prob, alias, work);
   });
   // Finite max: empty cells are -inf and N >= 1 guarantees one finite entry.
   auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
   auto cell_mass = (log_n - log_n_max).exp();
-  return {offsets, class_ids, cell_cdf, log_n, cell_mass, log_n_max};
+  return {offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max};
 }
 
 }  // namespace

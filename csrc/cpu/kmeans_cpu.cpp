@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> assign_codewords_cpu(const at::Tensor& x_in,
   TORCH_CHECK(centroids_in.size(0) > 0, "assign_codewords: no centroids");
   const auto x = x_in.contiguous();
   const auto centroids = centroids_in.contiguous();
-  const int64_t N = x.size(0), K = centroids.size(0);
+  const int64_t N = x.size(0), K = centroids.size(0), d = x.size(1);
   auto codes = at::empty({N}, x.options().dtype(at::kLong));
   auto sqdist = at::empty({N}, x.options());
   const auto c_sqnorm = centroids.mul(centroids).sum(1).contiguous();
@@ -29,15 +29,19 @@ std::tuple<at::Tensor, at::Tensor> assign_codewords_cpu(const at::Tensor& x_in,
       const int64_t len = std::min(chunk, N - start);
       const auto xs = x.narrow(0, start, len);
       const auto dots = at::matmul(xs, centroids.t()).contiguous();
-      const auto x_sqnorm = xs.mul(xs).sum(1).contiguous();
       const scalar_t* dp = dots.data_ptr<scalar_t>();
-      const scalar_t* xn = x_sqnorm.data_ptr<scalar_t>();
+      const scalar_t* xp = x.data_ptr<scalar_t>() + start * d;
       const scalar_t* cn = c_sqnorm.data_ptr<scalar_t>();
       int64_t* cp = codes.data_ptr<int64_t>() + start;
       scalar_t* sp = sqdist.data_ptr<scalar_t>() + start;
       at::parallel_for(0, len, 1024, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i)
-          imi::nearest_codeword_row<scalar_t>(dp + i * K, cn, xn[i], K, cp + i, sp + i);
+        for (int64_t i = b; i < e; ++i) {
+          const scalar_t* row = xp + i * d;
+          scalar_t norm = 0;
+          IMI_SIMD_SUM(norm)
+          for (int64_t t = 0; t < d; ++t) norm += row[t] * row[t];
+          imi::nearest_codeword_row<scalar_t>(dp + i * K, cn, norm, K, cp + i, sp + i);
+        }
       });
     }
   });

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .._ops import ops
 from .._validation import check_finite, check_positive_int, check_tensor
-from ..kmeans import assign, kmeans
+from ..kmeans import assign, assign_residual, kmeans
 from .base import Sampler
 
 QUANTIZERS = ("rq", "pq")
@@ -65,18 +65,23 @@ class MIDXSampler(Sampler):
         if self.quantizer == "rq":
             c1 = kmeans(w, k, init=prev1, **fit)
             code1, _ = assign(w, c1)
-            residual = w - c1[code1]
-            c2 = kmeans(residual, k, init=prev2, **fit)
-            code2, _ = assign(residual, c2)
+            # the second codebook is fitted on the residuals of a subsample only
+            cap = self.max_points_per_centroid * k
+            sub = torch.randperm(n, generator=self._generator)[:cap].to(w.device) if n > cap else slice(None)
+            c2 = kmeans(w[sub] - c1[code1[sub]], k, init=prev2, **fit)
+            code2 = assign_residual(w, c1, code1, c2)
         else:
             h = d // 2
             c1 = kmeans(w[:, :h].contiguous(), k, init=prev1, **fit)
             c2 = kmeans(w[:, h:].contiguous(), k, init=prev2, **fit)
             code1, _ = assign(w[:, :h].contiguous(), c1)
             code2, _ = assign(w[:, h:].contiguous(), c2)
-        (self.offsets, self.class_ids, cell_cdf, self.log_n, self.cell_mass,
+        (self.offsets, self.class_ids, alias_prob, alias_pos, beta_csr, self.log_n, self.cell_mass,
          self.log_n_max) = ops.build_cells(code1, code2, beta, k)
-        self.cell_cdf = cell_cdf if beta is not None else None
+        has_bias = beta is not None
+        self.alias_prob = alias_prob if has_bias else None
+        self.alias_pos = alias_pos if has_bias else None
+        self.beta_csr = beta_csr if has_bias else None
         self.codebooks = (c1, c2)
         self.code1, self.code2, self.beta = code1, code2, beta
         self.num_classes = n
@@ -115,7 +120,7 @@ class MIDXSampler(Sampler):
         self._check_query(query)
         s1, s2 = self.scores(query)
         return ops.midx_sample(s1, s2, self.log_n, self.cell_mass, self.log_n_max, self.offsets,
-                               self.class_ids, self.cell_cdf, self.beta, self.code1, self.code2,
+                               self.class_ids, self.alias_prob, self.alias_pos, self.beta_csr,
                                num_samples, generator)
 
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:

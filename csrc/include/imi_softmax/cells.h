@@ -9,22 +9,43 @@ IMI_HD int64_t cell_of(const int64_t* code1, const int64_t* code2, int64_t i, in
   return code1[i] * K + code2[i];
 }
 
-// For one cell's classes (CSR slice), log n = logsumexp(beta) and the within-cell cumulative
-// weights normalized to end at exactly 1 (cdf may be nullptr when there is no bias).
-IMI_HD float cell_log_mass_and_cdf(const int64_t* class_ids, int64_t begin, int64_t end,
-                                   const float* beta, float* cdf) {
+// For one cell's classes (CSR slice [begin, end)): returns log n = logsumexp(beta) and, when
+// there is a bias, fills beta_csr (beta by position) and the cell's alias table (Vose's method)
+// over exp(beta): slot p is kept with probability prob[p], else position alias[p] is taken.
+// scratch: an int64 work area indexed by CSR position (same size as the CSR arrays).
+IMI_HD float cell_log_mass_and_alias(const int64_t* class_ids, int64_t begin, int64_t end,
+                                     const float* beta, float* beta_csr, float* prob,
+                                     int64_t* alias, int64_t* scratch) {
   if (end == begin) return neg_inf<float>();
-  if (beta == nullptr) return log_(static_cast<float>(end - begin));
+  const int64_t n = end - begin;
+  if (beta == nullptr) return log_(static_cast<float>(n));
   float m = neg_inf<float>();
-  for (int64_t p = begin; p < end; ++p) m = max_(m, beta[class_ids[p]]);
-  float acc = 0.f;
   for (int64_t p = begin; p < end; ++p) {
-    acc += exp_(beta[class_ids[p]] - m);
-    cdf[p] = acc;
+    beta_csr[p] = beta[class_ids[p]];
+    m = max_(m, beta_csr[p]);
   }
-  for (int64_t p = begin; p < end; ++p) cdf[p] /= acc;
-  cdf[end - 1] = 1.f;
-  return m + log_(acc);
+  double total = 0.0;
+  for (int64_t p = begin; p < end; ++p) total += exp(static_cast<double>(beta_csr[p] - m));
+  // Scaled weights n * w_p / sum(w) in prob[]; small ones stacked from the front of scratch,
+  // large ones from the back.
+  int64_t* work = scratch + begin;
+  int64_t small = 0, large = n;
+  for (int64_t p = begin; p < end; ++p) {
+    prob[p] = static_cast<float>(exp(static_cast<double>(beta_csr[p] - m)) * n / total);
+    alias[p] = p;
+    if (prob[p] < 1.f) work[small++] = p; else work[--large] = p;
+  }
+  while (small > 0 && large < n) {
+    const int64_t s = work[--small];
+    const int64_t l = work[large];
+    alias[s] = l;
+    prob[l] = (prob[l] + prob[s]) - 1.f;
+    if (prob[l] < 1.f) { ++large; work[small++] = l; }
+  }
+  // Leftovers (rounding) keep their own slot with certainty.
+  while (small > 0) prob[work[--small]] = 1.f;
+  while (large < n) prob[work[large++]] = 1.f;
+  return m + static_cast<float>(log(total));
 }
 
 }  // namespace imi

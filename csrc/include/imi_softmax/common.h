@@ -12,6 +12,14 @@
 #define IMI_HD inline
 #endif
 
+// Host-side vectorization of float reductions (the order of a reduction is free in these loops).
+#if !defined(__CUDACC__) && defined(_OPENMP)
+#define IMI_PRAGMA(text) _Pragma(#text)
+#define IMI_SIMD_SUM(var) IMI_PRAGMA(omp simd reduction(+ : var))
+#else
+#define IMI_SIMD_SUM(var)
+#endif
+
 namespace imi {
 
 // Accumulation type: fp32 for every storage type except fp64 (half/bf16 inputs accumulate in fp32).

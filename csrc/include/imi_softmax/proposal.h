@@ -17,9 +17,11 @@ struct CellIndex {
   const float* cell_mass;    // [K*K] exp(log_n - *log_n_max); 0 for empty cells
   const float* log_n_max;    // [1] max finite log_n (kept on device: no host sync to launch)
   const int64_t* offsets;    // [K*K+1] CSR offsets into class_ids
-  const int64_t* class_ids;  // [N] class ids grouped by cell
-  const float* cell_cdf;     // [N] within-cell cumulative exp(beta) (CSR order, each cell ends at 1);
-                             //     nullptr: no bias, classes are uniform within a cell
+  const int64_t* class_ids;  // [N] class ids grouped by cell (CSR positions)
+  const float* alias_prob;   // [N] per-cell alias table (Walker/Vose) over exp(beta), by CSR
+  const int64_t* alias_pos;  //     position: keep slot p with prob alias_prob[p], else take
+                             //     position alias_pos[p]. nullptr: no bias, uniform in a cell
+  const float* beta_csr;     // [N] bias snapshot by CSR position; nullptr: zero
   const float* beta;         // [N] bias snapshot by class id; nullptr: zero
   const int64_t* code1;      // [N] first-codebook code of each class
   const int64_t* code2;      // [N] second-codebook code of each class
@@ -35,6 +37,7 @@ IMI_HD float row_log_mass(const CellIndex& ix, int64_t k1, const float* s2, cons
   const int64_t K = ix.K;
   const float* mass = ix.cell_mass + k1 * K;
   float R = 0.f;
+  IMI_SIMD_SUM(R)
   for (int64_t k2 = 0; k2 < K; ++k2) R += mass[k2] * e2[k2];
   if (R > IMI_ROW_MASS_FLOOR) return log_(R) + m2 + *ix.log_n_max;
   OnlineLSE<float> lse;
@@ -75,6 +78,7 @@ IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, con
     acc += mass[k2] * e2[k2];
     out[k2] = acc;
   }
+  // Same test as row_log_mass up to summation order; both paths describe the same row.
   if (acc > IMI_ROW_MASS_FLOOR) return;
   const float* ln = ix.log_n + k1 * K;
   acc = 0.f;
@@ -84,30 +88,72 @@ IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, con
   }
 }
 
-// Inverse-CDF search over an unnormalized cumulative array: the first index whose cumulative
-// weight exceeds u * total. Zero-mass entries are never returned.
-IMI_HD int64_t cdf_search(const float* cdf, int64_t n, float u) {
-  const float target = u * cdf[n - 1];
-  int64_t lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (cdf[mid] > target) hi = mid; else lo = mid + 1;
+// All stage-2 CDFs of a query at once, transposed: cdf_t[k2 * K + k1] is the cumulative weight of
+// row k1 up to k2. The loop over k1 is innermost and independent, so the host compiler vectorizes
+// it while every row keeps the sequential k2 order of stage2_cdf_row (same floats). Rows whose
+// fast-path total underflows are redone exactly. Returns nothing; read with cdf_search_strided.
+IMI_HD void stage2_cdf_table(const CellIndex& ix, const float* s2, const float* e2, const float* r,
+                             float* cdf_t) {
+  const int64_t K = ix.K;
+  for (int64_t k1 = 0; k1 < K; ++k1) cdf_t[k1] = ix.cell_mass[k1 * K] * e2[0];
+  for (int64_t k2 = 1; k2 < K; ++k2) {
+    const float e = e2[k2];
+    const float* prev = cdf_t + (k2 - 1) * K;
+    float* cur = cdf_t + k2 * K;
+    for (int64_t k1 = 0; k1 < K; ++k1) cur[k1] = prev[k1] + ix.cell_mass[k1 * K + k2] * e;
   }
-  // Only reachable when rounding put target at the total: step back to the last entry with mass.
-  while (lo > 0 && cdf[lo] == cdf[lo - 1]) --lo;
-  return lo;
+  const float* last = cdf_t + (K - 1) * K;
+  for (int64_t k1 = 0; k1 < K; ++k1) {
+    if (last[k1] > IMI_ROW_MASS_FLOOR) continue;
+    const float* ln = ix.log_n + k1 * K;
+    float acc = 0.f;
+    for (int64_t k2 = 0; k2 < K; ++k2) {
+      if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - r[k1]);
+      cdf_t[k2 * K + k1] = acc;
+    }
+  }
 }
 
-// Stage three: a class within `cell`, with probability exp(beta_i) / n[cell] (uniform if no bias).
-IMI_HD int64_t draw_in_cell(const CellIndex& ix, int64_t cell, float u) {
+// Inverse-CDF search over an unnormalized cumulative array read with a stride: the first index
+// whose cumulative weight exceeds u * total. Zero-mass entries are never returned. Branchless
+// halving (conditional moves), since the comparisons are unpredictable by design.
+IMI_HD int64_t cdf_search_strided(const float* cdf, int64_t n, int64_t stride, float u) {
+  const float target = u * cdf[(n - 1) * stride];
+  int64_t base = 0, len = n;
+  while (len > 1) {
+    const int64_t half = len >> 1;
+    base = (cdf[(base + half - 1) * stride] > target) ? base : base + half;
+    len -= half;
+  }
+  // Only reachable when rounding put target at the total: step back to the last entry with mass.
+  while (base > 0 && cdf[base * stride] == cdf[(base - 1) * stride]) --base;
+  return base;
+}
+
+IMI_HD int64_t cdf_search(const float* cdf, int64_t n, float u) { return cdf_search_strided(cdf, n, 1, u); }
+
+// Stage three, first half: a uniform slot of `cell` (CSR position). The slot is final when there
+// is no bias; with a bias, resolve_alias picks between the slot and its alias.
+IMI_HD int64_t uniform_slot(const CellIndex& ix, int64_t cell, float u) {
   const int64_t begin = ix.offsets[cell];
   const int64_t count = ix.offsets[cell + 1] - begin;
-  if (ix.cell_cdf == nullptr) {
-    int64_t j = static_cast<int64_t>(u * static_cast<float>(count));
-    if (j >= count) j = count - 1;
-    return ix.class_ids[begin + j];
-  }
-  return ix.class_ids[begin + cdf_search(ix.cell_cdf + begin, count, u)];
+  int64_t j = static_cast<int64_t>(u * static_cast<float>(count));
+  if (j >= count) j = count - 1;
+  return begin + j;
+}
+
+// Stage three, second half: position drawn with probability exp(beta_i) / n[cell] (Walker's alias
+// method: exact, O(1)).
+IMI_HD int64_t resolve_alias(const CellIndex& ix, int64_t pos, float u_accept) {
+  if (ix.alias_prob == nullptr) return pos;
+  return u_accept < ix.alias_prob[pos] ? pos : ix.alias_pos[pos];
+}
+
+// log Q of a drawn position whose cell is (k1, k2).
+IMI_HD float drawn_log_q(const CellIndex& ix, const float* s1, const float* s2, int64_t k1,
+                         int64_t k2, int64_t pos, float log_z) {
+  const float b = ix.beta_csr == nullptr ? 0.f : ix.beta_csr[pos];
+  return (s1[k1] + s2[k2] + b) - log_z;
 }
 
 IMI_HD float class_log_q(const CellIndex& ix, const float* s1, const float* s2, int64_t id,

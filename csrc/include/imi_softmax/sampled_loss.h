@@ -12,6 +12,7 @@ namespace imi {
 template <typename scalar_t, typename acc_t>
 IMI_HD acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t d) {
   acc_t s = acc_t(0);
+  IMI_SIMD_SUM(s)
   for (int64_t i = 0; i < d; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
   return s;
 }

@@ -1,0 +1,526 @@
+// CUDA backend of the imi_softmax ops: argument checks, allocation (torch's caching allocator,
+// scratch included), device guard and current stream; the kernels live in csrc/cuda/*.cu behind
+// the launchers of launchers.h. Nothing here synchronises with the device except where an output
+// shape depends on device data (sparse_weight_grad) and the code-range check of build_cells
+// (index rebuilds only, not the training hot path).
+//
+// Environment switches (read at every call):
+//   IMI_CUDA_WGRAD=segmented|atomic  dense_weight_grad strategy (default segmented: deterministic)
+//   IMI_CUDA_STAGE2=auto|table|stream  midx_sample stage-2 rows: K x K table in shared memory
+//                                      (auto: when it fits) or recomputed per draw
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "../tensor_views.h"
+#include "launchers.h"
+
+namespace imi_softmax {
+namespace {
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+// torch storage type -> CUDA type of the kernels (same size and bit layout).
+template <typename T> struct CudaType { using type = T; };
+template <> struct CudaType<at::Half> { using type = __half; };
+template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
+static_assert(sizeof(at::Half) == sizeof(__half) && sizeof(at::BFloat16) == sizeof(__nv_bfloat16),
+              "half types must match in size");
+
+template <typename scalar_t>
+const typename CudaType<scalar_t>::type* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(t.data_ptr<scalar_t>());
+}
+template <typename scalar_t>
+typename CudaType<scalar_t>::type* mptr(const at::Tensor& t) {
+  return reinterpret_cast<typename CudaType<scalar_t>::type*>(t.data_ptr<scalar_t>());
+}
+template <typename scalar_t>
+const typename CudaType<scalar_t>::type* cptr_or_null(const at::Tensor& t) {
+  return t.defined() ? cptr<scalar_t>(t) : nullptr;
+}
+
+void check_on(const char* op, const at::Device& device,
+              std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+                " but the other CUDA inputs are on ", device);
+  }
+}
+
+std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->contiguous();
+}
+
+at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// cub treats a null scratch pointer as a size query: always hand it a real allocation.
+at::Tensor scratch_bytes(size_t bytes, const at::TensorOptions& like) {
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 16)}, like.dtype(at::kByte));
+}
+
+int stage2_mode_from_env() {
+  const char* v = std::getenv("IMI_CUDA_STAGE2");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return 0;
+  if (std::strcmp(v, "table") == 0) return 1;
+  if (std::strcmp(v, "stream") == 0) return 2;
+  TORCH_CHECK(false, "IMI_CUDA_STAGE2 must be auto, table or stream, got '", v, "'");
+}
+
+bool wgrad_atomic_from_env() {
+  const char* v = std::getenv("IMI_CUDA_WGRAD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "segmented") == 0) return false;
+  if (std::strcmp(v, "atomic") == 0) return true;
+  TORCH_CHECK(false, "IMI_CUDA_WGRAD must be segmented or atomic, got '", v, "'");
+}
+
+// ---- assign_codewords --------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> assign_codewords_cuda(const at::Tensor& x_in,
+                                                         const at::Tensor& centroids_in) {
+  TORCH_CHECK(x_in.dim() == 2 && centroids_in.dim() == 2 && x_in.size(1) == centroids_in.size(1),
+              "assign_codewords: x [N, d] and centroids [K, d] expected, got ", x_in.sizes(),
+              " and ", centroids_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == centroids_in.scalar_type(),
+              "assign_codewords: x and centroids dtypes differ");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "assign_codewords: float32 or float64 expected, got ", x_in.scalar_type());
+  TORCH_CHECK(centroids_in.size(0) > 0, "assign_codewords: no centroids");
+  check_on("assign_codewords", x_in.device(), {{"centroids", &centroids_in}});
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto centroids = centroids_in.contiguous();
+  const int64_t N = x.size(0), K = centroids.size(0);
+  auto codes = at::empty({N}, x.options().dtype(at::kLong));
+  auto sqdist = at::empty({N}, x.options());
+  const auto c_sqnorm = centroids.mul(centroids).sum(1).contiguous();
+  // Bound the dots buffer (~64 MB of fp32) whatever N is; chunks reuse the cached block.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / K);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "assign_codewords_cuda", [&] {
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t len = std::min(chunk, N - start);
+      const auto xs = x.narrow(0, start, len);
+      const auto dots = at::matmul(xs, centroids.t()).contiguous();  // cuBLAS
+      const auto x_sqnorm = xs.mul(xs).sum(1).contiguous();
+      C10_CUDA_CHECK(cuda::launch_nearest_codeword<scalar_t>(
+          dots.data_ptr<scalar_t>(), c_sqnorm.data_ptr<scalar_t>(), x_sqnorm.data_ptr<scalar_t>(),
+          len, K, codes.data_ptr<int64_t>() + start, sqdist.data_ptr<scalar_t>() + start, stream));
+    }
+  });
+  return {codes, sqdist};
+}
+
+// ---- build_cells -------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+build_cells_cuda(const at::Tensor& code1_in, const at::Tensor& code2_in,
+                 const std::optional<at::Tensor>& beta_in, int64_t K) {
+  TORCH_CHECK(K >= 1, "build_cells: num_codewords must be >= 1, got ", K);
+  TORCH_CHECK(code1_in.dim() == 1 && code1_in.sizes() == code2_in.sizes() &&
+                  code1_in.scalar_type() == at::kLong && code2_in.scalar_type() == at::kLong,
+              "build_cells: code1 and code2 must be int64 [N] of equal length");
+  const bool has_beta = beta_in.has_value() && beta_in->defined();
+  check_on("build_cells", code1_in.device(),
+           {{"code2", &code2_in}, {"beta", has_beta ? &*beta_in : nullptr}});
+  const c10::cuda::CUDAGuard guard(code1_in.device());
+  const auto code1 = code1_in.contiguous();
+  const auto code2 = code2_in.contiguous();
+  const int64_t N = code1.size(0), KK = K * K;
+  at::Tensor beta;
+  if (has_beta) {
+    TORCH_CHECK(beta_in->dim() == 1 && beta_in->size(0) == N && beta_in->scalar_type() == at::kFloat,
+                "build_cells: beta must be float32 [N]");
+    beta = beta_in->contiguous();
+  }
+  if (N > 0) {
+    // One small device->host copy: out-of-range codes would index past the cell arrays. Index
+    // builds are not on the training hot path.
+    const auto range = at::stack({code1.min(), code1.max(), code2.min(), code2.max()}).cpu();
+    const int64_t* r = range.data_ptr<int64_t>();
+    TORCH_CHECK(r[0] >= 0 && r[1] < K && r[2] >= 0 && r[3] < K, "build_cells: codes must lie in [0, ",
+                K, "), got code1 in [", r[0], ", ", r[1], "] and code2 in [", r[2], ", ", r[3], "]");
+  }
+  const auto long_opts = code1.options();
+  const auto float_opts = code1.options().dtype(at::kFloat);
+  auto offsets = at::empty({KK + 1}, long_opts);
+  auto class_ids = at::empty({N}, long_opts);
+  const int64_t per_class = has_beta ? N : 0;
+  auto alias_prob = at::empty({per_class}, float_opts);
+  auto alias_pos = at::empty({per_class}, long_opts);
+  auto beta_csr = at::empty({per_class}, float_opts);
+  auto alias_scratch = at::empty({per_class}, long_opts);
+  auto log_n = at::empty({K, K}, float_opts);
+  auto keys_in = at::empty({N}, long_opts);
+  auto keys_out = at::empty({N}, long_opts);
+  auto vals_in = at::empty({N}, long_opts);
+  auto counts = at::empty({KK}, long_opts);
+  cudaError_t err = cudaSuccess;
+  const size_t temp_bytes = cuda::build_cells_temp_bytes(N, KK, &err);
+  C10_CUDA_CHECK(err);
+  auto temp = scratch_bytes(temp_bytes, long_opts);
+  C10_CUDA_CHECK(cuda::launch_build_cells(
+      code1.data_ptr<int64_t>(), code2.data_ptr<int64_t>(),
+      has_beta ? beta.data_ptr<float>() : nullptr, N, K, keys_in.data_ptr<int64_t>(),
+      keys_out.data_ptr<int64_t>(), vals_in.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+      temp.data_ptr(), static_cast<size_t>(temp.numel()), offsets.data_ptr<int64_t>(),
+      class_ids.data_ptr<int64_t>(), has_beta ? alias_prob.data_ptr<float>() : nullptr,
+      has_beta ? alias_pos.data_ptr<int64_t>() : nullptr,
+      has_beta ? beta_csr.data_ptr<float>() : nullptr,
+      has_beta ? alias_scratch.data_ptr<int64_t>() : nullptr, log_n.data_ptr<float>(),
+      at::cuda::getCurrentCUDAStream()));
+  // Same formulas as the CPU backend: finite max (empty cells are -inf), scaled masses.
+  auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
+  auto cell_mass = (log_n - log_n_max).exp();
+  return {offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max};
+}
+
+// ---- midx_sample / midx_sample_seeded / midx_log_prob ------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> midx_sample_impl(
+    const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n_in,
+    const at::Tensor& cell_mass_in, const at::Tensor& log_n_max_in, const at::Tensor& offsets_in,
+    const at::Tensor& class_ids_in, const std::optional<at::Tensor>& alias_prob_in,
+    const std::optional<at::Tensor>& alias_pos_in, const std::optional<at::Tensor>& beta_csr_in,
+    int64_t num_samples, const std::optional<cuda::PhiloxArgs>& fixed,
+    const std::optional<at::Generator>& generator) {
+  check_query_scores(s1_in, s2_in);
+  const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
+  TORCH_CHECK(M >= 1, "midx_sample: num_samples must be >= 1, got ", M);
+  const auto log_n = log_n_in.contiguous();
+  const auto cell_mass = cell_mass_in.contiguous();
+  check_cell_masses(K, log_n, cell_mass, log_n_max_in);
+  TORCH_CHECK(offsets_in.numel() == K * K + 1 && offsets_in.scalar_type() == at::kLong &&
+                  class_ids_in.scalar_type() == at::kLong,
+              "midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]");
+  check_on("midx_sample", s1_in.device(),
+           {{"s2", &s2_in}, {"log_n", &log_n_in}, {"cell_mass", &cell_mass_in},
+            {"log_n_max", &log_n_max_in}, {"offsets", &offsets_in}, {"class_ids", &class_ids_in},
+            {"alias_prob", alias_prob_in.has_value() ? &*alias_prob_in : nullptr},
+            {"alias_pos", alias_pos_in.has_value() ? &*alias_pos_in : nullptr},
+            {"beta_csr", beta_csr_in.has_value() ? &*beta_csr_in : nullptr}});
+  const c10::cuda::CUDAGuard guard(s1_in.device());
+  const auto s1 = s1_in.contiguous();
+  const auto s2 = s2_in.contiguous();
+  const auto log_n_max = log_n_max_in.contiguous();
+  const auto offsets = offsets_in.contiguous();
+  const auto class_ids = class_ids_in.contiguous();
+  const auto alias_prob = contiguous_opt(alias_prob_in);
+  const auto alias_pos = contiguous_opt(alias_pos_in);
+  const auto beta_csr = contiguous_opt(beta_csr_in);
+  auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
+  set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
+  auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
+  auto log_q = at::empty({B, M}, s1.options());
+  const int stage2_mode = stage2_mode_from_env();
+
+  cuda::PhiloxArgs philox;
+  if (fixed.has_value()) {
+    philox = *fixed;
+  } else {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        generator, at::cuda::detail::getDefaultCUDAGenerator());
+    at::PhiloxCudaState state;
+    {
+      std::lock_guard<std::mutex> lock(gen->mutex_);
+      // Draw j of every query uses counter offset + j: reserve M counters (a multiple of 4, as
+      // the generator requires), so consecutive calls never reuse one.
+      state = gen->philox_cuda_state(static_cast<uint64_t>((M + 3) / 4 * 4));
+    }
+    if (state.captured_) {
+      philox.captured = true;
+      philox.seed_ptr = state.seed_.ptr;
+      philox.offset_ptr = state.offset_.ptr;
+      philox.offset_intragraph = static_cast<uint64_t>(state.offset_intragraph_);
+    } else {
+      philox.seed = state.seed_.val;
+      philox.offset = state.offset_.val;
+    }
+  }
+  C10_CUDA_CHECK(cuda::launch_midx_sample(ix, s1.data_ptr<float>(), s2.data_ptr<float>(), B, M,
+                                          philox, stage2_mode, ids.data_ptr<int64_t>(),
+                                          log_q.data_ptr<float>(),
+                                          at::cuda::getCurrentCUDAStream()));
+  return {ids, log_q};
+}
+
+std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cuda(
+    const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& log_n,
+    const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
+    const at::Tensor& class_ids, const std::optional<at::Tensor>& alias_prob,
+    const std::optional<at::Tensor>& alias_pos, const std::optional<at::Tensor>& beta_csr,
+    int64_t num_samples, int64_t seed, int64_t offset) {
+  cuda::PhiloxArgs philox;
+  philox.seed = static_cast<uint64_t>(seed);
+  philox.offset = static_cast<uint64_t>(offset);
+  return midx_sample_impl(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob,
+                          alias_pos, beta_csr, num_samples, philox, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor> midx_sample_cuda(
+    const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& log_n,
+    const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
+    const at::Tensor& class_ids, const std::optional<at::Tensor>& alias_prob,
+    const std::optional<at::Tensor>& alias_pos, const std::optional<at::Tensor>& beta_csr,
+    int64_t num_samples, std::optional<at::Generator> generator) {
+  return midx_sample_impl(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob,
+                          alias_pos, beta_csr, num_samples, std::nullopt, generator);
+}
+
+at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
+                              const at::Tensor& log_n_in, const at::Tensor& cell_mass_in,
+                              const at::Tensor& log_n_max_in, const std::optional<at::Tensor>& beta_in,
+                              const at::Tensor& code1_in, const at::Tensor& code2_in,
+                              const at::Tensor& ids_in) {
+  check_query_scores(s1_in, s2_in);
+  const int64_t B = s1_in.size(0), K = s1_in.size(1);
+  const auto log_n = log_n_in.contiguous();
+  const auto cell_mass = cell_mass_in.contiguous();
+  check_cell_masses(K, log_n, cell_mass, log_n_max_in);
+  const auto code1 = code1_in.contiguous();
+  const auto code2 = code2_in.contiguous();
+  check_codes(code1, code2);
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.scalar_type() == at::kLong,
+              "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids_in.sizes());
+  check_on("midx_log_prob", s1_in.device(),
+           {{"s2", &s2_in}, {"log_n", &log_n_in}, {"cell_mass", &cell_mass_in},
+            {"log_n_max", &log_n_max_in}, {"code1", &code1_in}, {"code2", &code2_in},
+            {"ids", &ids_in}, {"beta", beta_in.has_value() ? &*beta_in : nullptr}});
+  const c10::cuda::CUDAGuard guard(s1_in.device());
+  const auto s1 = s1_in.contiguous();
+  const auto s2 = s2_in.contiguous();
+  const auto log_n_max = log_n_max_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto beta = contiguous_opt(beta_in);
+  const int64_t L = ids.size(1);
+  auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
+  set_class_codes(ix, beta, code1, code2);
+  auto out = at::empty({B, L}, s1.options());
+  C10_CUDA_CHECK(cuda::launch_midx_log_prob(ix, s1.data_ptr<float>(), s2.data_ptr<float>(), B,
+                                            ids.data_ptr<int64_t>(), L, out.data_ptr<float>(),
+                                            at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// ---- fused sampled softmax ---------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
+    int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
+  check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor bias_arg = defined_or_empty(bias_in);
+  check_on("sampled_softmax_forward", x_in.device(),
+           {{"weight", &weight_in}, {"bias", &bias_arg}, {"ids", &ids_in}, {"log_q", &log_q_in}});
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1);
+  const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  auto loss = at::empty({B}, acc_opts);
+  auto lse = at::empty({B}, acc_opts);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_forward_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_sampled_forward<cuda_t>(
+        cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d,
+        ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), M1, remove_accidental_hits,
+        ignore_index, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), stream));
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
+    const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
+    const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
+  check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  TORCH_CHECK(grad_loss_in.numel() == x_in.size(0) && lse_in.numel() == x_in.size(0),
+              "sampled_softmax_backward: grad_loss and lse must be [B]");
+  const at::Tensor bias_arg = defined_or_empty(bias_in);
+  check_on("sampled_softmax_backward", x_in.device(),
+           {{"grad_loss", &grad_loss_in}, {"weight", &weight_in}, {"bias", &bias_arg},
+            {"ids", &ids_in}, {"log_q", &log_q_in}, {"lse", &lse_in}});
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const auto grad_loss = grad_loss_in.to(acc).contiguous();
+  const auto lse = lse_in.to(acc).contiguous();
+  auto grad_x = at::empty_like(x);
+  auto coef = at::empty({B, M1}, x.options().dtype(acc));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_sampled_backward<cuda_t>(
+        grad_loss.data_ptr<acc_t>(), cptr<scalar_t>(x), cptr<scalar_t>(weight),
+        cptr_or_null<scalar_t>(bias), B, d, ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), M1,
+        lse.data_ptr<acc_t>(), remove_accidental_hits, ignore_index, mptr<scalar_t>(grad_x),
+        coef.data_ptr<acc_t>(), stream));
+  });
+  return {grad_x, coef};
+}
+
+// ---- weight / bias gradients -------------------------------------------------------------------
+
+void check_grad_inputs(const char* op, const at::Tensor& coef, const at::Tensor& ids,
+                       const at::Tensor& x) {
+  TORCH_CHECK(ids.dim() == 2 && coef.sizes() == ids.sizes() && ids.scalar_type() == at::kLong,
+              op, ": coef and ids must be [B, 1+M], ids int64");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == ids.size(0), op, ": x must be [B, d]");
+  TORCH_CHECK(coef.scalar_type() == acc_scalar_type(x.scalar_type()),
+              op, ": coef dtype must be the accumulation dtype of x");
+  check_on(op, x.device(), {{"coef", &coef}, {"ids", &ids}});
+}
+
+// Sorted-by-class view of the entries of ids (see launch_segment_by_class).
+struct Segments {
+  at::Tensor sorted_entries, run_keys, run_counts, run_offsets, num_runs;
+};
+
+Segments segment_by_class(const at::Tensor& ids, int64_t num_classes, cudaStream_t stream) {
+  const int64_t E = ids.numel();
+  TORCH_CHECK(E <= INT_MAX, "weight_grad: at most 2^31 - 1 (row, column) entries, got ", E);
+  const auto opts = ids.options();
+  auto keys_in = at::empty({E}, opts), vals_in = at::empty({E}, opts);
+  auto sorted_keys = at::empty({E}, opts);
+  Segments s{at::empty({E}, opts), at::empty({E}, opts), at::empty({E}, opts),
+             at::empty({E}, opts), at::empty({1}, opts)};
+  cudaError_t err = cudaSuccess;
+  const size_t temp_bytes = cuda::segment_temp_bytes(E, num_classes, &err);
+  C10_CUDA_CHECK(err);
+  auto temp = scratch_bytes(temp_bytes, opts);
+  C10_CUDA_CHECK(cuda::launch_segment_by_class(
+      ids.data_ptr<int64_t>(), E, num_classes, keys_in.data_ptr<int64_t>(),
+      vals_in.data_ptr<int64_t>(), sorted_keys.data_ptr<int64_t>(),
+      s.sorted_entries.data_ptr<int64_t>(), s.run_keys.data_ptr<int64_t>(),
+      s.run_counts.data_ptr<int64_t>(), s.run_offsets.data_ptr<int64_t>(),
+      s.num_runs.data_ptr<int64_t>(), temp.data_ptr(), static_cast<size_t>(temp.numel()), stream));
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cuda(const at::Tensor& coef_in,
+                                                          const at::Tensor& ids_in,
+                                                          const at::Tensor& x_in,
+                                                          int64_t num_classes) {
+  check_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in);
+  TORCH_CHECK(num_classes >= 0, "dense_weight_grad: num_classes must be >= 0");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto coef = coef_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto x = x_in.contiguous();
+  const int64_t E = ids.numel(), M1 = ids.size(1), d = x.size(1);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Ids outside [0, num_classes) are skipped on the device (the Python API validates them; a host
+  // check here would synchronise).
+  if (wgrad_atomic_from_env()) {
+    const auto acc = coef.scalar_type();
+    auto gw = at::zeros({num_classes, d}, x.options().dtype(acc));
+    auto gb = at::zeros({num_classes}, x.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cuda", [&] {
+      using cuda_t = typename CudaType<scalar_t>::type;
+      using acc_t = typename imi::acc_type<cuda_t>::type;
+      C10_CUDA_CHECK(cuda::launch_weight_grad_atomic<cuda_t>(
+          coef.data_ptr<acc_t>(), ids.data_ptr<int64_t>(), cptr<scalar_t>(x), E, M1, d,
+          num_classes, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(), stream));
+    });
+    return {gw.to(x.scalar_type()), gb.to(x.scalar_type())};
+  }
+  auto gw = at::zeros({num_classes, d}, x.options());
+  auto gb = at::zeros({num_classes}, x.options());
+  if (E == 0) return {gw, gb};
+  const Segments s = segment_by_class(ids, num_classes, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_segment_reduce<cuda_t>(
+        coef.data_ptr<acc_t>(), cptr<scalar_t>(x), M1, d, s.sorted_entries.data_ptr<int64_t>(),
+        s.run_keys.data_ptr<int64_t>(), s.run_counts.data_ptr<int64_t>(),
+        s.run_offsets.data_ptr<int64_t>(), s.num_runs.data_ptr<int64_t>(), E, /*dense=*/true,
+        mptr<scalar_t>(gw), mptr<scalar_t>(gb), stream));
+  });
+  return {gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& coef_in,
+                                                                       const at::Tensor& ids_in,
+                                                                       const at::Tensor& x_in,
+                                                                       int64_t num_classes) {
+  check_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in);
+  TORCH_CHECK(num_classes >= 0, "sparse_weight_grad: num_classes must be >= 0");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto coef = coef_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto x = x_in.contiguous();
+  const int64_t E = ids.numel(), M1 = ids.size(1), d = x.size(1);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (E == 0)
+    return {at::empty({0}, ids.options()), at::empty({0, d}, x.options()), at::empty({0}, x.options())};
+  const Segments s = segment_by_class(ids, num_classes, stream);
+  auto info = at::empty({2}, ids.options());
+  C10_CUDA_CHECK(cuda::launch_segment_info(s.run_keys.data_ptr<int64_t>(),
+                                           s.num_runs.data_ptr<int64_t>(),
+                                           info.data_ptr<int64_t>(), stream));
+  // The output size (number of touched classes) lives on the device: one synchronising copy,
+  // inherent to this op's data-dependent shape.
+  const auto info_host = info.cpu();
+  const int64_t U = info_host.data_ptr<int64_t>()[0], first = info_host.data_ptr<int64_t>()[1];
+  auto unique_ids = at::empty({U}, ids.options());
+  auto rows = at::empty({U, d}, x.options());
+  auto bias_rows = at::empty({U}, x.options());
+  C10_CUDA_CHECK(cuda::launch_segment_unique_ids(s.run_keys.data_ptr<int64_t>(), first, U,
+                                                 unique_ids.data_ptr<int64_t>(), stream));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_weight_grad_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_segment_reduce<cuda_t>(
+        coef.data_ptr<acc_t>(), cptr<scalar_t>(x), M1, d, s.sorted_entries.data_ptr<int64_t>(),
+        s.run_keys.data_ptr<int64_t>(), s.run_counts.data_ptr<int64_t>(),
+        s.run_offsets.data_ptr<int64_t>(), s.num_runs.data_ptr<int64_t>(), U + first,
+        /*dense=*/false, mptr<scalar_t>(rows), mptr<scalar_t>(bias_rows), stream));
+  });
+  return {unique_ids, rows, bias_rows};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
+  m.impl("assign_codewords", &assign_codewords_cuda);
+  m.impl("build_cells", &build_cells_cuda);
+  m.impl("midx_sample", &midx_sample_cuda);
+  m.impl("midx_sample_seeded", &midx_sample_seeded_cuda);
+  m.impl("midx_log_prob", &midx_log_prob_cuda);
+  m.impl("sampled_softmax_forward", &sampled_softmax_forward_cuda);
+  m.impl("sampled_softmax_backward", &sampled_softmax_backward_cuda);
+  m.impl("dense_weight_grad", &dense_weight_grad_cuda);
+  m.impl("sparse_weight_grad", &sparse_weight_grad_cuda);
+}
+
+}  // namespace imi_softmax

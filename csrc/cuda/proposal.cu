@@ -1,0 +1,204 @@
+// MIDX proposal on CUDA: one block per query.
+//   1. The per-query preparation of imi::query_prepare, split across the block
+//      (imi/gpu_parallel.h): every row mass r[k1] is computed by one thread with the shared body
+//      imi::row_log_mass (same sequential sum as the CPU), and the stage-1 cumulative array by one
+//      thread in the sequential order, so cdf1 and log Z are the CPU's values whenever the
+//      individual floating-point operations round the same way.
+//   2. The K x K stage-2 table (imi::stage2_cdf_row per row, one thread per row) in shared memory
+//      when it fits (K <= ~230 on sm_90, ~200 on sm_80 with the opt-in limit); otherwise each draw
+//      recomputes its row in O(K) without storing it (imi::stage2_search_streaming, same k2).
+//   3. M draws, one thread each: Philox uniforms of (query, draw) exactly as on the CPU, then
+//      imi::cdf_search (stage 1 and 2), imi::uniform_slot + imi::resolve_alias (stage 3, alias
+//      table), imi::drawn_log_q.
+// Bitwise CPU parity also needs the same FMA contraction as the host build (nvcc contracts
+// a * b + c into FMAs by default; `--fmad=false` turns that off) and the same exp/log roundings;
+// without them ids agree except for draws within a rounding error of a CDF boundary.
+#include "device_utils.cuh"
+#include "launchers.h"
+
+#include "imi_softmax/gpu_parallel.h"
+#include "imi_softmax/philox.h"
+#include "imi_softmax/proposal.h"
+
+namespace imi_softmax {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;      // multiple of 32 (block_max)
+constexpr int kRedFloats = 64;     // block_max scratch (>= 33), keeps the table 16-byte aligned
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+struct QueryShared {
+  float* s1;
+  float* s2;
+  float* e2;
+  float* r;
+  float* cdf1;
+  float* red;
+  float* table;  // [K][K + 1] (padded row stride: no bank conflicts when thread k1 fills row k1)
+};
+
+__device__ __forceinline__ QueryShared carve(float* smem, int64_t K) {
+  QueryShared q;
+  q.s1 = smem;
+  q.s2 = q.s1 + K;
+  q.e2 = q.s2 + K;
+  q.r = q.e2 + K;
+  q.cdf1 = q.r + K;
+  q.red = q.cdf1 + K;
+  q.table = q.red + kRedFloats;
+  return q;
+}
+
+inline size_t prep_smem_bytes(int64_t K) { return sizeof(float) * (5 * K + kRedFloats); }
+inline size_t table_smem_bytes(int64_t K) { return prep_smem_bytes(K) + sizeof(float) * K * (K + 1); }
+
+// imi::query_prepare for query row (s1g, s2g), by the whole block; returns log Z to every thread.
+// On return q.s1, q.s2, q.e2, q.r and q.cdf1 hold what query_prepare fills (cdf1 cumulative).
+__device__ float block_query_prepare(const imi::CellIndex& ix, const float* __restrict__ s1g,
+                                     const float* __restrict__ s2g, const QueryShared& q) {
+  const int64_t K = ix.K;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    q.s1[k] = s1g[k];
+    q.s2[k] = s2g[k];
+  }
+  __syncthreads();
+  float v = imi::neg_inf<float>();
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) v = imi::max_(v, q.s2[k]);
+  const float m2 = block_max(v, q.red);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) q.e2[k] = imi::exp_(q.s2[k] - m2);
+  __syncthreads();
+  for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
+    q.r[k1] = imi::row_log_mass(ix, k1, q.s2, q.e2, m2);
+  __syncthreads();
+  v = imi::neg_inf<float>();
+  for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
+    v = imi::max_(v, imi::stage1_max_term(q.s1[k1], q.r[k1]));
+  const float l1max = block_max(v, q.red);
+  for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
+    q.cdf1[k1] = imi::stage1_weight(q.s1[k1], q.r[k1], l1max);
+  __syncthreads();
+  if (threadIdx.x == 0) q.red[0] = imi::stage1_cumulate(q.cdf1, K, l1max);
+  __syncthreads();
+  return q.red[0];
+}
+
+template <bool kTable>
+__global__ void __launch_bounds__(kThreads)
+midx_sample_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float* __restrict__ s2,
+                   int64_t B, int64_t M, PhiloxArgs philox, int64_t* __restrict__ ids,
+                   float* __restrict__ log_q) {
+  extern __shared__ float smem[];
+  const int64_t K = ix.K;
+  const QueryShared q = carve(smem, K);
+  // Same (seed, offset) for every thread; graph-captured generators are read on the device
+  // (what at::cuda::philox::unpack does).
+  uint64_t seed = philox.seed, offset = philox.offset;
+  if (philox.captured) {
+    seed = static_cast<uint64_t>(*philox.seed_ptr);
+    offset = static_cast<uint64_t>(*philox.offset_ptr) + philox.offset_intragraph;
+  }
+  const int64_t row_stride = K + 1;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q);
+    if (kTable) {
+      // Rows without mass are never drawn (cdf_search skips zero-weight entries): not built.
+      for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
+        if (q.r[k1] != imi::neg_inf<float>())
+          imi::stage2_cdf_row(ix, k1, q.s2, q.e2, q.r[k1], q.table + k1 * row_stride);
+      __syncthreads();
+    }
+    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+      const imi::Uniform4 u = imi::philox_uniform4(seed, offset, static_cast<uint64_t>(b),
+                                                   static_cast<uint64_t>(j));
+      const int64_t k1 = imi::cdf_search(q.cdf1, K, u.v[0]);
+      const int64_t k2 = kTable ? imi::cdf_search(q.table + k1 * row_stride, K, u.v[1])
+                                : imi::stage2_search_streaming(ix, k1, q.s2, q.e2, q.r[k1], u.v[1]);
+      const int64_t pos = imi::uniform_slot(ix, k1 * K + k2, u.v[2]);
+      const int64_t p = imi::resolve_alias(ix, pos, u.v[3]);
+      ids[b * M + j] = ix.class_ids[p];
+      log_q[b * M + j] = imi::drawn_log_q(ix, q.s1, q.s2, k1, k2, p, log_z);
+    }
+    __syncthreads();  // shared arrays are rewritten by the next query
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+midx_log_prob_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float* __restrict__ s2,
+                     int64_t B, const int64_t* __restrict__ ids, int64_t L,
+                     float* __restrict__ out) {
+  extern __shared__ float smem[];
+  const int64_t K = ix.K;
+  const QueryShared q = carve(smem, K);
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q);
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x)
+      out[b * L + l] = imi::class_log_q(ix, q.s1, q.s2, ids[b * L + l], log_z);
+    __syncthreads();
+  }
+}
+
+inline unsigned query_grid(int64_t B) {
+  return static_cast<unsigned>(B < 2147483647 ? B : 2147483647);
+}
+
+// Largest dynamic shared memory a block may opt into on the current device.
+inline cudaError_t max_optin_smem(size_t* out) {
+  int dev = 0, bytes = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  *out = e == cudaSuccess ? static_cast<size_t>(bytes) : kDefaultSmem;
+  return e;
+}
+
+template <typename Kernel>
+inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= kDefaultSmem) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+}  // namespace
+
+cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const float* s2,
+                               int64_t B, int64_t M, PhiloxArgs philox, int stage2_mode,
+                               int64_t* ids, float* log_q, cudaStream_t stream) {
+  if (B == 0 || M == 0) return cudaSuccess;
+  size_t optin = kDefaultSmem;
+  cudaError_t e = max_optin_smem(&optin);
+  if (e != cudaSuccess) return e;
+  const size_t table_bytes = table_smem_bytes(ix.K), prep_bytes = prep_smem_bytes(ix.K);
+  const bool table = stage2_mode == 1 ? true : stage2_mode == 2 ? false : table_bytes <= optin;
+  if (table) {
+    if (table_bytes > optin) return cudaErrorInvalidValue;
+    e = allow_smem(midx_sample_kernel<true>, table_bytes);
+    if (e != cudaSuccess) return e;
+    midx_sample_kernel<true><<<query_grid(B), kThreads, table_bytes, stream>>>(ix, s1, s2, B, M,
+                                                                               philox, ids, log_q);
+  } else {
+    if (prep_bytes > optin) return cudaErrorInvalidValue;
+    e = allow_smem(midx_sample_kernel<false>, prep_bytes);
+    if (e != cudaSuccess) return e;
+    midx_sample_kernel<false><<<query_grid(B), kThreads, prep_bytes, stream>>>(ix, s1, s2, B, M,
+                                                                               philox, ids, log_q);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_midx_log_prob(const imi::CellIndex& ix, const float* s1, const float* s2,
+                                 int64_t B, const int64_t* ids, int64_t L, float* out,
+                                 cudaStream_t stream) {
+  if (B == 0 || L == 0) return cudaSuccess;
+  size_t optin = kDefaultSmem;
+  cudaError_t e = max_optin_smem(&optin);
+  if (e != cudaSuccess) return e;
+  const size_t bytes = prep_smem_bytes(ix.K);
+  if (bytes > optin) return cudaErrorInvalidValue;
+  e = allow_smem(midx_log_prob_kernel, bytes);
+  if (e != cudaSuccess) return e;
+  midx_log_prob_kernel<<<query_grid(B), kThreads, bytes, stream>>>(ix, s1, s2, B, ids, L, out);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace imi_softmax
