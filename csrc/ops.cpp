@@ -1,15 +1,18 @@
 // Operator schemas of the imi_softmax library. Backends register kernels in csrc/cpu and
 // csrc/cuda; fakes and autograd are registered from Python (imi_softmax/_ops.py).
-#include <Python.h>
 #include <torch/library.h>
 
+#ifdef IMI_PYTHON_MODULE
+#include <Python.h>
 extern "C" {
 // Importing imi_softmax._C loads this shared library, which runs the registrations below.
+// (The CMake build for C++ users is a plain shared library without this entry point.)
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(imi_softmax, m) {
   // k-means step: nearest codeword of each row of x [N, d] among centroids [K, d].
