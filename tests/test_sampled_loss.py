@@ -126,3 +126,35 @@ def test_exact_sampler_gradient_converges_to_full_softmax():
         assert err < bound, f"M={M}: |g - g_full| = {err:.4g} >= {bound:.4g}"
         errors.append(err)
     assert errors[-1] < errors[0] / 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_inputs_accumulate_in_float32(dtype):
+    x, w, b, t, ids, lq, tlq = make_inputs(B=8, N=50, d=16, M=12, dtype=torch.float32)
+    xs, ws, bs = (v.detach().to(dtype).requires_grad_() for v in (x, w, b))
+    loss = IF.sampled_softmax_loss(xs, ws, bs, t, ids, lq, tlq)
+    assert loss.dtype == dtype
+    grads = torch.autograd.grad(loss, (xs, ws, bs))
+    # reference on the same rounded inputs, in float64
+    ref = reference_loss(xs.detach(), ws.detach(), bs.detach(), t, ids, lq, tlq).mean()
+    xr, wr, br = (v.detach().double().requires_grad_() for v in (xs, ws, bs))
+    ref_grads = torch.autograd.grad(reference_loss(xr, wr, br, t, ids, lq, tlq).mean(), (xr, wr, br))
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(loss.double(), ref, atol=4 * eps * max(1.0, ref.abs().item()), rtol=0)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r, atol=4 * eps, rtol=4 * eps)
+
+
+def test_non_contiguous_inputs():
+    x, w, b, t, ids, lq, tlq = make_inputs(dtype=torch.float32)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # same values, column-major
+    wide = torch.stack([ids, ids], 2)[:, :, 0]
+    assert not xt.is_contiguous() and not wide.is_contiguous()
+    a = IF.sampled_softmax_loss(xt, w, b, t, wide, lq, tlq)
+    ref = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq)
+    torch.testing.assert_close(a, ref)
+    ga = torch.autograd.grad(a, (xt, w))
+    gr = torch.autograd.grad(ref, (x, w))
+    for u, v in zip(ga, gr):
+        torch.testing.assert_close(u, v)
