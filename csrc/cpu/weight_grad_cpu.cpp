@@ -1,6 +1,8 @@
 // Weight/bias gradients from the per-column coefficients: grad_w[id] += coef * x_b.
-// Threads split the feature dimension, not the entries, so no two threads write the same
-// address: no atomics, and the result is deterministic.
+// Entries are grouped by class with a counting sort (presence flags scanned in class order give
+// the sorted unique ids without a comparison sort); then each touched row is computed once, in
+// parallel over rows, by one thread: no atomics, deterministic, and the sparse output needs no
+// zero fill.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,31 +24,61 @@ void check_grad_inputs(const at::Tensor& coef, const at::Tensor& ids, const at::
               "weight_grad: coef dtype must be the accumulation dtype of x");
 }
 
-void check_ids_below(const at::Tensor& ids, int64_t num_classes) {
-  const int64_t* p = ids.data_ptr<int64_t>();
-  for (int64_t e = 0; e < ids.numel(); ++e)
-    TORCH_CHECK(p[e] < num_classes, "weight_grad: class id ", p[e], " >= num_classes ", num_classes);
+// Entries (flat positions in ids) grouped by class: classes[u] is the u-th touched class in
+// ascending order, its entries are order[start[u] .. start[u+1]). Negative ids are skipped.
+struct ClassGroups {
+  std::vector<int64_t> classes, start, order;
+};
+
+ClassGroups group_by_class(const at::Tensor& ids, int64_t num_classes) {
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const int64_t E = ids.numel();
+  std::vector<uint8_t> present(num_classes, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t id = idp[e];
+    TORCH_CHECK(id < num_classes, "weight_grad: class id ", id, " >= num_classes ", num_classes);
+    if (id >= 0) present[id] = 1;
+  }
+  std::unique_ptr<int64_t[]> slot(new int64_t[num_classes]);
+  ClassGroups g;
+  for (int64_t c = 0; c < num_classes; ++c)
+    if (present[c]) { slot[c] = static_cast<int64_t>(g.classes.size()); g.classes.push_back(c); }
+  const int64_t U = static_cast<int64_t>(g.classes.size());
+  g.start.assign(U + 1, 0);
+  for (int64_t e = 0; e < E; ++e)
+    if (idp[e] >= 0) ++g.start[slot[idp[e]] + 1];
+  for (int64_t u = 0; u < U; ++u) g.start[u + 1] += g.start[u];
+  g.order.resize(g.start[U]);
+  std::vector<int64_t> cursor(g.start.begin(), g.start.end() - 1);
+  for (int64_t e = 0; e < E; ++e)
+    if (idp[e] >= 0) g.order[cursor[slot[idp[e]]]++] = e;
+  return g;
 }
 
-// rows_of(id) maps a class id to its output row (identity for dense, slot for sparse).
+// Row u of the output (at out_w + row_of(u) * d, bias at out_b[row_of(u)]) = sum over the
+// entries of class u of coef * x_b.
 template <typename scalar_t, typename acc_t, typename RowOf>
-void accumulate_rows(const at::Tensor& coef, const at::Tensor& ids, const at::Tensor& x,
-                     acc_t* grad_w, acc_t* grad_b, RowOf rows_of) {
-  const int64_t B = ids.size(0), M1 = ids.size(1), d = x.size(1);
+void reduce_groups(const ClassGroups& g, const at::Tensor& coef, const at::Tensor& x, int64_t M1,
+                   scalar_t* out_w, scalar_t* out_b, RowOf row_of) {
+  const int64_t d = x.size(1), U = static_cast<int64_t>(g.classes.size());
   const acc_t* cp = coef.data_ptr<acc_t>();
-  const int64_t* idp = ids.data_ptr<int64_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, d, 16, [&](int64_t d0, int64_t d1) {
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* xr = xp + b * d;
-      for (int64_t j = 0; j < M1; ++j) {
-        const int64_t id = idp[b * M1 + j];
-        const acc_t c = cp[b * M1 + j];
-        if (id < 0 || c == acc_t(0)) continue;
-        acc_t* g = grad_w + rows_of(id) * d;
-        for (int64_t i = d0; i < d1; ++i) g[i] += c * static_cast<acc_t>(xr[i]);
-        if (d0 == 0) grad_b[rows_of(id)] += c;
+  at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+    std::vector<acc_t> acc(d);
+    for (int64_t u = u0; u < u1; ++u) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t bias = acc_t(0);
+      for (int64_t k = g.start[u]; k < g.start[u + 1]; ++k) {
+        const int64_t e = g.order[k];
+        const acc_t c = cp[e];
+        const scalar_t* xr = xp + (e / M1) * d;
+        for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<acc_t>(xr[i]);
+        bias += c;
       }
+      const int64_t row = row_of(u);
+      scalar_t* w = out_w + row * d;
+      for (int64_t i = 0; i < d; ++i) w[i] = static_cast<scalar_t>(acc[i]);
+      out_b[row] = static_cast<scalar_t>(bias);
     }
   });
 }
@@ -58,16 +90,16 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cpu(const at::Tensor& coef_
   const auto coef = coef_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto x = x_in.contiguous();
-  check_ids_below(ids, num_classes);
-  const auto acc = coef.scalar_type();
-  auto grad_w = at::zeros({num_classes, x.size(1)}, x.options().dtype(acc));
-  auto grad_b = at::zeros({num_classes}, x.options().dtype(acc));
+  const ClassGroups g = group_by_class(ids, num_classes);
+  auto grad_w = at::zeros({num_classes, x.size(1)}, x.options());
+  auto grad_b = at::zeros({num_classes}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    accumulate_rows<scalar_t, acc_t>(coef, ids, x, grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(),
-                                     [](int64_t id) { return id; });
+    const int64_t* classes = g.classes.data();
+    reduce_groups<scalar_t, acc_t>(g, coef, x, ids.size(1), grad_w.data_ptr<scalar_t>(),
+                                   grad_b.data_ptr<scalar_t>(), [classes](int64_t u) { return classes[u]; });
   });
-  return {grad_w.to(x.scalar_type()), grad_b.to(x.scalar_type())};
+  return {grad_w, grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::Tensor& coef_in,
@@ -78,30 +110,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::
   const auto coef = coef_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto x = x_in.contiguous();
-  check_ids_below(ids, num_classes);
-  const int64_t E = ids.numel();
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  // Presence flags then an ordered scan give sorted unique ids without a sort.
-  std::vector<uint8_t> present(num_classes, 0);
-  for (int64_t e = 0; e < E; ++e)
-    if (idp[e] >= 0) present[idp[e]] = 1;
-  std::unique_ptr<int64_t[]> slot(new int64_t[num_classes]);
-  std::vector<int64_t> unique;
-  for (int64_t c = 0; c < num_classes; ++c)
-    if (present[c]) { slot[c] = static_cast<int64_t>(unique.size()); unique.push_back(c); }
-  const int64_t U = static_cast<int64_t>(unique.size());
+  const ClassGroups g = group_by_class(ids, num_classes);
+  const int64_t U = static_cast<int64_t>(g.classes.size());
   auto unique_ids = at::empty({U}, ids.options());
-  std::copy(unique.begin(), unique.end(), unique_ids.data_ptr<int64_t>());
-  const auto acc = coef.scalar_type();
-  auto rows = at::zeros({U, x.size(1)}, x.options().dtype(acc));
-  auto bias_rows = at::zeros({U}, x.options().dtype(acc));
-  const int64_t* sp = slot.get();
+  std::copy(g.classes.begin(), g.classes.end(), unique_ids.data_ptr<int64_t>());
+  auto rows = at::empty({U, x.size(1)}, x.options());  // every row is written exactly once
+  auto bias_rows = at::empty({U}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_weight_grad_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    accumulate_rows<scalar_t, acc_t>(coef, ids, x, rows.data_ptr<acc_t>(), bias_rows.data_ptr<acc_t>(),
-                                     [sp](int64_t id) { return sp[id]; });
+    reduce_groups<scalar_t, acc_t>(g, coef, x, ids.size(1), rows.data_ptr<scalar_t>(),
+                                   bias_rows.data_ptr<scalar_t>(), [](int64_t u) { return u; });
   });
-  return {unique_ids, rows.to(x.scalar_type()), bias_rows.to(x.scalar_type())};
+  return {unique_ids, rows, bias_rows};
 }
 
 }  // namespace

@@ -20,6 +20,14 @@
 #define IMI_SIMD_SUM(var)
 #endif
 
+// Host-side software prefetch of a row that a loop will read a few iterations later (the gathers
+// of random weight rows are DRAM-latency bound); a no-op on the device.
+#if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
+#define IMI_PREFETCH(ptr) __builtin_prefetch(ptr)
+#else
+#define IMI_PREFETCH(ptr) ((void)0)
+#endif
+
 namespace imi {
 
 // Accumulation type: fp32 for every storage type except fp64 (half/bf16 inputs accumulate in fp32).

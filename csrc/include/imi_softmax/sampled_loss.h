@@ -17,6 +17,18 @@ IMI_HD acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t d) {
   return s;
 }
 
+// Number of columns ahead whose weight rows are prefetched on the host.
+#define IMI_ROW_PREFETCH_DISTANCE 4
+
+template <typename scalar_t>
+IMI_HD void prefetch_row(const scalar_t* weight, int64_t d, const int64_t* ids_row, int64_t j, int64_t M1) {
+#if !defined(__CUDA_ARCH__)
+  if (j >= M1 || ids_row[j] < 0) return;
+  const char* row = reinterpret_cast<const char*>(weight + ids_row[j] * d);
+  for (int64_t byte = 0; byte < d * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) IMI_PREFETCH(row + byte);
+#endif
+}
+
 IMI_HD bool is_masked_column(const int64_t* ids_row, int64_t j, bool remove_accidental_hits) {
   return j > 0 && remove_accidental_hits && ids_row[j] == ids_row[0];
 }
@@ -42,10 +54,12 @@ IMI_HD void sampled_row_forward(const scalar_t* x_row, const scalar_t* weight,
                                 const acc_t* log_q_row, int64_t M1, bool remove_accidental_hits,
                                 int64_t ignore_index, acc_t* loss, acc_t* lse) {
   if (ids_row[0] == ignore_index) { *loss = acc_t(0); *lse = acc_t(0); return; }
+  for (int64_t j = 0; j < IMI_ROW_PREFETCH_DISTANCE; ++j) prefetch_row(weight, d, ids_row, j, M1);
   const acc_t u0 = corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[0], log_q_row[0]);
   OnlineLSE<acc_t> state;
   state.add(u0);
   for (int64_t j = 1; j < M1; ++j) {
+    prefetch_row(weight, d, ids_row, j + IMI_ROW_PREFETCH_DISTANCE, M1);
     if (is_masked_column(ids_row, j, remove_accidental_hits)) continue;
     state.add(corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[j], log_q_row[j]));
   }
@@ -62,7 +76,9 @@ IMI_HD void sampled_row_backward(const scalar_t* x_row, const scalar_t* weight,
                                  acc_t* gx_acc, scalar_t* grad_x_row) {
   for (int64_t i = 0; i < d; ++i) gx_acc[i] = acc_t(0);
   const bool ignored = ids_row[0] == ignore_index;
+  for (int64_t j = 0; j < IMI_ROW_PREFETCH_DISTANCE && !ignored; ++j) prefetch_row(weight, d, ids_row, j, M1);
   for (int64_t j = 0; j < M1; ++j) {
+    if (!ignored) prefetch_row(weight, d, ids_row, j + IMI_ROW_PREFETCH_DISTANCE, M1);
     if (ignored || is_masked_column(ids_row, j, remove_accidental_hits)) {
       coef_row[j] = acc_t(0);
       continue;
