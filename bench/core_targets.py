@@ -1,0 +1,175 @@
+"""The acceptance benchmark (CPU, fp32): every ratio measured against its peer in the same run.
+
+Default configuration: N = 1,000,000 classes, d = 128, B = 512, M = 256 negatives, K = 64.
+
+(a) one training step (forward + backward, sampling included, index refresh excluded) of
+    IMISoftmax vs ``F.cross_entropy(F.linear(x, W, b), y)``: target >= 20x (dense weight grad) and
+    >= 100x with ``sparse_grad=True``;
+(b) MIDX sampling vs the pure-PyTorch MIDX port (``peers.MIDXTorchSampler``) on the same index:
+    target >= 10x. The target row uses an IMI MIDXSampler built on the same weights *without* bias,
+    so both compute exactly the same proposal (the port has no within-cell bias term); the head's own
+    sampler (with the bias snapshot beta) is reported as an extra row;
+(c) ``refresh_index()`` wall time at N: target <= 2 s (warm-started rebuild, the one training
+    does; the cold first build is reported too);
+(d) peak memory of one step (fresh subprocess, see ``memory.py``) vs the full softmax's:
+    target <= 1/20.
+
+Writes ``bench/results/core_targets_<machine>.csv`` and ``.json`` (machine, torch, commit, rows).
+Use ``--N 100000`` for a quick run. Timings on a shared machine are contended: look at the load
+average recorded in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from memory import RESULTS, build_step, machine_info, machine_tag, make_inputs, peak_step_memory, time_fn  # noqa: E402
+from peers import MIDXTorchSampler, zipf_counts  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--N", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--B", type=int, default=512)
+    p.add_argument("--M", type=int, default=256)
+    p.add_argument("--K", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (after 1-2 warm-up runs)")
+    p.add_argument("--full-repeats", type=int, default=3, help="timed repeats of the (slow) full softmax step")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for this run and the memory subprocesses (default: torch's). "
+                        "On a shared, oversubscribed machine use 1: with 2+ threads every parallel region "
+                        "waits for a descheduled thread and tiny ops take ~10 ms")
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    import imi_softmax
+
+    device, dtype = "cpu", torch.float32
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the memory subprocesses
+    os.makedirs(a.out, exist_ok=True)
+    info = machine_info(device)
+    info.update(N=a.N, d=a.d, B=a.B, M=a.M, K=a.K, dtype="fp32")
+    print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']}, "
+          f"commit {info['git_commit']}, {info['torch_threads']} torch threads, load avg {info.get('load_avg_1m')}")
+    rows = []
+
+    def row(metric, imi, peer, unit, ratio, target, passed, note="", ratio_of_min=None):
+        r = dict(metric=metric, imi=imi, peer=peer, unit=unit, ratio=ratio, target=target,
+                 passed=passed, ratio_of_min=ratio_of_min, note=note)
+        rows.append(r)
+        status = "" if passed is None else ("PASS" if passed else "FAIL")
+        fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+        print(f"  {metric:<44} imi={fmt(imi):>10} peer={fmt(peer):>10} {unit:<4} ratio={fmt(ratio):>8} "
+              f"target {target:<8} {status}" + ("" if ratio_of_min is None else f"  (ratio of min times {ratio_of_min:.3g})"),
+              flush=True)
+
+    # (a) training step ---------------------------------------------------------------------------
+    print("(a) training step", flush=True)
+    t = {}
+    for method in ("full", "imi_dense", "imi_sparse"):
+        head, step = build_step(method, a.N, a.d, a.B, a.M, device, dtype, a.K)
+        reps = a.full_repeats if method == "full" else a.repeats
+        t[method] = time_fn(step, device, warmup=1 if method == "full" else 2, repeats=reps)
+        print(f"   {method}: {t[method]['median_ms']:.1f} ms (median of {t[method]['n']}, "
+              f"min {t[method]['min_ms']:.1f})", flush=True)
+        if method == "imi_dense":
+            imi_head = head  # kept for (b) and (c)
+        del step
+    full_ms = t["full"]["median_ms"]
+    for method, target in (("imi_dense", 20.0), ("imi_sparse", 100.0)):
+        ms = t[method]["median_ms"]
+        sp = full_ms / ms
+        row(f"step speedup vs full softmax ({method})", ms, full_ms, "ms", sp, f">= {target:g}x", sp >= target,
+            f"median of {t[method]['n']} vs {t['full']['n']}", t["full"]["min_ms"] / t[method]["min_ms"])
+
+    # (b) sampling --------------------------------------------------------------------------------
+    print("(b) sampling", flush=True)
+    x, _ = make_inputs(a.N, a.d, a.B, device, dtype, zipf_counts(a.N))
+    x = x.detach()
+    w = imi_head.weight.detach()
+    same_q = imi_softmax.MIDXSampler(a.K, "rq").build(w)              # no bias: the port's proposal
+    port = MIDXTorchSampler.from_imi(same_q)
+    t_port = time_fn(lambda: port.sample(x, a.M), device, repeats=a.repeats)
+    t_imi = time_fn(lambda: same_q.sample(x, a.M), device, repeats=a.repeats)
+    t_head = time_fn(lambda: imi_head.sampler.sample(x, a.M), device, repeats=a.repeats)
+    sp = t_port["median_ms"] / t_imi["median_ms"]
+    row("sampling speedup vs torch MIDX port (same Q)", t_imi["median_ms"], t_port["median_ms"], "ms", sp,
+        ">= 10x", sp >= 10.0, "IMI MIDXSampler without bias vs port on the same codebooks",
+        t_port["min_ms"] / t_imi["min_ms"])
+    sp2 = t_port["median_ms"] / t_head["median_ms"]
+    row("  (info) head sampler with bias vs port", t_head["median_ms"], t_port["median_ms"], "ms", sp2,
+        "info", None, "head.sampler (within-cell bias alias tables) vs port without bias",
+        t_port["min_ms"] / t_head["min_ms"])
+    # sanity: both compute the same proposal
+    probe = torch.randint(0, a.N, (8, 64))
+    diff = (same_q.log_prob(x[:8], probe) - port.log_prob(x[:8], probe)).abs().max().item()
+    print(f"   |log Q_imi - log Q_port| max over a probe = {diff:.2e}", flush=True)
+    del same_q, port
+
+    # (c) refresh ---------------------------------------------------------------------------------
+    print("(c) refresh_index", flush=True)
+    cold = imi_softmax.IMISoftmax(a.d, a.N, num_samples=a.M, num_codewords=a.K, refresh_every=0)
+    with torch.no_grad():
+        cold.weight.copy_(imi_head.weight)
+        cold.bias.copy_(imi_head.bias)
+    t0 = time.perf_counter()
+    cold.refresh_index()
+    cold_s = time.perf_counter() - t0
+    del cold
+    t_ref = time_fn(imi_head.refresh_index, device, warmup=0, repeats=3)
+    warm_s = t_ref["median_ms"] / 1e3
+    row("refresh_index() wall time (warm-started)", warm_s, None, "s", None, "<= 2 s", warm_s <= 2.0,
+        f"median of {t_ref['n']}")
+    row("refresh_index() wall time (cold first build)", cold_s, None, "s", None, "<= 2 s", cold_s <= 2.0,
+        "k-means++ init, single run")
+    del imi_head
+
+    # (d) memory ----------------------------------------------------------------------------------
+    if not a.skip_memory:
+        print("(d) peak step memory (subprocesses)", flush=True)
+        mem = {}
+        for method in ("full", "imi_dense", "imi_sparse"):
+            r = peak_step_memory(method, a.N, a.d, a.B, a.M, device, "fp32", a.K, details=True)
+            mem[method] = r["peak_bytes"] / 2**20
+            print(f"   {method}: {mem[method]:.1f} MiB ({r['mode']})", flush=True)
+        for method in ("imi_dense", "imi_sparse"):
+            ratio = mem[method] / mem["full"]
+            row(f"peak step memory / full softmax ({method})", mem[method], mem["full"], "MiB", ratio,
+                "<= 0.05", ratio <= 0.05,
+                "dense weight grad alone is N*d*4 bytes" if method == "imi_dense" else "")
+
+    info["load_avg_1m_end"] = os.getloadavg()[0]
+    print(f"load average at start {info.get('load_avg_1m')}, at end {info['load_avg_1m_end']} "
+          f"({info['cpu_cores']} cores): timings above that are contended")
+    tag = machine_tag(device)
+    csv_path = os.path.join(a.out, f"core_targets_{tag}.csv")
+    with open(csv_path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["cpu_model", "cores", "threads", "torch_version", "git_commit", "N", "d", "B",
+                                           "M", "K", "metric", "imi", "peer", "unit", "ratio", "target",
+                                           "passed", "ratio_of_min", "note"])
+        wr.writeheader()
+        for r in rows:
+            wr.writerow(dict(cpu_model=info["cpu_model"], cores=info["cpu_cores"], threads=info["torch_threads"],
+                             torch_version=info["torch_version"], git_commit=info["git_commit"],
+                             N=a.N, d=a.d, B=a.B, M=a.M, K=a.K, **r))
+    with open(os.path.join(a.out, f"core_targets_{tag}.json"), "w") as f:
+        json.dump({"machine": info, "rows": rows}, f, indent=1)
+    print(f"wrote {csv_path} (+ .json)")
+    failed = [r["metric"] for r in rows if r["passed"] is False]
+    print("ALL TARGETS MET" if not failed else f"{len(failed)} target(s) missed: {failed}")
+
+
+if __name__ == "__main__":
+    main()

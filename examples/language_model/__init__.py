@@ -1,0 +1,1 @@
+"""Word-level LSTM language model on the Penn Treebank with an IMISoftmax output layer."""
