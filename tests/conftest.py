@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -25,3 +27,17 @@ def reference_midx_log_q(sampler, query):
     if sampler.beta is not None:
         logits = logits + sampler.beta.to(torch.float64)
     return torch.log_softmax(logits, dim=1)
+
+
+def reference_loss(x, w, b, target, ids, log_q, target_log_q, remove_hits=True, ignore_index=-100):
+    """Row losses of DESIGN.md's formula, with plain torch ops in float64."""
+    x, w = x.double(), w.double()
+    all_ids = torch.cat([target.clamp_min(0).unsqueeze(1), ids], 1)
+    o = torch.einsum("bd,bmd->bm", x, w[all_ids])
+    if b is not None:
+        o = o + b.double()[all_ids]
+    u = o - torch.cat([target_log_q.unsqueeze(1), log_q], 1).double()
+    if remove_hits:
+        u[:, 1:] = u[:, 1:].masked_fill(ids == target.unsqueeze(1), -math.inf)
+    rows = torch.logsumexp(u, 1) - u[:, 0]
+    return torch.where(target == ignore_index, torch.zeros_like(rows), rows)

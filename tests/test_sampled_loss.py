@@ -7,20 +7,7 @@ import torch.nn.functional as F
 
 import imi_softmax.functional as IF
 from imi_softmax import ExactSampler, ops
-
-
-def reference_loss(x, w, b, target, ids, log_q, target_log_q, remove_hits=True, ignore_index=-100):
-    """Row losses of DESIGN.md's formula, with plain torch ops in float64."""
-    x, w = x.double(), w.double()
-    all_ids = torch.cat([target.clamp_min(0).unsqueeze(1), ids], 1)
-    o = torch.einsum("bd,bmd->bm", x, w[all_ids])
-    if b is not None:
-        o = o + b.double()[all_ids]
-    u = o - torch.cat([target_log_q.unsqueeze(1), log_q], 1).double()
-    if remove_hits:
-        u[:, 1:] = u[:, 1:].masked_fill(ids == target.unsqueeze(1), -math.inf)
-    rows = torch.logsumexp(u, 1) - u[:, 0]
-    return torch.where(target == ignore_index, torch.zeros_like(rows), rows)
+from conftest import reference_loss
 
 
 def make_inputs(B=6, N=40, d=5, M=7, dtype=torch.float64, device="cpu", seed=0, bias=True):
