@@ -65,6 +65,16 @@ inline void check_codes(const at::Tensor& code1, const at::Tensor& code2) {
               "imi_softmax: code1/code2 must be contiguous int64 of equal length");
 }
 
+inline void check_assign_inputs(const at::Tensor& x, const at::Tensor& centroids) {
+  TORCH_CHECK(x.dim() == 2 && centroids.dim() == 2 && x.size(1) == centroids.size(1),
+              "assign_codewords: x [N, d] and centroids [K, d] expected, got ", x.sizes(), " and ",
+              centroids.sizes());
+  TORCH_CHECK(x.scalar_type() == centroids.scalar_type(), "assign_codewords: x and centroids dtypes differ");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "assign_codewords: float32 or float64 expected, got ", x.scalar_type());
+  TORCH_CHECK(centroids.size(0) > 0, "assign_codewords: no centroids");
+}
+
 inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
   TORCH_CHECK(s1.dim() == 2 && s2.dim() == 2 && s1.sizes() == s2.sizes(),
               "imi_softmax: s1 and s2 must both be [B, K], got ", s1.sizes(), " and ", s2.sizes());

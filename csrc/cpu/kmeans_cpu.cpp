@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../tensor_views.h"
 #include "imi_softmax/kmeans.h"
 
 namespace imi_softmax {
@@ -10,12 +11,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> assign_codewords_cpu(const at::Tensor& x_in,
                                                         const at::Tensor& centroids_in) {
-  TORCH_CHECK(x_in.dim() == 2 && centroids_in.dim() == 2 && x_in.size(1) == centroids_in.size(1),
-              "assign_codewords: x [N, d] and centroids [K, d] expected, got ", x_in.sizes(),
-              " and ", centroids_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == centroids_in.scalar_type(),
-              "assign_codewords: x and centroids dtypes differ");
-  TORCH_CHECK(centroids_in.size(0) > 0, "assign_codewords: no centroids");
+  check_assign_inputs(x_in, centroids_in);
   const auto x = x_in.contiguous();
   const auto centroids = centroids_in.contiguous();
   const int64_t N = x.size(0), K = centroids.size(0), d = x.size(1);

@@ -95,14 +95,7 @@ bool wgrad_atomic_from_env() {
 
 std::tuple<at::Tensor, at::Tensor> assign_codewords_cuda(const at::Tensor& x_in,
                                                          const at::Tensor& centroids_in) {
-  TORCH_CHECK(x_in.dim() == 2 && centroids_in.dim() == 2 && x_in.size(1) == centroids_in.size(1),
-              "assign_codewords: x [N, d] and centroids [K, d] expected, got ", x_in.sizes(),
-              " and ", centroids_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == centroids_in.scalar_type(),
-              "assign_codewords: x and centroids dtypes differ");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "assign_codewords: float32 or float64 expected, got ", x_in.scalar_type());
-  TORCH_CHECK(centroids_in.size(0) > 0, "assign_codewords: no centroids");
+  check_assign_inputs(x_in, centroids_in);
   check_on("assign_codewords", x_in.device(), {{"centroids", &centroids_in}});
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
