@@ -126,3 +126,30 @@ def test_large_magnitude_scores_do_not_overflow(device):
     ref = reference_midx_log_q(s, q)
     # the sampled ids must be among the classes the exact proposal gives real mass to
     assert (ref.gather(1, ids) > -30).all()
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="the AVX-512 draw passes need an AVX-512 CPU")
+@pytest.mark.parametrize("k,n,m,bias,scale", [(6, 300, 37, True, 1.0), (16, 5000, 64, False, 3.0),
+                                              (64, 20000, 250, True, 2.0), (23, 4000, 16, True, 8.0)])
+def test_avx512_draw_passes_equal_portable_passes(monkeypatch, k, n, m, bias, scale):
+    """The vectorized CPU passes (16 draws at a time, tails included) compute the same draws as the
+    portable ones that call the shared header bodies: same (seed, offset) -> identical ids and log Q."""
+    s, _, _ = make_sampler(n=n, d=16, k=k, bias=bias, scale=scale)
+    g = torch.Generator().manual_seed(5)
+    s1, s2 = s.scores(torch.randn(9, 16, generator=g) * scale)
+    args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids, s.alias_prob, s.alias_pos,
+            s.beta_csr, m, 1234, 2**32 - 5)  # the offset makes the 64-bit draw counter carry
+    simd = torch.ops.imi_softmax.midx_sample_seeded(*args)
+    monkeypatch.setenv("IMI_CPU_SIMD", "0")
+    portable = torch.ops.imi_softmax.midx_sample_seeded(*args)
+    assert torch.equal(simd[0], portable[0])
+    assert torch.equal(simd[1], portable[1])
+    assert s.num_classes > 0 and portable[0].unique().numel() > 1

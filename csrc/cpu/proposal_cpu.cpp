@@ -1,7 +1,5 @@
-// MIDX proposal on CPU: per query, the shared preparation (log Z, stage-1 CDF, all stage-2 CDFs in
-// one vectorized pass), then M draws by inverse-CDF search. The draws
-// run in two passes so that the cache misses of the second (alias check, class id, bias of
-// random CSR positions) are independent of each other and overlap.
+// MIDX proposal on CPU: per query, the shared preparation (log Z, stage-1 CDF and all stage-2 CDFs
+// in one vectorized pass), then the M draws as passes over scratch arrays (draw_passes.h).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -11,18 +9,11 @@
 #include <vector>
 
 #include "../tensor_views.h"
+#include "draw_passes.h"
 #include "imi_softmax/proposal.h"
 
 namespace imi_softmax {
 namespace {
-
-struct QueryScratch {
-  std::vector<float> e2, r, cdf1, cdf2_t, u_accept;
-  std::vector<int64_t> pos;
-  std::vector<int32_t> k1, k2;
-  QueryScratch(int64_t K, int64_t M)
-      : e2(K), r(K), cdf1(K), cdf2_t(K * K), u_accept(M), pos(M), k1(M), k2(M) {}
-};
 
 std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n,
@@ -48,43 +39,12 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   int64_t* idp = ids.data_ptr<int64_t>();
   float* lqp = log_q.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
+  const bool simd = draw::use_avx512();
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-    QueryScratch ws(K, M);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* q1 = s1p + b * K;
-      const float* q2 = s2p + b * K;
-      const float log_z = imi::query_prepare(ix, q1, q2, ws.e2.data(), ws.r.data(), ws.cdf1.data());
-      imi::stage2_cdf_table(ix, q2, ws.e2.data(), ws.r.data(), ws.cdf2_t.data());
-      for (int64_t j = 0; j < M; ++j) {
-        const imi::Uniform4 u = imi::philox_uniform4(useed, uoff, b, j);
-        const int64_t k1 = imi::cdf_search(ws.cdf1.data(), K, u.v[0]);
-        const int64_t k2 = imi::cdf_search_strided(ws.cdf2_t.data() + k1, K, K, u.v[1]);
-        ws.k1[j] = static_cast<int32_t>(k1);
-        ws.k2[j] = static_cast<int32_t>(k2);
-        const int64_t p = imi::uniform_slot(ix, k1 * K + k2, u.v[2]);
-        ws.pos[j] = p;
-        ws.u_accept[j] = u.v[3];
-        if (ix.alias_prob != nullptr) {
-          __builtin_prefetch(ix.alias_prob + p);
-          __builtin_prefetch(ix.alias_pos + p);
-        } else {
-          __builtin_prefetch(ix.class_ids + p);
-        }
-      }
-      if (ix.alias_prob != nullptr) {
-        for (int64_t j = 0; j < M; ++j) {
-          const int64_t p = imi::resolve_alias(ix, ws.pos[j], ws.u_accept[j]);
-          ws.pos[j] = p;
-          __builtin_prefetch(ix.class_ids + p);
-          __builtin_prefetch(ix.beta_csr + p);
-        }
-      }
-      for (int64_t j = 0; j < M; ++j) {
-        const int64_t p = ws.pos[j];
-        idp[b * M + j] = ix.class_ids[p];
-        lqp[b * M + j] = imi::drawn_log_q(ix, q1, q2, ws.k1[j], ws.k2[j], p, log_z);
-      }
-    }
+    draw::Scratch ws(ix, M);
+    for (int64_t b = b0; b < b1; ++b)
+      draw::draw_query(ix, ws, simd, s1p + b * K, s2p + b * K, useed, uoff, static_cast<uint64_t>(b), M,
+                       idp + b * M, lqp + b * M);
   });
   return {ids, log_q};
 }
@@ -128,11 +88,11 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const int64_t* idp = ids.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<float> e2(K), r(K), cdf1(K);
+    draw::Scratch ws(ix, 0);  // the same preparation as sampling: log Q agree exactly
     for (int64_t b = b0; b < b1; ++b) {
       const float* q1 = s1p + b * K;
       const float* q2 = s2p + b * K;
-      const float log_z = imi::query_prepare(ix, q1, q2, e2.data(), r.data(), cdf1.data());
+      const float log_z = ws.prepare(ix, q1, q2);
       for (int64_t l = 0; l < L; ++l) op[b * L + l] = imi::class_log_q(ix, q1, q2, idp[b * L + l], log_z);
     }
   });

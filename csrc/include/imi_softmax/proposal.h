@@ -88,36 +88,65 @@ IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, con
   }
 }
 
-// All stage-2 CDFs of a query at once, transposed: cdf_t[k2 * K + k1] is the cumulative weight of
-// row k1 up to k2. The loop over k1 is innermost and independent, so the host compiler vectorizes
-// it while every row keeps the sequential k2 order of stage2_cdf_row (same floats). Rows whose
-// fast-path total underflows are redone exactly. Returns nothing; read with cdf_search_strided.
-IMI_HD void stage2_cdf_table(const CellIndex& ix, const float* s2, const float* e2, const float* r,
-                             float* cdf_t) {
+// query_prepare plus all stage-2 CDFs of the query in one pass, for the host: the transposed stage-2 table is
+// built first (vectorized over rows, each row in the sequential k2 order of stage2_cdf_row) and the
+// row log masses are read off its last line, so that draws and log Q describe the very same
+// numbers. mass_t[k2 * K + k1] is cell_mass transposed (contiguous inner loop). Fills e2, r, cdf1
+// and cdf_t[k2 * K + k1] (row k1 read with stride K by cdf_search_strided); returns log Z.
+IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_t, const float* s1,
+                                 const float* s2, float* e2, float* r, float* cdf1, float* cdf_t) {
   const int64_t K = ix.K;
-  for (int64_t k1 = 0; k1 < K; ++k1) cdf_t[k1] = ix.cell_mass[k1 * K] * e2[0];
+  float m2 = neg_inf<float>();
+  for (int64_t k = 0; k < K; ++k) m2 = max_(m2, s2[k]);
+  for (int64_t k = 0; k < K; ++k) e2[k] = exp_poly(s2[k] - m2);
+  for (int64_t k1 = 0; k1 < K; ++k1) cdf_t[k1] = mass_t[k1] * e2[0];
   for (int64_t k2 = 1; k2 < K; ++k2) {
     const float e = e2[k2];
     const float* prev = cdf_t + (k2 - 1) * K;
+    const float* mt = mass_t + k2 * K;
     float* cur = cdf_t + k2 * K;
-    for (int64_t k1 = 0; k1 < K; ++k1) cur[k1] = prev[k1] + ix.cell_mass[k1 * K + k2] * e;
+    for (int64_t k1 = 0; k1 < K; ++k1) cur[k1] = prev[k1] + mt[k1] * e;
   }
   const float* last = cdf_t + (K - 1) * K;
+  const float shift = m2 + *ix.log_n_max;
+  bool underflow = false;
   for (int64_t k1 = 0; k1 < K; ++k1) {
-    if (last[k1] > IMI_ROW_MASS_FLOOR) continue;
-    const float* ln = ix.log_n + k1 * K;
-    float acc = 0.f;
-    for (int64_t k2 = 0; k2 < K; ++k2) {
-      if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - r[k1]);
-      cdf_t[k2 * K + k1] = acc;
+    const bool ok = last[k1] > IMI_ROW_MASS_FLOOR;
+    r[k1] = ok ? log_poly(last[k1]) + shift : neg_inf<float>();
+    underflow |= !ok;
+  }
+  if (underflow) {
+    for (int64_t k1 = 0; k1 < K; ++k1) {
+      if (last[k1] > IMI_ROW_MASS_FLOOR) continue;
+      // The scaled row underflowed (or is empty): exact log-space row mass and CDF.
+      const float* ln = ix.log_n + k1 * K;
+      OnlineLSE<float> lse;
+      for (int64_t k2 = 0; k2 < K; ++k2) lse.add(s2[k2] + ln[k2]);
+      const float rk = lse.value();
+      float acc = 0.f;
+      for (int64_t k2 = 0; k2 < K; ++k2) {
+        if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - rk);
+        cdf_t[k2 * K + k1] = acc;
+      }
+      r[k1] = rk;
     }
   }
+  float l1max = neg_inf<float>();
+  for (int64_t k1 = 0; k1 < K; ++k1) l1max = max_(l1max, s1[k1] + r[k1]);  // -inf rows drop out
+  // exp_poly(-inf) is exactly 0: empty rows get no stage-1 mass.
+  for (int64_t k1 = 0; k1 < K; ++k1) cdf1[k1] = exp_poly(s1[k1] + r[k1] - l1max);
+  float acc = 0.f;
+  for (int64_t k1 = 0; k1 < K; ++k1) {
+    acc += cdf1[k1];
+    cdf1[k1] = acc;
+  }
+  return l1max + log_(acc);
 }
 
 // Inverse-CDF search over an unnormalized cumulative array read with a stride: the first index
 // whose cumulative weight exceeds u * total. Zero-mass entries are never returned. Branchless
 // halving (conditional moves), since the comparisons are unpredictable by design.
-IMI_HD int64_t cdf_search_strided(const float* cdf, int64_t n, int64_t stride, float u) {
+IMI_HD_FLATTEN int64_t cdf_search_strided(const float* cdf, int64_t n, int64_t stride, float u) {
   const float target = u * cdf[(n - 1) * stride];
   int64_t base = 0, len = n;
   while (len > 1) {

@@ -1,0 +1,254 @@
+// The M draws of one query on the host, as passes over structure-of-arrays scratch: uniforms for
+// all draws, then every stage-1 search, every stage-2 search, the slots, the gathers. Each pass is a
+// short loop of independent iterations, so it vectorizes (AVX-512 where the CPU has it) or at least
+// overlaps its latencies, which one long loop per draw does not.
+//
+// Two implementations of the first three passes give identical results: `portable` calls the
+// shared header bodies (philox_uniform4, cdf_search, cdf_search_strided) and `avx512` computes the
+// same numbers 16 draws at a time: Philox on 16 counters, stage 1 as "count of CDF entries <= target"
+// (equal to the first entry > target on a non-decreasing CDF) and stage 2 as the same branchless
+// halving with gathers. IMI_CPU_SIMD=0 forces the portable passes (tests compare the two).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "imi_softmax/proposal.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define IMI_HAVE_AVX512_PASSES 1
+#define IMI_TARGET_AVX512 __attribute__((target("avx512f")))
+#if defined(__linux__)
+// Compiles the auto-vectorized loops once per ISA, picked at load time (one binary for every
+// x86-64 machine).
+#define IMI_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#else
+#define IMI_HAVE_AVX512_PASSES 0
+#endif
+#ifndef IMI_CPU_CLONES
+#define IMI_CPU_CLONES
+#endif
+
+namespace imi_softmax {
+namespace draw {
+
+// Per-thread scratch for one query at a time (sized once per parallel chunk).
+struct Scratch {
+  std::vector<float> mass_t, cdf_t, e2, r, cdf1, u0, u1, u2, u3;
+  std::vector<int32_t> k1, k2;
+  std::vector<int64_t> pos;
+  Scratch(const imi::CellIndex& ix, int64_t M)
+      : mass_t(ix.K * ix.K), cdf_t(ix.K * ix.K), e2(ix.K), r(ix.K), cdf1(ix.K), u0(M), u1(M),
+        u2(M), u3(M), k1(M), k2(M), pos(M) {
+    const int64_t K = ix.K;
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t b = 0; b < K; ++b) mass_t[b * K + a] = ix.cell_mass[a * K + b];
+  }
+  float prepare(const imi::CellIndex& ix, const float* s1, const float* s2);
+};
+
+// log Z of the query; fills e2, r, cdf1 and the transposed stage-2 table. Compiled per ISA: the
+// table and the exp/log loops are most of a query's preparation and vectorize.
+IMI_CPU_CLONES inline float prepare_query(const imi::CellIndex& ix, const float* mass_t,
+                                          const float* s1, const float* s2, float* e2, float* r,
+                                          float* cdf1, float* cdf_t) {
+  return imi::query_prepare_table(ix, mass_t, s1, s2, e2, r, cdf1, cdf_t);
+}
+
+inline float Scratch::prepare(const imi::CellIndex& ix, const float* s1, const float* s2) {
+  return prepare_query(ix, mass_t.data(), s1, s2, e2.data(), r.data(), cdf1.data(), cdf_t.data());
+}
+
+// Zero-mass entries are never returned: step back over equal cumulative values (rounding only).
+inline int32_t skip_empty(const float* cdf, int64_t stride, int32_t k) {
+  while (k > 0 && cdf[k * stride] == cdf[(k - 1) * stride]) --k;
+  return k;
+}
+
+namespace portable {
+
+IMI_CPU_CLONES inline void uniforms(uint64_t seed, uint64_t offset, uint64_t query, int64_t j0,
+                                    int64_t n, float* u0, float* u1, float* u2, float* u3) {
+  for (int64_t j = 0; j < n; ++j) {
+    const imi::Uniform4 u = imi::philox_uniform4(seed, offset, query, static_cast<uint64_t>(j0 + j));
+    u0[j] = u.v[0];
+    u1[j] = u.v[1];
+    u2[j] = u.v[2];
+    u3[j] = u.v[3];
+  }
+}
+
+inline void stage1(const float* cdf1, int64_t K, const float* u, int32_t* k1, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) k1[j] = static_cast<int32_t>(imi::cdf_search(cdf1, K, u[j]));
+}
+
+inline void stage2(const float* cdf_t, int64_t K, const int32_t* k1, const float* u, int32_t* k2,
+                   int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    k2[j] = static_cast<int32_t>(imi::cdf_search_strided(cdf_t + k1[j], K, K, u[j]));
+}
+
+}  // namespace portable
+
+#if IMI_HAVE_AVX512_PASSES
+namespace avx512 {
+
+// uniform24 on 16 lanes.
+IMI_TARGET_AVX512 inline __m512 to_uniform(__m512i bits) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+}
+
+IMI_TARGET_AVX512 inline void uniforms(uint64_t seed, uint64_t offset, uint64_t query, int64_t n,
+                                       float* u0, float* u1, float* u2, float* u3) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const uint64_t c = static_cast<uint64_t>(j) + offset;
+    const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c)));
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
+    __m512i c0 = _mm512_add_epi32(lo, lane);  // 64-bit counter c + lane: carry into the high word
+    __m512i c1 = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0, lo), hi, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(query)));
+    __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(query >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      // 32x32 -> 64-bit products of the even lanes and of the odd lanes, then split into hi/lo.
+      const __m512i pe0 = _mm512_mul_epu32(c0, m0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+      const __m512i pe1 = _mm512_mul_epu32(c2, m1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+      const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, pe0, _mm512_slli_epi64(po0, 32));
+      const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe0, 32), po0);
+      const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, pe1, _mm512_slli_epi64(po1, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe1, 32), po1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm512_storeu_ps(u0 + j, to_uniform(c0));
+    _mm512_storeu_ps(u1 + j, to_uniform(c1));
+    _mm512_storeu_ps(u2 + j, to_uniform(c2));
+    _mm512_storeu_ps(u3 + j, to_uniform(c3));
+  }
+  if (j < n) portable::uniforms(seed, offset, query, j, n - j, u0 + j, u1 + j, u2 + j, u3 + j);
+}
+
+// Lanes are draws; each CDF entry is broadcast and compared with the 16 targets.
+IMI_TARGET_AVX512 inline void stage1(const float* cdf1, int64_t K, const float* u, int32_t* k1, int64_t n) {
+  const __m512 total = _mm512_set1_ps(cdf1[K - 1]);
+  const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(static_cast<int>(K - 1));
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 target = _mm512_mul_ps(_mm512_loadu_ps(u + j), total);
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains
+    int64_t i = 0;
+    for (; i + 2 <= K; i += 2) {
+      even = _mm512_mask_add_epi32(even, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i]), target, _CMP_LE_OQ), even, one);
+      odd = _mm512_mask_add_epi32(odd, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i + 1]), target, _CMP_LE_OQ), odd, one);
+    }
+    if (i < K) even = _mm512_mask_add_epi32(even, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i]), target, _CMP_LE_OQ), even, one);
+    _mm512_storeu_si512(k1 + j, _mm512_min_epi32(_mm512_add_epi32(even, odd), last));
+  }
+  for (int64_t t = 0; t < j; ++t) k1[t] = skip_empty(cdf1, 1, k1[t]);
+  if (j < n) portable::stage1(cdf1, K, u + j, k1 + j, n - j);
+}
+
+// The branchless halving of cdf_search_strided, 16 draws (16 rows k1) per step via gathers.
+IMI_TARGET_AVX512 inline void stage2(const float* cdf_t, int64_t K, const int32_t* k1, const float* u,
+                                     int32_t* k2, int64_t n) {
+  const int32_t k = static_cast<int32_t>(K);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i row = _mm512_loadu_si512(k1 + j);
+    const __m512 total = _mm512_i32gather_ps(_mm512_add_epi32(row, _mm512_set1_epi32((k - 1) * k)), cdf_t, 4);
+    const __m512 target = _mm512_mul_ps(_mm512_loadu_ps(u + j), total);
+    __m512i at = row, base = _mm512_setzero_si512();  // at = base * K + row
+    for (int32_t len = k; len > 1;) {
+      const int32_t half = len >> 1;
+      const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(at, _mm512_set1_epi32((half - 1) * k)), cdf_t, 4);
+      const __mmask16 le = _mm512_cmp_ps_mask(v, target, _CMP_LE_OQ);
+      at = _mm512_mask_add_epi32(at, le, at, _mm512_set1_epi32(half * k));
+      base = _mm512_mask_add_epi32(base, le, base, _mm512_set1_epi32(half));
+      len -= half;
+    }
+    _mm512_storeu_si512(k2 + j, base);
+  }
+  for (int64_t t = 0; t < j; ++t) k2[t] = skip_empty(cdf_t + k1[t], K, k2[t]);
+  if (j < n) portable::stage2(cdf_t, K, k1 + j, u + j, k2 + j, n - j);
+}
+
+}  // namespace avx512
+#endif
+
+// AVX-512 passes unless the CPU lacks them or IMI_CPU_SIMD=0.
+inline bool use_avx512() {
+#if IMI_HAVE_AVX512_PASSES
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  const char* env = std::getenv("IMI_CPU_SIMD");
+  return supported && !(env != nullptr && std::strcmp(env, "0") == 0);
+#else
+  return false;
+#endif
+}
+
+// Stage 3 and the outputs. Slots first, with the next reads prefetched, so that the cache misses
+// of the following pass (alias check, class id, bias of random CSR positions) overlap.
+inline void finish(const imi::CellIndex& ix, Scratch& ws, const float* s1, const float* s2,
+                   float log_z, int64_t M, int64_t* ids, float* log_q) {
+  const int64_t K = ix.K;
+  for (int64_t j = 0; j < M; ++j) {
+    const int64_t p = imi::uniform_slot(ix, ws.k1[j] * K + ws.k2[j], ws.u2[j]);
+    ws.pos[j] = p;
+    if (ix.alias_prob != nullptr) {
+      IMI_PREFETCH(ix.alias_prob + p);
+      IMI_PREFETCH(ix.alias_pos + p);
+    } else {
+      IMI_PREFETCH(ix.class_ids + p);
+    }
+  }
+  if (ix.alias_prob != nullptr) {
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t p = imi::resolve_alias(ix, ws.pos[j], ws.u3[j]);
+      ws.pos[j] = p;
+      IMI_PREFETCH(ix.class_ids + p);
+      IMI_PREFETCH(ix.beta_csr + p);
+    }
+  }
+  for (int64_t j = 0; j < M; ++j) {
+    const int64_t p = ws.pos[j];
+    ids[j] = ix.class_ids[p];
+    log_q[j] = imi::drawn_log_q(ix, s1, s2, ws.k1[j], ws.k2[j], p, log_z);
+  }
+}
+
+// All M draws of query `query`: ids[M] and log_q[M].
+inline void draw_query(const imi::CellIndex& ix, Scratch& ws, bool simd, const float* s1,
+                       const float* s2, uint64_t seed, uint64_t offset, uint64_t query, int64_t M,
+                       int64_t* ids, float* log_q) {
+  const int64_t K = ix.K;
+  const float log_z = ws.prepare(ix, s1, s2);
+#if IMI_HAVE_AVX512_PASSES
+  if (simd) {
+    avx512::uniforms(seed, offset, query, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+    avx512::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
+    avx512::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
+    finish(ix, ws, s1, s2, log_z, M, ids, log_q);
+    return;
+  }
+#endif
+  (void)simd;
+  portable::uniforms(seed, offset, query, 0, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+  portable::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
+  portable::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
+  finish(ix, ws, s1, s2, log_z, M, ids, log_q);
+}
+
+}  // namespace draw
+}  // namespace imi_softmax
