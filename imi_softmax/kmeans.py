@@ -17,10 +17,16 @@ def assign_residual(x: Tensor, first: Tensor, first_codes: Tensor, centroids: Te
                     chunk: int = 65536) -> Tensor:
     """Codes of the residuals x - first[first_codes] against centroids, without materializing the
     whole [N, d] residual (chunks of rows). Returns codes [N] int64."""
-    codes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    for start in range(0, x.shape[0], chunk):
-        stop = min(start + chunk, x.shape[0])
-        codes[start:stop] = ops.assign_codewords(x[start:stop] - first[first_codes[start:stop]], centroids)[0]
+    n = x.shape[0]
+    codes = torch.empty(n, dtype=torch.int64, device=x.device)
+    # One residual buffer for every chunk: a fresh [chunk, d] tensor per chunk costs page faults.
+    buf = x.new_empty((min(chunk, n), x.shape[1]))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        res = buf[: stop - start]
+        torch.index_select(first, 0, first_codes[start:stop], out=res)
+        torch.sub(x[start:stop], res, out=res)
+        codes[start:stop] = ops.assign_codewords(res, centroids)[0]
     return codes
 
 
