@@ -41,7 +41,9 @@ def _rel(paths):
 def _extension():
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DIMI_PYTHON_MODULE"]
+    # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC keeps
+    # the float->int conversions of the exp/log loops (csrc/include/imi_softmax/common.h) scalar.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-DIMI_PYTHON_MODULE"]
     link = ["-fopenmp"]
     if _want_cuda():
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))

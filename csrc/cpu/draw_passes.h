@@ -140,8 +140,58 @@ IMI_TARGET_AVX512 inline void uniforms(uint64_t seed, uint64_t offset, uint64_t 
   if (j < n) portable::uniforms(seed, offset, query, j, n - j, u0 + j, u1 + j, u2 + j, u3 + j);
 }
 
+// The search result is the first entry above the target, which has mass, except when rounding put
+// the target at the total (lanes in `at_total`): those step back over trailing zero-mass entries.
+// cdf + column[lane] (column may be null) is read with `stride`.
+inline void skip_empty_lanes(uint32_t at_total, const float* cdf, int64_t stride, const int32_t* column,
+                             int32_t* out) {
+  for (; at_total != 0; at_total &= at_total - 1) {
+    const int lane = __builtin_ctz(at_total);
+    out[lane] = skip_empty(cdf + (column ? column[lane] : 0), stride, out[lane]);
+  }
+}
+
+// Entries at..at+15 of a length-n array, zeros past n.
+IMI_TARGET_AVX512 inline __m512 load16(const float* a, int64_t n, int64_t at) {
+  const int64_t left = n - at;
+  const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+  return _mm512_maskz_loadu_ps(m, a + (at < n ? at : 0));
+}
+
+// K <= 64: the whole stage-1 CDF sits in four registers, and the branchless halving of cdf_search
+// reads it with permutes (16 draws per step).
+IMI_TARGET_AVX512 inline void stage1_in_registers(const float* cdf1, int64_t K, const float* u, int32_t* k1,
+                                                  int64_t n) {
+  const __m512 c0 = load16(cdf1, K, 0), c1 = load16(cdf1, K, 16), c2 = load16(cdf1, K, 32),
+               c3 = load16(cdf1, K, 48);
+  const __m512 total = _mm512_set1_ps(cdf1[K - 1]);
+  const __m512i bit5 = _mm512_set1_epi32(32);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 target = _mm512_mul_ps(_mm512_loadu_ps(u + j), total);
+    __m512i base = _mm512_setzero_si512();
+    for (int64_t len = K; len > 1;) {
+      const int64_t half = len >> 1;
+      const __m512i at = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int>(half - 1)));
+      const __m512 low = _mm512_permutex2var_ps(c0, at, c1);    // index bits 0-4 (+ bit 4 picks c1)
+      const __m512 high = _mm512_permutex2var_ps(c2, at, c3);
+      const __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(at, bit5), low, high);
+      const __mmask16 le = _mm512_cmp_ps_mask(v, target, _CMP_LE_OQ);
+      base = _mm512_mask_add_epi32(base, le, base, _mm512_set1_epi32(static_cast<int>(half)));
+      len -= half;
+    }
+    _mm512_storeu_si512(k1 + j, base);
+    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf1, 1, nullptr, k1 + j);
+  }
+  if (j < n) portable::stage1(cdf1, K, u + j, k1 + j, n - j);
+}
+
 // Lanes are draws; each CDF entry is broadcast and compared with the 16 targets.
 IMI_TARGET_AVX512 inline void stage1(const float* cdf1, int64_t K, const float* u, int32_t* k1, int64_t n) {
+  if (K <= 64) {
+    stage1_in_registers(cdf1, K, u, k1, n);
+    return;
+  }
   const __m512 total = _mm512_set1_ps(cdf1[K - 1]);
   const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(static_cast<int>(K - 1));
   int64_t j = 0;
@@ -155,8 +205,8 @@ IMI_TARGET_AVX512 inline void stage1(const float* cdf1, int64_t K, const float* 
     }
     if (i < K) even = _mm512_mask_add_epi32(even, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i]), target, _CMP_LE_OQ), even, one);
     _mm512_storeu_si512(k1 + j, _mm512_min_epi32(_mm512_add_epi32(even, odd), last));
+    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf1, 1, nullptr, k1 + j);
   }
-  for (int64_t t = 0; t < j; ++t) k1[t] = skip_empty(cdf1, 1, k1[t]);
   if (j < n) portable::stage1(cdf1, K, u + j, k1 + j, n - j);
 }
 
@@ -179,8 +229,8 @@ IMI_TARGET_AVX512 inline void stage2(const float* cdf_t, int64_t K, const int32_
       len -= half;
     }
     _mm512_storeu_si512(k2 + j, base);
+    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf_t, K, k1 + j, k2 + j);
   }
-  for (int64_t t = 0; t < j; ++t) k2[t] = skip_empty(cdf_t + k1[t], K, k2[t]);
   if (j < n) portable::stage2(cdf_t, K, k1 + j, u + j, k2 + j, n - j);
 }
 

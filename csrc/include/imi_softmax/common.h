@@ -18,12 +18,15 @@
 #define IMI_HD_FLATTEN inline
 #endif
 
-// Host-side vectorization of float reductions (the order of a reduction is free in these loops).
+// Host-side vectorization of float reductions (the order of a reduction is free in these loops;
+// a max is exact in any order).
 #if !defined(__CUDACC__) && defined(_OPENMP)
 #define IMI_PRAGMA(text) _Pragma(#text)
 #define IMI_SIMD_SUM(var) IMI_PRAGMA(omp simd reduction(+ : var))
+#define IMI_SIMD_MAX(var) IMI_PRAGMA(omp simd reduction(max : var))
 #else
 #define IMI_SIMD_SUM(var)
+#define IMI_SIMD_MAX(var)
 #endif
 
 // Host-side software prefetch of a row that a loop will read a few iterations later (the gathers
@@ -57,10 +60,10 @@ IMI_HD_FLATTEN uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint3
 
 // exp(x), exactly 0 below -87.3 (and for -inf), x clamped at 88.
 IMI_HD_FLATTEN float exp_poly(float x) {
-  const float xc = x > 88.f ? 88.f : (x < -87.3f ? -87.3f : x);
-  const float t = xc * 1.44269504088896341f + 0.5f;
-  int32_t ni = static_cast<int32_t>(t);  // floor(t) without a libm call (vectorizes)
-  ni -= static_cast<float>(ni) > t ? 1 : 0;
+  float xc = x < 88.f ? x : 88.f;
+  xc = xc > -87.3f ? xc : -87.3f;
+  // n = floor(xc / ln 2 + 1/2) by truncating a positive number (no libm call: vectorizes).
+  const int32_t ni = static_cast<int32_t>(xc * 1.44269504088896341f + 128.5f) - 128;
   const float n = static_cast<float>(ni);
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -70,8 +73,8 @@ IMI_HD_FLATTEN float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.f;
-  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  return x < -87.3f ? 0.f : y * scale;
+  const float v = y * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  return x > -87.3f ? v : 0.f;
 }
 
 // log(x) for positive normal x (other inputs give an unspecified value: guard them).

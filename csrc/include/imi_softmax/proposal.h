@@ -97,6 +97,7 @@ IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_
                                  const float* s2, float* e2, float* r, float* cdf1, float* cdf_t) {
   const int64_t K = ix.K;
   float m2 = neg_inf<float>();
+  IMI_SIMD_MAX(m2)
   for (int64_t k = 0; k < K; ++k) m2 = max_(m2, s2[k]);
   for (int64_t k = 0; k < K; ++k) e2[k] = exp_poly(s2[k] - m2);
   for (int64_t k1 = 0; k1 < K; ++k1) cdf_t[k1] = mass_t[k1] * e2[0];
@@ -109,13 +110,13 @@ IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_
   }
   const float* last = cdf_t + (K - 1) * K;
   const float shift = m2 + *ix.log_n_max;
-  bool underflow = false;
+  int32_t underflowed = 0;  // a count, not a bool: the reduction vectorizes
   for (int64_t k1 = 0; k1 < K; ++k1) {
     const bool ok = last[k1] > IMI_ROW_MASS_FLOOR;
     r[k1] = ok ? log_poly(last[k1]) + shift : neg_inf<float>();
-    underflow |= !ok;
+    underflowed += ok ? 0 : 1;
   }
-  if (underflow) {
+  if (underflowed > 0) {
     for (int64_t k1 = 0; k1 < K; ++k1) {
       if (last[k1] > IMI_ROW_MASS_FLOOR) continue;
       // The scaled row underflowed (or is empty): exact log-space row mass and CDF.
@@ -132,6 +133,7 @@ IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_
     }
   }
   float l1max = neg_inf<float>();
+  IMI_SIMD_MAX(l1max)
   for (int64_t k1 = 0; k1 < K; ++k1) l1max = max_(l1max, s1[k1] + r[k1]);  // -inf rows drop out
   // exp_poly(-inf) is exactly 0: empty rows get no stage-1 mass.
   for (int64_t k1 = 0; k1 < K; ++k1) cdf1[k1] = exp_poly(s1[k1] + r[k1] - l1max);
