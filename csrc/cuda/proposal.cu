@@ -1,7 +1,8 @@
 // MIDX proposal on CUDA: one block per query.
-//   1. The per-query preparation of imi::query_prepare, split across the block
-//      (imi/gpu_parallel.h): every row mass r[k1] is computed by one thread with the shared body
-//      imi::row_log_mass (same sequential sum as the CPU), and the stage-1 cumulative array by one
+//   1. The per-query preparation (what imi::query_prepare_table computes on the host), split
+//      across the block (imi/gpu_parallel.h): every row mass r[k1] is computed by one thread with
+//      imi::row_log_mass (the same sequential sum as the last line of the CPU's table), and the
+//      stage-1 cumulative array by one
 //      thread in the sequential order, so cdf1 and log Z are the CPU's values whenever the
 //      individual floating-point operations round the same way.
 //   2. The K x K stage-2 table (imi::stage2_cdf_row per row, one thread per row) in shared memory
@@ -12,7 +13,8 @@
 //      table), imi::drawn_log_q.
 // Bitwise CPU parity also needs the same FMA contraction as the host build (nvcc contracts
 // a * b + c into FMAs by default; `--fmad=false` turns that off) and the same exp/log roundings;
-// without them ids agree except for draws within a rounding error of a CDF boundary.
+// without them ids agree except for draws within a rounding error of a CDF boundary (the host uses
+// imi::exp_poly / imi::log_poly, the device expf / logf).
 #include "device_utils.cuh"
 #include "launchers.h"
 
@@ -53,8 +55,9 @@ __device__ __forceinline__ QueryShared carve(float* smem, int64_t K) {
 inline size_t prep_smem_bytes(int64_t K) { return sizeof(float) * (5 * K + kRedFloats); }
 inline size_t table_smem_bytes(int64_t K) { return prep_smem_bytes(K) + sizeof(float) * K * (K + 1); }
 
-// imi::query_prepare for query row (s1g, s2g), by the whole block; returns log Z to every thread.
-// On return q.s1, q.s2, q.e2, q.r and q.cdf1 hold what query_prepare fills (cdf1 cumulative).
+// The query preparation for query row (s1g, s2g), by the whole block; returns log Z to every thread.
+// On return q.s1, q.s2, q.e2, q.r and q.cdf1 hold e2 = exp(s2 - max s2), the row log masses and the
+// cumulative stage-1 weights, as imi::query_prepare_table fills them.
 __device__ float block_query_prepare(const imi::CellIndex& ix, const float* __restrict__ s1g,
                                      const float* __restrict__ s2g, const QueryShared& q) {
   const int64_t K = ix.K;

@@ -46,27 +46,6 @@ IMI_HD float row_log_mass(const CellIndex& ix, int64_t k1, const float* s2, cons
   return lse.value();
 }
 
-// Per-query preparation shared by sampling and log_prob. Fills e2[K] = exp(s2 - max s2),
-// r[K] = row log masses, cdf1[K] = cumulative stage-1 weights exp(s1 + r - max); returns log Z.
-IMI_HD float query_prepare(const CellIndex& ix, const float* s1, const float* s2, float* e2,
-                           float* r, float* cdf1) {
-  const int64_t K = ix.K;
-  float m2 = neg_inf<float>();
-  for (int64_t k = 0; k < K; ++k) m2 = max_(m2, s2[k]);
-  for (int64_t k = 0; k < K; ++k) e2[k] = exp_(s2[k] - m2);
-  float l1max = neg_inf<float>();
-  for (int64_t k1 = 0; k1 < K; ++k1) {
-    r[k1] = row_log_mass(ix, k1, s2, e2, m2);
-    if (r[k1] != neg_inf<float>()) l1max = max_(l1max, s1[k1] + r[k1]);
-  }
-  float acc = 0.f;
-  for (int64_t k1 = 0; k1 < K; ++k1) {
-    if (r[k1] != neg_inf<float>()) acc += exp_(s1[k1] + r[k1] - l1max);
-    cdf1[k1] = acc;
-  }
-  return l1max + log_(acc);
-}
-
 // Cumulative stage-2 weights of row k1: exp(s2[k2]) n[k1,k2], scaled; same fast/exact split as
 // row_log_mass so that the two agree on which cells have mass.
 IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, const float* e2,
