@@ -102,6 +102,27 @@ def test_single_class(device):
     assert log_q.abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("k,scale", [(64, 1.0), (23, 3.0), (64, 12.0)])
+def test_log_prob_matches_reference_many_codewords(device, k, scale):
+    """K*K cells with many empty ones, rows of every magnitude (scale 12 underflows the scaled row
+    masses and takes the exact log-space path): log Q still matches the float64 reference and sums
+    to one; draws only land on classes with mass."""
+    s, _, _ = make_sampler(n=4000, d=16, k=k, scale=scale, device=device)
+    q = (torch.randn(6, 16, generator=torch.Generator().manual_seed(3)) * scale).to(device)
+    lp = s.log_prob(q, torch.arange(4000, device=device).expand(6, 4000))
+    ref = reference_midx_log_q(s, q)
+    s1, s2 = s.scores(q)
+    magnitude = (s1.abs().max(1).values + s2.abs().max(1).values + s.beta.abs().max()).double().cpu()
+    tol = torch.clamp(32 * torch.finfo(torch.float32).eps * magnitude, min=2e-5)  # fp32 rounding of scores
+    keep = ref > -30  # classes with non-negligible mass
+    err = ((lp.double() - ref).abs() * keep).amax(1).cpu()
+    assert (err <= tol).all(), f"max |log Q - ref| {err.tolist()} > {tol.tolist()}"
+    assert (torch.logsumexp(lp.double(), 1).abs().cpu() <= tol).all()
+    ids, log_q = s.sample(q, 300)
+    assert (ref.gather(1, ids) > -30).all()
+    torch.testing.assert_close(log_q, s.log_prob(q, ids), atol=0, rtol=0)
+
+
 def test_identical_class_vectors(device):
     w = torch.ones(50, 4).to(device)
     s = MIDXSampler(num_codewords=5).build(w)
