@@ -1,4 +1,5 @@
 """Fused sampled-softmax op: float64 reference, gradcheck, opcheck, sparse grads, convergence."""
+import io
 import math
 
 import pytest
@@ -145,3 +146,34 @@ def test_non_contiguous_inputs():
     gr = torch.autograd.grad(ref, (x, w))
     for u, v in zip(ga, gr):
         torch.testing.assert_close(u, v)
+
+
+def test_large_dense_weight_grad_from_fresh_zero_pages():
+    """At >= 64 MiB the CPU dense weight gradient comes from kernel-zeroed pages instead of a fill:
+    touched rows equal a float64 index_add reference, untouched rows are exactly zero, and the
+    tensor behaves like any other gradient (in-place ops, save/load, shared memory)."""
+    n, d, b, m1 = 131072, 128, 16, 9  # n * d * 4 bytes = 64 MiB
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, generator=g)
+    ids = torch.randint(0, n, (b, m1), generator=g)
+    ids[0, 1] = -1  # padding entries are skipped
+    coef = torch.randn(b, m1, generator=g)
+    grad_w, grad_b = ops.dense_weight_grad(coef, ids, x, n)
+    keep = ids >= 0
+    rows = ids[keep]
+    contrib = coef.double()[:, :, None] * x.double()[:, None, :]
+    ref_w = torch.zeros(n, d, dtype=torch.float64).index_add_(0, rows, contrib[keep])
+    ref_b = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, coef.double()[keep])
+    torch.testing.assert_close(grad_w.double(), ref_w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_b.double(), ref_b, atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[rows] = False
+    assert grad_w[untouched].abs().sum() == 0 and untouched.sum() > n - b * m1
+    buf = io.BytesIO()
+    torch.save(grad_w, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), grad_w)
+    grad_w.add_(1.0).zero_()
+    assert grad_w.abs().sum() == 0
+    grad_w.share_memory_()
+    assert grad_w.is_shared() and grad_w.abs().sum() == 0

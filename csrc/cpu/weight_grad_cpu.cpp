@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../tensor_views.h"
+#include "fresh_zeros.h"
 
 namespace imi_softmax {
 namespace {
@@ -91,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cpu(const at::Tensor& coef_
   const auto ids = ids_in.contiguous();
   const auto x = x_in.contiguous();
   const ClassGroups g = group_by_class(ids, num_classes);
-  auto grad_w = at::zeros({num_classes, x.size(1)}, x.options());
+  auto grad_w = fresh_zeros({num_classes, x.size(1)}, x.options());  // untouched rows stay zero
   auto grad_b = at::zeros({num_classes}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
