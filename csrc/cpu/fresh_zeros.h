@@ -1,7 +1,8 @@
 // Large zero-filled CPU tensors straight from the kernel. Anonymous mmap memory is already zero,
 // so the fill pass of at::zeros (a full write of, e.g., a 488 MiB dense weight gradient every
 // step) is skipped; MADV_HUGEPAGE asks for 2 MiB pages, so first touch costs ~250 page faults
-// instead of ~125,000. Small sizes and non-Linux builds use at::zeros.
+// instead of ~125,000 (also why outputs that are fully written anyway come from here). Small sizes
+// and non-Linux builds use at::zeros.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,7 +17,7 @@ namespace imi_softmax {
 
 inline at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__)
-  constexpr size_t kMinBytes = size_t(64) << 20;  // below this the fill is cheap
+  constexpr size_t kMinBytes = size_t(16) << 20;  // below this the fill is cheap
   constexpr size_t kHugePage = size_t(2) << 20;
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;

@@ -1,6 +1,5 @@
 // Weight/bias gradients from the per-column coefficients: grad_w[id] += coef * x_b.
-// Entries are grouped by class with a counting sort (presence flags scanned in class order give
-// the sorted unique ids without a comparison sort); then each touched row is computed once, in
+// Entries are grouped by class with a radix sort; then each touched row is computed once, in
 // parallel over rows, by one thread: no atomics, deterministic, and the sparse output needs no
 // zero fill.
 #include <ATen/ATen.h>
@@ -8,7 +7,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <vector>
 
 #include "../tensor_views.h"
@@ -26,7 +24,10 @@ void check_grad_inputs(const at::Tensor& coef, const at::Tensor& ids, const at::
 }
 
 // Entries (flat positions in ids) grouped by class: classes[u] is the u-th touched class in
-// ascending order, its entries are order[start[u] .. start[u+1]). Negative ids are skipped.
+// ascending order, its entries are order[start[u] .. start[u+1]) in increasing position (so sums
+// run in a fixed order). Negative ids are skipped. An LSD radix sort of the E entries by class id,
+// 11 bits a pass: its memory is O(E), never O(num_classes), so nothing of size N is allocated,
+// zeroed or page-faulted per step.
 struct ClassGroups {
   std::vector<int64_t> classes, start, order;
 };
@@ -34,25 +35,35 @@ struct ClassGroups {
 ClassGroups group_by_class(const at::Tensor& ids, int64_t num_classes) {
   const int64_t* idp = ids.data_ptr<int64_t>();
   const int64_t E = ids.numel();
-  std::vector<uint8_t> present(num_classes, 0);
+  std::vector<int64_t> order, next;
+  order.reserve(E);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t id = idp[e];
     TORCH_CHECK(id < num_classes, "weight_grad: class id ", id, " >= num_classes ", num_classes);
-    if (id >= 0) present[id] = 1;
+    if (id >= 0) order.push_back(e);
   }
-  std::unique_ptr<int64_t[]> slot(new int64_t[num_classes]);
+  const int64_t n = static_cast<int64_t>(order.size());
+  next.resize(n);
+  constexpr int kBits = 11;
+  constexpr int64_t kBuckets = int64_t(1) << kBits;
+  std::vector<int64_t> count(kBuckets + 1);
+  for (int shift = 0; shift < 63 && (num_classes - 1) >> shift > 0; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t k = 0; k < n; ++k) ++count[((idp[order[k]] >> shift) & (kBuckets - 1)) + 1];
+    for (int64_t b = 0; b < kBuckets; ++b) count[b + 1] += count[b];
+    for (int64_t k = 0; k < n; ++k) next[count[(idp[order[k]] >> shift) & (kBuckets - 1)]++] = order[k];
+    order.swap(next);
+  }
   ClassGroups g;
-  for (int64_t c = 0; c < num_classes; ++c)
-    if (present[c]) { slot[c] = static_cast<int64_t>(g.classes.size()); g.classes.push_back(c); }
-  const int64_t U = static_cast<int64_t>(g.classes.size());
-  g.start.assign(U + 1, 0);
-  for (int64_t e = 0; e < E; ++e)
-    if (idp[e] >= 0) ++g.start[slot[idp[e]] + 1];
-  for (int64_t u = 0; u < U; ++u) g.start[u + 1] += g.start[u];
-  g.order.resize(g.start[U]);
-  std::vector<int64_t> cursor(g.start.begin(), g.start.end() - 1);
-  for (int64_t e = 0; e < E; ++e)
-    if (idp[e] >= 0) g.order[cursor[slot[idp[e]]]++] = e;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t id = idp[order[k]];
+    if (g.classes.empty() || g.classes.back() != id) {
+      g.classes.push_back(id);
+      g.start.push_back(k);
+    }
+  }
+  g.start.push_back(n);
+  g.order = std::move(order);
   return g;
 }
 
@@ -115,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::
   const int64_t U = static_cast<int64_t>(g.classes.size());
   auto unique_ids = at::empty({U}, ids.options());
   std::copy(g.classes.begin(), g.classes.end(), unique_ids.data_ptr<int64_t>());
-  auto rows = at::empty({U, x.size(1)}, x.options());  // every row is written exactly once
+  auto rows = fresh_zeros({U, x.size(1)}, x.options());  // fresh pages: every row is written once
   auto bias_rows = at::empty({U}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_weight_grad_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
