@@ -129,6 +129,27 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
     return {"median_ms": statistics.median(times), "min_ms": min(times), "n": len(times)}
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", warmup: int = 2,
+                     repeats: int = 30) -> Dict[str, Dict[str, float]]:
+    """Like :func:`time_fn` for several functions at once, run in turns (a, b, c, a, b, c, ...), so
+    that a shared machine's slow and fast phases hit every contender alike and their ratio is
+    steadier than with back-to-back blocks."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "n": len(ts)}
+            for name, ts in times.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # one training step
 # ------------------------------------------------------------------------------------------------
