@@ -63,12 +63,6 @@ inline float Scratch::prepare(const imi::CellIndex& ix, const float* s1, const f
   return prepare_query(ix, mass_t.data(), s1, s2, e2.data(), r.data(), cdf1.data(), cdf_t.data());
 }
 
-// Zero-mass entries are never returned: step back over equal cumulative values (rounding only).
-inline int32_t skip_empty(const float* cdf, int64_t stride, int32_t k) {
-  while (k > 0 && cdf[k * stride] == cdf[(k - 1) * stride]) --k;
-  return k;
-}
-
 namespace portable {
 
 IMI_CPU_CLONES inline void uniforms(uint64_t seed, uint64_t offset, uint64_t query, int64_t j0,
@@ -147,7 +141,7 @@ inline void skip_empty_lanes(uint32_t at_total, const float* cdf, int64_t stride
                              int32_t* out) {
   for (; at_total != 0; at_total &= at_total - 1) {
     const int lane = __builtin_ctz(at_total);
-    out[lane] = skip_empty(cdf + (column ? column[lane] : 0), stride, out[lane]);
+    out[lane] = imi::skip_zero_mass(cdf + (column ? column[lane] : 0), stride, out[lane]);
   }
 }
 

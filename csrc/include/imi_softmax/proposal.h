@@ -30,6 +30,28 @@ struct CellIndex {
 // Row masses below this are recomputed in log space: the scaled product underflowed.
 #define IMI_ROW_MASS_FLOOR 1e-30f
 
+// The exact log-space path of a row whose scaled mass underflowed (or that is empty):
+// log sum_k2 exp(s2[k2] + log_n[k1,k2]).
+IMI_HD float row_log_mass_exact(const CellIndex& ix, int64_t k1, const float* s2) {
+  const int64_t K = ix.K;
+  OnlineLSE<float> lse;
+  const float* ln = ix.log_n + k1 * K;
+  for (int64_t k2 = 0; k2 < K; ++k2) lse.add(s2[k2] + ln[k2]);
+  return lse.value();
+}
+
+// ... and its stage-2 CDF, normalized by r_k1 = row_log_mass_exact: out[k2 * stride].
+IMI_HD void stage2_cdf_row_exact(const CellIndex& ix, int64_t k1, const float* s2, float r_k1,
+                                 float* out, int64_t stride) {
+  const int64_t K = ix.K;
+  const float* ln = ix.log_n + k1 * K;
+  float acc = 0.f;
+  for (int64_t k2 = 0; k2 < K; ++k2) {
+    if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - r_k1);
+    out[k2 * stride] = acc;
+  }
+}
+
 // log sum_k2 exp(s2[k2] + log_n[k1,k2]) for one row k1, given e2 = exp(s2 - m2).
 // Fast path: one dot product with the scaled cell masses; exact log-space path if it underflows.
 IMI_HD float row_log_mass(const CellIndex& ix, int64_t k1, const float* s2, const float* e2,
@@ -40,10 +62,7 @@ IMI_HD float row_log_mass(const CellIndex& ix, int64_t k1, const float* s2, cons
   IMI_SIMD_SUM(R)
   for (int64_t k2 = 0; k2 < K; ++k2) R += mass[k2] * e2[k2];
   if (R > IMI_ROW_MASS_FLOOR) return log_(R) + m2 + *ix.log_n_max;
-  OnlineLSE<float> lse;
-  const float* ln = ix.log_n + k1 * K;
-  for (int64_t k2 = 0; k2 < K; ++k2) lse.add(s2[k2] + ln[k2]);
-  return lse.value();
+  return row_log_mass_exact(ix, k1, s2);
 }
 
 // Cumulative stage-2 weights of row k1: exp(s2[k2]) n[k1,k2], scaled; same fast/exact split as
@@ -59,21 +78,18 @@ IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, con
   }
   // Same test as row_log_mass up to summation order; both paths describe the same row.
   if (acc > IMI_ROW_MASS_FLOOR) return;
-  const float* ln = ix.log_n + k1 * K;
-  acc = 0.f;
-  for (int64_t k2 = 0; k2 < K; ++k2) {
-    if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - r_k1);
-    out[k2] = acc;
-  }
+  stage2_cdf_row_exact(ix, k1, s2, r_k1, out, 1);
 }
 
-// query_prepare plus all stage-2 CDFs of the query in one pass, for the host: the transposed stage-2 table is
-// built first (vectorized over rows, each row in the sequential k2 order of stage2_cdf_row) and the
-// row log masses are read off its last line, so that draws and log Q describe the very same
-// numbers. mass_t[k2 * K + k1] is cell_mass transposed (contiguous inner loop). Fills e2, r, cdf1
-// and cdf_t[k2 * K + k1] (row k1 read with stride K by cdf_search_strided); returns log Z.
+// The per-query preparation on the host, shared by sampling and log_prob: e2[K] = exp(s2 - max s2),
+// the row log masses r[K], the stage-1 CDF cdf1[K] and every stage-2 CDF, transposed:
+// cdf_t[k2 * K + k1] (row k1 read with stride K by cdf_search_strided). The table is built first
+// (vectorized over rows, each row in the sequential k2 order of stage2_cdf_row) and r is read off
+// its last line, so draws and log Q describe the very same numbers. mass_t[k2 * K + k1] is
+// cell_mass transposed (contiguous inner loop). Returns log Z.
 IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_t, const float* s1,
-                                 const float* s2, float* e2, float* r, float* cdf1, float* cdf_t) {
+                                         const float* s2, float* e2, float* r, float* cdf1,
+                                         float* cdf_t) {
   const int64_t K = ix.K;
   float m2 = neg_inf<float>();
   IMI_SIMD_MAX(m2)
@@ -98,17 +114,8 @@ IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_
   if (underflowed > 0) {
     for (int64_t k1 = 0; k1 < K; ++k1) {
       if (last[k1] > IMI_ROW_MASS_FLOOR) continue;
-      // The scaled row underflowed (or is empty): exact log-space row mass and CDF.
-      const float* ln = ix.log_n + k1 * K;
-      OnlineLSE<float> lse;
-      for (int64_t k2 = 0; k2 < K; ++k2) lse.add(s2[k2] + ln[k2]);
-      const float rk = lse.value();
-      float acc = 0.f;
-      for (int64_t k2 = 0; k2 < K; ++k2) {
-        if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - rk);
-        cdf_t[k2 * K + k1] = acc;
-      }
-      r[k1] = rk;
+      r[k1] = row_log_mass_exact(ix, k1, s2);
+      stage2_cdf_row_exact(ix, k1, s2, r[k1], cdf_t + k1, K);
     }
   }
   float l1max = neg_inf<float>();
@@ -124,6 +131,14 @@ IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_
   return l1max + log_(acc);
 }
 
+// Steps back from entry k over entries with no mass (equal cumulative values) of a CDF read with a
+// stride. The search below only lands on one when rounding put the target at the total.
+template <typename Index>
+IMI_HD Index skip_zero_mass(const float* cdf, int64_t stride, Index k) {
+  while (k > 0 && cdf[k * stride] == cdf[(k - 1) * stride]) --k;
+  return k;
+}
+
 // Inverse-CDF search over an unnormalized cumulative array read with a stride: the first index
 // whose cumulative weight exceeds u * total. Zero-mass entries are never returned. Branchless
 // halving (conditional moves), since the comparisons are unpredictable by design.
@@ -136,8 +151,7 @@ IMI_HD_FLATTEN int64_t cdf_search_strided(const float* cdf, int64_t n, int64_t s
     len -= half;
   }
   // Only reachable when rounding put target at the total: step back to the last entry with mass.
-  while (base > 0 && cdf[base * stride] == cdf[(base - 1) * stride]) --base;
-  return base;
+  return skip_zero_mass(cdf, stride, base);
 }
 
 IMI_HD int64_t cdf_search(const float* cdf, int64_t n, float u) { return cdf_search_strided(cdf, n, 1, u); }
