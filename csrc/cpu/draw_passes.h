@@ -5,9 +5,9 @@
 //
 // Two implementations of the first three passes give identical results: `portable` calls the
 // shared header bodies (philox_uniform4, cdf_search, cdf_search_strided) and `avx512` computes the
-// same numbers 16 draws at a time: Philox on 16 counters, stage 1 as "count of CDF entries <= target"
-// (equal to the first entry > target on a non-decreasing CDF) and stage 2 as the same branchless
-// halving with gathers. IMI_CPU_SIMD=0 forces the portable passes (tests compare the two).
+// same numbers 16 draws at a time: Philox on 16 counters, and both searches as the same branchless
+// halving as cdf_search (stage 1 with K <= 64 reading its CDF from registers, otherwise gathers).
+// IMI_CPU_SIMD=0 forces the portable passes (tests compare the two).
 #pragma once
 
 #include <cstdint>
@@ -180,58 +180,50 @@ IMI_TARGET_AVX512 inline void stage1_in_registers(const float* cdf1, int64_t K, 
   if (j < n) portable::stage1(cdf1, K, u + j, k1 + j, n - j);
 }
 
-// Lanes are draws; each CDF entry is broadcast and compared with the 16 targets.
-IMI_TARGET_AVX512 inline void stage1(const float* cdf1, int64_t K, const float* u, int32_t* k1, int64_t n) {
-  if (K <= 64) {
-    stage1_in_registers(cdf1, K, u, k1, n);
-    return;
-  }
-  const __m512 total = _mm512_set1_ps(cdf1[K - 1]);
-  const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(static_cast<int>(K - 1));
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 target = _mm512_mul_ps(_mm512_loadu_ps(u + j), total);
-    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains
-    int64_t i = 0;
-    for (; i + 2 <= K; i += 2) {
-      even = _mm512_mask_add_epi32(even, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i]), target, _CMP_LE_OQ), even, one);
-      odd = _mm512_mask_add_epi32(odd, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i + 1]), target, _CMP_LE_OQ), odd, one);
-    }
-    if (i < K) even = _mm512_mask_add_epi32(even, _mm512_cmp_ps_mask(_mm512_set1_ps(cdf1[i]), target, _CMP_LE_OQ), even, one);
-    _mm512_storeu_si512(k1 + j, _mm512_min_epi32(_mm512_add_epi32(even, odd), last));
-    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf1, 1, nullptr, k1 + j);
-  }
-  if (j < n) portable::stage1(cdf1, K, u + j, k1 + j, n - j);
-}
-
 // A 16-lane gather of floats (the masked form: the plain one leaves GCC 12 warning about its
 // unused pass-through operand).
 IMI_TARGET_AVX512 inline __m512 gather16(const float* base, __m512i index) {
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(0xFFFF), index, base, 4);
 }
 
-// The branchless halving of cdf_search_strided, 16 draws (16 rows k1) per step via gathers.
-IMI_TARGET_AVX512 inline void stage2(const float* cdf_t, int64_t K, const int32_t* k1, const float* u,
-                                     int32_t* k2, int64_t n) {
-  const int32_t k = static_cast<int32_t>(K);
+// The branchless halving of cdf_search_strided, 16 draws per step via gathers: draw j searches the
+// length-n CDF at cdf + column[j] read with `stride` (column null: every draw searches cdf itself).
+IMI_TARGET_AVX512 inline void halving_search(const float* cdf, int64_t n, int64_t stride,
+                                             const int32_t* column, const float* u, int32_t* out,
+                                             int64_t count) {
+  const int32_t len0 = static_cast<int32_t>(n), step = static_cast<int32_t>(stride);
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512i row = _mm512_loadu_si512(k1 + j);
-    const __m512 total = gather16(cdf_t, _mm512_add_epi32(row, _mm512_set1_epi32((k - 1) * k)));
+  for (; j + 16 <= count; j += 16) {
+    const __m512i col = column != nullptr ? _mm512_loadu_si512(column + j) : _mm512_setzero_si512();
+    const __m512 total = gather16(cdf, _mm512_add_epi32(col, _mm512_set1_epi32((len0 - 1) * step)));
     const __m512 target = _mm512_mul_ps(_mm512_loadu_ps(u + j), total);
-    __m512i at = row, base = _mm512_setzero_si512();  // at = base * K + row
-    for (int32_t len = k; len > 1;) {
+    __m512i at = col, base = _mm512_setzero_si512();  // at = base * stride + col
+    for (int32_t len = len0; len > 1;) {
       const int32_t half = len >> 1;
-      const __m512 v = gather16(cdf_t, _mm512_add_epi32(at, _mm512_set1_epi32((half - 1) * k)));
+      const __m512 v = gather16(cdf, _mm512_add_epi32(at, _mm512_set1_epi32((half - 1) * step)));
       const __mmask16 le = _mm512_cmp_ps_mask(v, target, _CMP_LE_OQ);
-      at = _mm512_mask_add_epi32(at, le, at, _mm512_set1_epi32(half * k));
+      at = _mm512_mask_add_epi32(at, le, at, _mm512_set1_epi32(half * step));
       base = _mm512_mask_add_epi32(base, le, base, _mm512_set1_epi32(half));
       len -= half;
     }
-    _mm512_storeu_si512(k2 + j, base);
-    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf_t, K, k1 + j, k2 + j);
+    _mm512_storeu_si512(out + j, base);
+    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf, stride,
+                     column != nullptr ? column + j : nullptr, out + j);
   }
-  if (j < n) portable::stage2(cdf_t, K, k1 + j, u + j, k2 + j, n - j);
+  for (; j < count; ++j)
+    out[j] = static_cast<int32_t>(imi::cdf_search_strided(cdf + (column != nullptr ? column[j] : 0), n, stride, u[j]));
+}
+
+IMI_TARGET_AVX512 inline void stage1(const float* cdf1, int64_t K, const float* u, int32_t* k1, int64_t n) {
+  if (K <= 64)
+    stage1_in_registers(cdf1, K, u, k1, n);
+  else
+    halving_search(cdf1, K, 1, nullptr, u, k1, n);
+}
+
+IMI_TARGET_AVX512 inline void stage2(const float* cdf_t, int64_t K, const int32_t* k1, const float* u,
+                                     int32_t* k2, int64_t n) {
+  halving_search(cdf_t, K, K, k1, u, k2, n);
 }
 
 }  // namespace avx512
