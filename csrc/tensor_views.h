@@ -82,6 +82,11 @@ inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
               "imi_softmax: query scores must be float32");
 }
 
+// Accumulation dtype of the loss ops: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& ids,
                               const at::Tensor& log_q) {
@@ -97,13 +102,19 @@ inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong,
               "imi_softmax: ids must be int64 [B, 1+M]");
   TORCH_CHECK(log_q.sizes() == ids.sizes(), "imi_softmax: log_q must match ids' shape");
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_scalar_type(x.scalar_type());
   TORCH_CHECK(log_q.scalar_type() == acc, "imi_softmax: log_q must be ", acc, " for x of ",
               x.scalar_type());
 }
 
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+// dense_weight_grad / sparse_weight_grad: coef [B, 1+M] in the accumulation dtype of x [B, d].
+inline void check_weight_grad_inputs(const char* op, const at::Tensor& coef, const at::Tensor& ids,
+                                     const at::Tensor& x) {
+  TORCH_CHECK(ids.dim() == 2 && coef.sizes() == ids.sizes() && ids.scalar_type() == at::kLong,
+              op, ": coef and ids must be [B, 1+M], ids int64");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == ids.size(0), op, ": x must be [B, d]");
+  TORCH_CHECK(coef.scalar_type() == acc_scalar_type(x.scalar_type()),
+              op, ": coef dtype must be the accumulation dtype of x");
 }
 
 }  // namespace imi_softmax

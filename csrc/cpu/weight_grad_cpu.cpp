@@ -15,14 +15,6 @@
 namespace imi_softmax {
 namespace {
 
-void check_grad_inputs(const at::Tensor& coef, const at::Tensor& ids, const at::Tensor& x) {
-  TORCH_CHECK(ids.dim() == 2 && coef.sizes() == ids.sizes() && ids.scalar_type() == at::kLong,
-              "weight_grad: coef and ids must be [B, 1+M], ids int64");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == ids.size(0), "weight_grad: x must be [B, d]");
-  TORCH_CHECK(coef.scalar_type() == acc_scalar_type(x.scalar_type()),
-              "weight_grad: coef dtype must be the accumulation dtype of x");
-}
-
 // Entries (flat positions in ids) grouped by class: classes[u] is the u-th touched class in
 // ascending order, its entries are order[start[u] .. start[u+1]) in increasing position (so sums
 // run in a fixed order). Negative ids are skipped. An LSD radix sort of the E entries by class id,
@@ -98,7 +90,7 @@ void reduce_groups(const ClassGroups& g, const at::Tensor& coef, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cpu(const at::Tensor& coef_in,
                                                          const at::Tensor& ids_in,
                                                          const at::Tensor& x_in, int64_t num_classes) {
-  check_grad_inputs(coef_in, ids_in, x_in);
+  check_weight_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in);
   const auto coef = coef_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto x = x_in.contiguous();
@@ -118,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::
                                                                       const at::Tensor& ids_in,
                                                                       const at::Tensor& x_in,
                                                                       int64_t num_classes) {
-  check_grad_inputs(coef_in, ids_in, x_in);
+  check_weight_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in);
   const auto coef = coef_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto x = x_in.contiguous();

@@ -385,11 +385,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
 
 void check_grad_inputs(const char* op, const at::Tensor& coef, const at::Tensor& ids,
                        const at::Tensor& x) {
-  TORCH_CHECK(ids.dim() == 2 && coef.sizes() == ids.sizes() && ids.scalar_type() == at::kLong,
-              op, ": coef and ids must be [B, 1+M], ids int64");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == ids.size(0), op, ": x must be [B, d]");
-  TORCH_CHECK(coef.scalar_type() == acc_scalar_type(x.scalar_type()),
-              op, ": coef dtype must be the accumulation dtype of x");
+  check_weight_grad_inputs(op, coef, ids, x);
   check_on(op, x.device(), {{"coef", &coef}, {"ids", &ids}});
 }
 
