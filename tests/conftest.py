@@ -41,3 +41,19 @@ def reference_loss(x, w, b, target, ids, log_q, target_log_q, remove_hits=True, 
         u[:, 1:] = u[:, 1:].masked_fill(ids == target.unsqueeze(1), -math.inf)
     rows = torch.logsumexp(u, 1) - u[:, 0]
     return torch.where(target == ignore_index, torch.zeros_like(rows), rows)
+
+
+def make_loss_inputs(B=6, N=40, d=5, M=7, dtype=torch.float64, device="cpu", seed=0, bias=True):
+    """Inputs of the sampled loss: x [B, d], w [N, d], b [N] (requiring grad, drawn in float64 and
+    cast to dtype, so every dtype sees the same values), targets [B], negatives [B, M] with
+    accidental hits in row 0, and their log Q (target_log_q [B])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    w = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_() if bias else None
+    target = torch.randint(0, N, (B,), generator=g).to(device)
+    ids = torch.randint(0, N, (B, M), generator=g).to(device)
+    ids[0, :3] = target[0]  # accidental hits
+    log_q = (torch.rand(B, M, generator=g) * -3 - 1).to(device)
+    tlq = (torch.rand(B, generator=g) * -3 - 1).to(device)
+    return x, w, b, target, ids, log_q, tlq

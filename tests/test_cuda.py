@@ -14,7 +14,7 @@ from scipy import stats
 
 import imi_softmax.functional as IF
 from imi_softmax import IMISoftmax, MIDXSampler, ops
-from conftest import reference_loss, reference_midx_log_q
+from conftest import make_loss_inputs, reference_loss, reference_midx_log_q
 
 
 def _has_cuda_kernels() -> bool:
@@ -63,17 +63,8 @@ def implied_position_mass(offsets, alias_prob, alias_pos):
     return mass / counts[cell_of_pos][:n]
 
 
-def make_inputs(B=6, N=40, d=5, M=7, dtype=torch.float64, device="cuda", seed=0, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
-    w = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
-    b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_() if bias else None
-    target = torch.randint(0, N, (B,), generator=g).to(device)
-    ids = torch.randint(0, N, (B, M), generator=g).to(device)
-    ids[0, :3] = target[0]  # accidental hits
-    log_q = (torch.rand(B, M, generator=g) * -3 - 1).to(device)
-    tlq = (torch.rand(B, generator=g) * -3 - 1).to(device)
-    return x, w, b, target, ids, log_q, tlq
+def make_inputs(**kw):
+    return make_loss_inputs(**{"device": "cuda", **kw})
 
 
 def loss_and_grads(x, w, b, t, ids, lq, tlq, **kw):

@@ -8,20 +8,7 @@ import torch.nn.functional as F
 
 import imi_softmax.functional as IF
 from imi_softmax import ExactSampler, ops
-from conftest import reference_loss
-
-
-def make_inputs(B=6, N=40, d=5, M=7, dtype=torch.float64, device="cpu", seed=0, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g, dtype=dtype).to(device).requires_grad_()
-    w = torch.randn(N, d, generator=g, dtype=dtype).to(device).requires_grad_()
-    b = torch.randn(N, generator=g, dtype=dtype).to(device).requires_grad_() if bias else None
-    target = torch.randint(0, N, (B,), generator=g).to(device)
-    ids = torch.randint(0, N, (B, M), generator=g).to(device)
-    ids[0, :3] = target[0]  # accidental hits
-    log_q = (torch.rand(B, M, generator=g) * -3 - 1).to(device)
-    tlq = (torch.rand(B, generator=g) * -3 - 1).to(device)
-    return x, w, b, target, ids, log_q, tlq
+from conftest import make_loss_inputs as make_inputs, reference_loss
 
 
 @pytest.mark.parametrize("remove_hits", [True, False])
