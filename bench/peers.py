@@ -35,12 +35,16 @@ except Exception:  # pragma: no cover - depends on the environment
     HAVE_CCE = False
 
 
-def _linear_init(weight: Tensor, bias: Optional[Tensor]) -> None:
-    """nn.Linear's initialisation (same as IMISoftmax.reset_parameters)."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    if bias is not None:
-        bound = 1 / math.sqrt(weight.shape[1])
-        nn.init.uniform_(bias, -bound, bound)
+def _add_linear_params(module: nn.Module, in_features: int, num_classes: int, bias: bool, device=None,
+                       dtype=None) -> None:
+    """``module.weight`` [num_classes, in_features] and ``module.bias`` [num_classes] (or None), with
+    nn.Linear's initialisation (same as IMISoftmax.reset_parameters)."""
+    module.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
+    module.bias = nn.Parameter(torch.empty(num_classes, device=device, dtype=dtype)) if bias else None
+    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(module.bias, -bound, bound)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,10 +55,7 @@ class FullSoftmax(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        f = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **f))
-        self.bias = nn.Parameter(torch.empty(num_classes, **f)) if bias else None
-        _linear_init(self.weight, self.bias)
+        _add_linear_params(self, in_features, num_classes, bias, device, dtype)
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(F.linear(x, self.weight, self.bias), target)
@@ -168,10 +169,7 @@ class TFSampledSoftmax(nn.Module):
                  sampler: str = "log_uniform", counts: Optional[Tensor] = None, correction: str = "mq",
                  remove_accidental_hits: bool = True, sparse_grad: bool = False, device=None, dtype=None):
         super().__init__()
-        f = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **f))
-        self.bias = nn.Parameter(torch.empty(num_classes, **f)) if bias else None
-        _linear_init(self.weight, self.bias)
+        _add_linear_params(self, in_features, num_classes, bias, device, dtype)
         self.num_samples = num_samples
         self.num_classes = num_classes
         if sampler == "log_uniform":
@@ -374,10 +372,7 @@ class CutCrossEntropy(nn.Module):
         super().__init__()
         if not HAVE_CCE:
             raise RuntimeError("cut_cross_entropy is not installed")
-        f = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **f))
-        self.bias = nn.Parameter(torch.empty(num_classes, **f)) if bias else None
-        _linear_init(self.weight, self.bias)
+        _add_linear_params(self, in_features, num_classes, bias, device, dtype)
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         return _cce_linear_cross_entropy(x, self.weight, target, bias=self.bias)
@@ -404,10 +399,7 @@ class MIDXTorchHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, num_samples: int = 256, num_codewords: int = 64,
                  bias: bool = True, remove_accidental_hits: bool = True, device=None, dtype=None):
         super().__init__()
-        f = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **f))
-        self.bias = nn.Parameter(torch.empty(num_classes, **f)) if bias else None
-        _linear_init(self.weight, self.bias)
+        _add_linear_params(self, in_features, num_classes, bias, device, dtype)
         self.num_samples = num_samples
         self.remove_accidental_hits = remove_accidental_hits
         self.sampler = MIDXTorchSampler(num_codewords)
