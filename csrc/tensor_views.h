@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <optional>
+#include <tuple>
 
 #include "imi_softmax/proposal.h"
 
@@ -107,14 +108,18 @@ inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
               x.scalar_type());
 }
 
-// dense_weight_grad / sparse_weight_grad: coef [B, 1+M] in the accumulation dtype of x [B, d].
-inline void check_weight_grad_inputs(const char* op, const at::Tensor& coef, const at::Tensor& ids,
-                                     const at::Tensor& x) {
+// dense_weight_grad / sparse_weight_grad: checks coef [B, 1+M] (in the accumulation dtype of x),
+// ids [B, 1+M] int64, x [B, d] and num_classes; returns (coef, ids, x) contiguous.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
+    const char* op, const at::Tensor& coef, const at::Tensor& ids, const at::Tensor& x,
+    int64_t num_classes) {
   TORCH_CHECK(ids.dim() == 2 && coef.sizes() == ids.sizes() && ids.scalar_type() == at::kLong,
               op, ": coef and ids must be [B, 1+M], ids int64");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == ids.size(0), op, ": x must be [B, d]");
   TORCH_CHECK(coef.scalar_type() == acc_scalar_type(x.scalar_type()),
               op, ": coef dtype must be the accumulation dtype of x");
+  TORCH_CHECK(num_classes >= 0, op, ": num_classes must be >= 0, got ", num_classes);
+  return {coef.contiguous(), ids.contiguous(), x.contiguous()};
 }
 
 }  // namespace imi_softmax

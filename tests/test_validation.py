@@ -100,3 +100,8 @@ def test_direct_op_calls_are_checked():
         ops.build_cells(torch.tensor([0, 5]), torch.tensor([0, 1]), None, 4)
     with pytest.raises(RuntimeError, match="num_classes"):
         ops.dense_weight_grad(torch.ones(1, 2), torch.tensor([[0, 9]]), torch.ones(1, 3), 5)
+    for op in (ops.dense_weight_grad, ops.sparse_weight_grad):
+        with pytest.raises(RuntimeError, match="num_classes must be >= 0, got -1"):
+            op(torch.ones(1, 2), torch.tensor([[0, 1]]), torch.ones(1, 3), -1)
+        with pytest.raises(RuntimeError, match="coef dtype must be the accumulation dtype"):
+            op(torch.ones(1, 2, dtype=torch.float64), torch.tensor([[0, 1]]), torch.ones(1, 3), 5)

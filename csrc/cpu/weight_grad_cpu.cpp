@@ -90,10 +90,8 @@ void reduce_groups(const ClassGroups& g, const at::Tensor& coef, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cpu(const at::Tensor& coef_in,
                                                          const at::Tensor& ids_in,
                                                          const at::Tensor& x_in, int64_t num_classes) {
-  check_weight_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in);
-  const auto coef = coef_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto x = x_in.contiguous();
+  at::Tensor coef, ids, x;
+  std::tie(coef, ids, x) = weight_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in, num_classes);
   const ClassGroups g = group_by_class(ids, num_classes);
   auto grad_w = fresh_zeros({num_classes, x.size(1)}, x.options());  // untouched rows stay zero
   auto grad_b = at::zeros({num_classes}, x.options());
@@ -110,10 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::
                                                                       const at::Tensor& ids_in,
                                                                       const at::Tensor& x_in,
                                                                       int64_t num_classes) {
-  check_weight_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in);
-  const auto coef = coef_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto x = x_in.contiguous();
+  at::Tensor coef, ids, x;
+  std::tie(coef, ids, x) = weight_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in, num_classes);
   const ClassGroups g = group_by_class(ids, num_classes);
   const int64_t U = static_cast<int64_t>(g.classes.size());
   auto unique_ids = at::empty({U}, ids.options());

@@ -383,10 +383,11 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
 
 // ---- weight / bias gradients -------------------------------------------------------------------
 
-void check_grad_inputs(const char* op, const at::Tensor& coef, const at::Tensor& ids,
-                       const at::Tensor& x) {
-  check_weight_grad_inputs(op, coef, ids, x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_inputs_cuda(const char* op, const at::Tensor& coef,
+                                                                const at::Tensor& ids, const at::Tensor& x,
+                                                                int64_t num_classes) {
   check_on(op, x.device(), {{"coef", &coef}, {"ids", &ids}});
+  return weight_grad_inputs(op, coef, ids, x, num_classes);
 }
 
 // Sorted-by-class view of the entries of ids (see launch_segment_by_class).
@@ -419,12 +420,9 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cuda(const at::Tensor& coef
                                                           const at::Tensor& ids_in,
                                                           const at::Tensor& x_in,
                                                           int64_t num_classes) {
-  check_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in);
-  TORCH_CHECK(num_classes >= 0, "dense_weight_grad: num_classes must be >= 0");
+  at::Tensor coef, ids, x;
+  std::tie(coef, ids, x) = grad_inputs_cuda("dense_weight_grad", coef_in, ids_in, x_in, num_classes);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto coef = coef_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto x = x_in.contiguous();
   const int64_t E = ids.numel(), M1 = ids.size(1), d = x.size(1);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Ids outside [0, num_classes) are skipped on the device (the Python API validates them; a host
@@ -462,12 +460,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at:
                                                                        const at::Tensor& ids_in,
                                                                        const at::Tensor& x_in,
                                                                        int64_t num_classes) {
-  check_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in);
-  TORCH_CHECK(num_classes >= 0, "sparse_weight_grad: num_classes must be >= 0");
+  at::Tensor coef, ids, x;
+  std::tie(coef, ids, x) = grad_inputs_cuda("sparse_weight_grad", coef_in, ids_in, x_in, num_classes);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto coef = coef_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto x = x_in.contiguous();
   const int64_t E = ids.numel(), M1 = ids.size(1), d = x.size(1);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (E == 0)
