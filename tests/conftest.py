@@ -57,3 +57,83 @@ def make_loss_inputs(B=6, N=40, d=5, M=7, dtype=torch.float64, device="cpu", see
     log_q = (torch.rand(B, M, generator=g) * -3 - 1).to(device)
     tlq = (torch.rand(B, generator=g) * -3 - 1).to(device)
     return x, w, b, target, ids, log_q, tlq
+
+
+def chi_square_p_value(counts, expected, min_expected=5.0):
+    """Goodness-of-fit p-value of observed counts against expected counts (same total), pooling
+    the bins whose expected count is below min_expected into one bin (merged into the last kept
+    bin when the pool itself is still too small), as the chi-square approximation requires.
+    Returns (p_value, chi2, dof)."""
+    from scipy import stats
+
+    counts, expected = counts.double().cpu(), expected.double().cpu()
+    keep = expected >= min_expected
+    obs, exp = counts[keep].clone(), expected[keep].clone()
+    rest_obs, rest_exp = counts[~keep].sum(), expected[~keep].sum()
+    if rest_exp >= min_expected:
+        obs, exp = torch.cat([obs, rest_obs.view(1)]), torch.cat([exp, rest_exp.view(1)])
+    elif obs.numel() > 0:
+        obs[-1] += rest_obs
+        exp[-1] += rest_exp
+    dof = obs.numel() - 1
+    if dof < 1:
+        raise ValueError("too few draws for a chi-square test: fewer than two bins after pooling")
+    chi2 = ((obs - exp) ** 2 / exp).sum().item()
+    return stats.chi2.sf(chi2, dof), chi2, dof
+
+
+def random_index(n, k, bias, seed, device="cpu", code2_values=None):
+    """build_cells on random codes (no k-means): any K, any cell occupancy. code2_values restricts
+    the second code to those codewords (the other columns of cells stay empty).
+    Returns ((code1, code2, beta), build_cells outputs)."""
+    from imi_softmax import ops
+
+    g = torch.Generator().manual_seed(seed)
+    code1 = torch.randint(0, k, (n,), generator=g)
+    if code2_values is None:
+        code2 = torch.randint(0, k, (n,), generator=g)
+    else:
+        allowed = torch.as_tensor(code2_values)
+        code2 = allowed[torch.randint(0, allowed.numel(), (n,), generator=g)]
+    beta = torch.randn(n, generator=g) * 2 if bias else None
+    code1, code2 = code1.to(device), code2.to(device)
+    beta = beta.to(device) if beta is not None else None
+    return (code1, code2, beta), ops.build_cells(code1, code2, beta, k)
+
+
+def sample_args(index, bias):
+    """The index arguments of midx_sample / midx_sample_seeded after s1, s2, from build_cells outputs
+    (the alias tables are passed as None without a bias, as MIDXSampler does)."""
+    offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max = index
+    opt = (lambda t: t) if bias else (lambda t: None)
+    return (log_n, cell_mass, log_n_max, offsets, class_ids, opt(alias_prob), opt(alias_pos), opt(beta_csr))
+
+
+def reference_log_q_from_codes(s1, s2, code1, code2, beta):
+    """float64 log Q(i | row) for all classes from the definition: log_softmax_i(s1[a1(i)] + s2[a2(i)] + beta_i)."""
+    logits = s1.double()[:, code1] + s2.double()[:, code2]
+    if beta is not None:
+        logits = logits + beta.double()
+    return torch.log_softmax(logits, dim=1)
+
+
+def implied_position_mass(offsets, alias_prob, alias_pos):
+    """Probability of each CSR position under its cell's alias table (uniform slot, then alias)."""
+    counts = (offsets[1:] - offsets[:-1]).double()
+    n = alias_prob.numel()
+    cell_of_pos = torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts.long())
+    mass = alias_prob.double().clone()
+    mass.index_add_(0, alias_pos, 1.0 - alias_prob.double())
+    return mass / counts[cell_of_pos][:n]
+
+
+@pytest.fixture(params=["auto", "portable"])
+def cpu_draw_passes(request, monkeypatch):
+    """Runs a CPU sampling test with the AVX-512 draw passes (where the CPU has them) and with the
+    portable passes that call the shared header bodies. csrc/cpu/draw_passes.h reads IMI_CPU_SIMD
+    on every call, so setting it in-process is enough."""
+    if request.param == "portable":
+        monkeypatch.setenv("IMI_CPU_SIMD", "0")
+    else:
+        monkeypatch.delenv("IMI_CPU_SIMD", raising=False)
+    return request.param

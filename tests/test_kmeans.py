@@ -24,16 +24,40 @@ def test_kmeans_recovers_separated_clusters():
     assert (torch.cdist(centers, c).min(1).values < 1.0).all()
 
 
-def test_empty_clusters_are_reseeded_not_nan():
-    x = torch.zeros(10, 3)
+def test_empty_clusters_are_reseeded_on_training_rows():
+    """An empty cluster is re-seeded on a training row: never NaN, and every centroid is one of the
+    rows (all rows equal -> all centroids equal them; fewer rows than clusters -> duplicates)."""
+    x = torch.full((10, 3), 2.5)
     c = kmeans(x, 8, iters=3)
+    assert torch.equal(c, torch.full((8, 3), 2.5))
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(4))
+    c = kmeans(x, 8, iters=3, generator=torch.Generator().manual_seed(5))
     assert torch.isfinite(c).all()
-    c = kmeans(torch.randn(3, 3), 8, iters=3)  # fewer points than clusters
-    assert torch.isfinite(c).all()
+    assert (torch.cdist(c.double(), x.double()).min(1).values < 1e-6).all()
+
+
+def _lloyd_step(x, init):
+    """One Lloyd iteration in float64 by brute force (every cluster must stay non-empty)."""
+    codes = torch.cdist(x.double(), init.double()).argmin(1)
+    counts = torch.bincount(codes, minlength=init.shape[0])
+    assert (counts > 0).all()
+    sums = torch.zeros(init.shape, dtype=torch.float64).index_add_(0, codes, x.double())
+    return sums / counts.unsqueeze(1)
 
 
 def test_subsample_cap_and_warm_start():
-    x = torch.randn(5000, 4)
-    c0 = kmeans(x, 4, iters=5, max_points_per_centroid=32, generator=torch.Generator().manual_seed(0))
-    c1 = kmeans(x, 4, iters=0, init=c0)
-    torch.testing.assert_close(c0, c1)
+    """Above max_points_per_centroid * K rows, Lloyd runs on a subsample of exactly that many rows
+    drawn by randperm from the generator, starting from init: one step equals the float64 step on
+    that subsample, and not the step on all rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 4, generator=g)
+    x[:2500] += 3.0  # two blobs, so the subsample's means differ visibly from the full data's
+    init = torch.randn(4, 4, generator=g)
+    got = kmeans(x, 4, iters=1, init=init, max_points_per_centroid=32, generator=torch.Generator().manual_seed(9))
+    sub = x[torch.randperm(5000, generator=torch.Generator().manual_seed(9))[:4 * 32]]
+    torch.testing.assert_close(got.double(), _lloyd_step(sub, init), atol=1e-5, rtol=1e-5)
+    full = _lloyd_step(x, init)
+    assert (got.double() - full).abs().max() > 100 * 1e-5
+    # warm start with no iterations returns the start, on the full data or a subsample
+    for cap in (32, 10_000):
+        torch.testing.assert_close(kmeans(x, 4, iters=0, init=init, max_points_per_centroid=cap), init, atol=0, rtol=0)

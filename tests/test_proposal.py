@@ -3,10 +3,8 @@ import math
 
 import pytest
 import torch
-from scipy import stats
-
 from imi_softmax import MIDXSampler
-from conftest import reference_midx_log_q
+from conftest import chi_square_p_value, reference_midx_log_q
 
 
 def make_sampler(n=300, d=8, k=6, quantizer="rq", bias=True, seed=0, device="cpu", scale=1.0):
@@ -39,21 +37,10 @@ def test_sample_frequencies_match_log_prob(device, quantizer, bias):
     ids, _ = s.sample(q, draws, generator=torch.Generator(device=device).manual_seed(3))
     p = s.log_prob(q, torch.arange(120, device=device).expand(3, 120)).double().exp().cpu()
     for row in range(3):
-        counts = torch.bincount(ids[row].cpu(), minlength=120).double()
-        expected = p[row] * draws
-        keep = expected >= 5  # chi-square needs expected counts >= 5: pool the rest
-        obs = torch.cat([counts[keep], counts[~keep].sum().view(1)])
-        exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
-        if exp[-1] < 5:
-            obs, exp = obs[:-1], exp[:-1]
-            obs[-1] += counts[~keep].sum()
-            exp[-1] += expected[~keep].sum()
-        chi2 = ((obs - exp) ** 2 / exp).sum().item()
-        dof = obs.numel() - 1
-        p_value = stats.chi2.sf(chi2, dof)
+        counts = torch.bincount(ids[row].cpu(), minlength=120)
+        p_value, chi2, dof = chi_square_p_value(counts, p[row] * draws)
         assert p_value > 1e-4, f"row {row}: chi2={chi2:.1f} dof={dof} p={p_value:.2e}"
-        # classes with zero mass are never drawn
-        assert counts[p[row] == 0].sum() == 0
+    # zero-mass classes and empty cells: test_sampling_law.py::test_empty_and_zero_mass_cells_are_never_drawn
 
 
 @pytest.mark.parametrize("quantizer", ["rq", "pq"])
@@ -84,14 +71,31 @@ def test_same_seed_same_samples_and_consecutive_calls_differ(device):
 
 
 def test_fewer_classes_than_cells_has_empty_cells(device):
-    s, _, _ = make_sampler(n=10, k=8, device=device)
-    assert (s.cell_counts() == 0).sum() >= 64 - 10
-    assert s.cell_counts().sum() == 10
-    q = torch.randn(3, 8).to(device)
+    """10 classes in 8 x 8 cells: the cells hold exactly the classes of their brute-force codes
+    (nearest first codeword, then nearest second codeword of the residual), in ascending class
+    order; log Q still sums to one and the draws follow it."""
+    s, w, _ = make_sampler(n=10, k=8, device=device)
+    c1, c2 = (c.double().cpu() for c in s.codebooks)
+    wd = w.double().cpu()
+    a1 = torch.cdist(wd, c1).argmin(1)
+    a2 = torch.cdist(wd - c1[a1], c2).argmin(1)
+    cell = a1 * 8 + a2
+    assert torch.equal(s.cell_counts().cpu().flatten(), torch.bincount(cell, minlength=64))
+    offsets, class_ids = s.offsets.cpu(), s.class_ids.cpu()
+    for c in range(64):
+        members = class_ids[offsets[c]:offsets[c + 1]]
+        assert torch.equal(members, (cell == c).nonzero().flatten()), f"cell {c}"
+    q = torch.randn(3, 8, generator=torch.Generator().manual_seed(5)).to(device)
     lp = s.log_prob(q, torch.arange(10, device=device).expand(3, 10))
     assert torch.logsumexp(lp.double(), 1).abs().max() < 1e-5
-    ids, log_q = s.sample(q, 500)
-    assert ids.max() < 10 and torch.isfinite(log_q).all()
+    torch.testing.assert_close(lp.double(), reference_midx_log_q(s, q), atol=2e-5, rtol=0)
+    draws = 20000
+    ids, log_q = s.sample(q, draws, generator=torch.Generator(device=device).manual_seed(6))
+    torch.testing.assert_close(log_q, s.log_prob(q, ids), atol=0, rtol=0)
+    for row in range(3):
+        counts = torch.bincount(ids[row].cpu(), minlength=10)
+        p_value, chi2, dof = chi_square_p_value(counts, lp[row].double().exp().cpu() * draws)
+        assert p_value > 1e-4, f"row {row}: chi2={chi2:.1f} dof={dof} p={p_value:.2e}"
 
 
 def test_single_class(device):
