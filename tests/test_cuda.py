@@ -233,18 +233,7 @@ def test_gradcheck_float64():
                                              reduction="sum"), (x.detach().requires_grad_(), w))
 
 
-def test_opcheck_cuda():
-    x, w, b, t, ids, lq, tlq = (v.detach() if torch.is_tensor(v) else v for v in make_inputs())
-    all_ids = torch.cat([t.unsqueeze(1), ids], 1)
-    all_lq = torch.cat([tlq.unsqueeze(1), lq], 1).double()
-    torch.library.opcheck(ops.sampled_softmax_forward, (x, w, b, all_ids, all_lq, True, -100, False))
-    loss, lse = ops.sampled_softmax_forward(x, w, b, all_ids, all_lq, True, -100, False)
-    g = torch.ones_like(loss)
-    torch.library.opcheck(ops.sampled_softmax_backward, (g, x, w, b, all_ids, all_lq, lse, True, -100))
-    _, coef = ops.sampled_softmax_backward(g, x, w, b, all_ids, all_lq, lse, True, -100)
-    torch.library.opcheck(ops.dense_weight_grad, (coef, all_ids, x, 40))
-    torch.library.opcheck(ops.sparse_weight_grad, (coef, all_ids, x, 40),
-                          test_utils=("test_schema", "test_faketensor"))
+# opcheck of every op on the GPU: tests/test_opcheck.py runs on each device of the conftest fixture
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -397,8 +386,11 @@ def test_module_eval_equals_cross_entropy_and_training_step():
 
 
 def test_compiled_training_step():
+    """Inductor-compiled step on the GPU equals the eager step on the same draws (same global
+    CUDA seed): loss and gradients agree to fp32 rounding (inductor may reorder the reductions
+    around the op)."""
     torch.manual_seed(0)
-    head = IMISoftmax(16, 400, num_samples=24, num_codewords=8).to(CUDA)
+    head = IMISoftmax(16, 400, num_samples=24, num_codewords=8, refresh_every=0).to(CUDA)
     head.refresh_index()
     x = torch.randn(32, 16, device=CUDA, requires_grad=True)
     y = torch.randint(0, 400, (32,), device=CUDA)
@@ -407,8 +399,15 @@ def test_compiled_training_step():
         return head(x, y)
 
     compiled = torch.compile(step, fullgraph=True)
-    loss = compiled(x, y)
-    loss.backward()
-    assert torch.isfinite(loss) and head.weight.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
-    eager = step(x, y)
-    assert abs(eager.item() - loss.item()) < 3.0  # different draws, same scale
+    results = []
+    for fn in (compiled, step):
+        torch.manual_seed(5)
+        x.grad = head.weight.grad = head.bias.grad = None
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), x.grad, head.weight.grad, head.bias.grad))
+    (lc, *gc), (le, *ge) = results
+    assert torch.isfinite(lc)
+    torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

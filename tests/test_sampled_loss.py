@@ -61,19 +61,7 @@ def test_sparse_grad_equals_dense(device):
     assert torch.equal(sparse[0].indices()[0], touched)
 
 
-def test_opcheck_each_op(device):
-    x, w, b, t, ids, lq, tlq = make_inputs(device=device)
-    all_ids = torch.cat([t.unsqueeze(1), ids], 1)
-    all_lq = torch.cat([tlq.unsqueeze(1), lq], 1).double()
-    torch.library.opcheck(ops.sampled_softmax_forward, (x, w, b, all_ids, all_lq, True, -100, False))
-    torch.library.opcheck(ops.sampled_softmax_forward, (x, w, None, all_ids, all_lq, False, -100, False))
-    loss, lse = ops.sampled_softmax_forward(x.detach(), w.detach(), b.detach(), all_ids, all_lq, True, -100, False)
-    g = torch.ones_like(loss)
-    torch.library.opcheck(ops.sampled_softmax_backward, (g, x.detach(), w.detach(), b.detach(), all_ids, all_lq, lse, True, -100))
-    _, coef = ops.sampled_softmax_backward(g, x.detach(), w.detach(), b.detach(), all_ids, all_lq, lse, True, -100)
-    torch.library.opcheck(ops.dense_weight_grad, (coef, all_ids, x.detach(), 40))
-    torch.library.opcheck(ops.sparse_weight_grad, (coef, all_ids, x.detach(), 40),
-                          test_utils=("test_schema", "test_faketensor"))
+# opcheck of every op (this one included): tests/test_opcheck.py
 
 
 def test_exact_sampler_gradient_converges_to_full_softmax():
