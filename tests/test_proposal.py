@@ -29,8 +29,11 @@ def test_log_prob_normalizes_and_matches_reference(device, quantizer, bias):
 
 @pytest.mark.parametrize("quantizer", ["rq", "pq"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_sample_frequencies_match_log_prob(device, quantizer, bias):
-    """Chi-square goodness of fit of the empirical frequencies against exp(log_prob)."""
+def test_sample_frequencies_match_log_prob(device, quantizer, bias, cpu_draw_passes):
+    """Chi-square goodness of fit of the empirical frequencies against exp(log_prob), on a k-means
+    index (both CPU draw passes; K = 64 / 100 and random indexes: test_sampling_law.py)."""
+    if device.type != "cpu" and cpu_draw_passes == "portable":
+        pytest.skip("IMI_CPU_SIMD only selects between CPU draw passes")
     s, _, _ = make_sampler(n=120, quantizer=quantizer, bias=bias, device=device)
     q = torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).to(device)
     draws = 60000
