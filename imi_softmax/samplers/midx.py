@@ -1,4 +1,5 @@
 """The MIDX proposal: an Inverted Multi-Index over two quantizations of the class vectors."""
+import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -207,7 +208,7 @@ class MIDXSampler(Sampler):
             raise ValueError(f"ids must be [B, ...] with B = {query.shape[0]} (query rows), got {tuple(ids.shape)}")
         check_class_ids("ids", ids, index.num_classes)
         s1, s2 = self.scores(query, index)
-        flat = ids.reshape(ids.shape[0], -1)
+        flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
         out = ops.midx_log_prob(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.beta,
                                 index.code1, index.code2, flat)
         return out.reshape(ids.shape)

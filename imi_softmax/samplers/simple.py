@@ -113,5 +113,5 @@ class ExactSampler(Sampler):
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         self._check_ids(query, ids)
         log_p = self._log_p(query)
-        flat = ids.reshape(ids.shape[0], -1)
+        flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
         return log_p.gather(1, flat).reshape(ids.shape).to(torch.float32)
