@@ -1,0 +1,107 @@
+"""DistributedDataParallel with 2 gloo processes on localhost: dense gradients train identically on
+every rank and every rank holds the same index; sparse_grad=True gets a clear error, not the
+reducer's "Cannot access storage of SparseTensorImpl" from inside backward."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N, D, STEPS = 200, 12, 5
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+
+
+def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from imi_softmax import IMISoftmax
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(D, D)
+            self.head = IMISoftmax(D, N, num_samples=16, num_codewords=4, refresh_every=2,
+                                   sparse_grad=(mode == "sparse"))
+
+        def forward(self, x, y):
+            return self.head(torch.tanh(self.body(x)), y)
+
+    torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
+    model = DDP(Model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.manual_seed(100 + rank)  # different data and different negatives on each rank
+    result = {"losses": [], "error": None}
+    try:
+        for _ in range(STEPS):
+            x, y = torch.randn(16, D), torch.randint(0, N, (16,))
+            opt.zero_grad()
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            result["losses"].append(float(loss))
+        model.module.head.refresh_index()
+        result["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()
+                            if isinstance(v, torch.Tensor)}
+        index = model.module.head.sampler.index
+        result["index"] = {k: v for k, v in index._asdict().items() if isinstance(v, torch.Tensor)}
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(mode: str, tmp_path) -> list:
+    port, world = _free_port(), 2
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), mode, str(tmp_path)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=150)
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{out[-3000:]}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def test_ddp_dense_gradients_keep_ranks_identical(tmp_path):
+    r0, r1 = _run("dense", tmp_path)
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert r0["losses"] != r1["losses"]  # the ranks saw different data and negatives...
+    for name, value in r0["params"].items():  # ...yet hold the same parameters (grads all-reduced)
+        assert torch.equal(value, r1["params"][name]), name
+    for name, value in r0["index"].items():  # and build the same index from them
+        assert torch.equal(value, r1["index"][name]), name
+
+
+def test_ddp_sparse_grad_gets_a_clear_error_on_every_rank(tmp_path):
+    for r in _run("sparse", tmp_path):
+        assert r["error"] is not None and "sparse_grad=False" in r["error"], r["error"]
+        assert "DistributedDataParallel" in r["error"] and not r["losses"]
+
+
+if __name__ == "__main__":  # one rank, started by _run
+    _worker(*map(int, sys.argv[1:4]), *sys.argv[4:])
