@@ -213,6 +213,17 @@ def test_autocast_training_matches_fp32(device, amp_dtype):
     assert x_ac.grad.dtype == amp_dtype and head.weight.grad.dtype == torch.float32
     torch.testing.assert_close(head.weight.grad, w_grad32, atol=tol, rtol=0)
 
+    # fp32 activations under autocast: the sampled loss is not downcast at all
+    x_fine = torch.randn(64, 16, device=device)
+    torch.manual_seed(gen_seed)
+    plain = head(x_fine, target)
+    torch.manual_seed(gen_seed)
+    with torch.autocast(device.type, dtype=amp_dtype):
+        under = head(x_fine, target)
+        logits, ids = head.sampled_logits(x_low, target)
+    assert torch.equal(plain, under)
+    assert logits.dtype == torch.float32 and logits.shape == (64, 33) and ids.shape == (64, 32)
+
 
 def test_autocast_eval_and_logits_follow_f_linear(device):
     torch.manual_seed(0)
