@@ -59,10 +59,13 @@ class IMISoftmax(nn.Module):
     on first use); the other way, drop the extra key with :meth:`linear_state_dict` (or load with
     ``strict=False``).
 
-    Distributed: under DistributedDataParallel use ``sparse_grad=False`` (DDP all-reduces dense
-    gradients only in a way that keeps every replica identical; the head raises a clear error when a
-    sparse-gradient head runs inside DDP). Every rank builds the same index from the same weights,
-    since the k-means generator is seeded identically.
+    Distributed: inside DistributedDataParallel use ``sparse_grad=False`` (DDP's reducer copies
+    every gradient into dense buckets; only nn.Embedding's sparse gradients are exempt, so a
+    sparse-gradient head inside DDP raises a clear error at its first forward). To keep sparse
+    gradients, leave the head outside the DDP wrapper and average its gradients yourself:
+    ``head.broadcast_parameters()`` once, then ``head.all_reduce_grads()`` after each backward.
+    Every rank builds the same index from the same weights (the k-means generator is seeded
+    identically).
 
     Under ``torch.compile`` the index is not rebuilt inside the compiled graph: build it once
     (``refresh_index()`` or one eager training step) and call ``refresh_index()`` on your schedule.
@@ -248,9 +251,43 @@ class IMISoftmax(nn.Module):
                 "IMISoftmax(sparse_grad=True) inside DistributedDataParallel: DDP cannot all-reduce "
                 "sparse gradients of a head like this one (it fails with 'Cannot access storage of "
                 f"SparseTensorImpl'). Construct the head with sparse_grad=False under DDP "
-                f"(or set head.sparse_grad = False): dense gradients, all-reduced by DDP as for nn.Linear; "
-                f"parameters: {managed}"
+                f"(or set head.sparse_grad = False): dense gradients, all-reduced by DDP as for nn.Linear. "
+                f"To keep sparse gradients, leave the head outside the DDP wrapper and call "
+                f"head.broadcast_parameters() once and head.all_reduce_grads() after each backward. "
+                f"Parameters: {managed}"
             )
+
+    # -- data parallel without DDP (keeps sparse gradients) -----------------------------------
+    @torch.no_grad()
+    def broadcast_parameters(self, src: int = 0, group=None) -> None:
+        """Copies rank ``src``'s weight and bias to every rank of ``group`` (what DDP does at wrap
+        time), and marks the index stale so every rank rebuilds the same one."""
+        import torch.distributed as dist
+
+        for p in (self.weight, self.bias):
+            if p is not None:
+                dist.broadcast(p.data, src=src, group=group)
+        self._index_stale = True
+
+    @torch.no_grad()
+    def all_reduce_grads(self, group=None) -> None:
+        """Averages weight.grad and bias.grad over the ranks of ``group``, as DDP would: dense grads
+        with one all_reduce, sparse COO grads by gathering every rank's rows (any backend, NCCL
+        included) and summing duplicates. Call it on every rank after backward, before the
+        optimizer step; a rank without a gradient contributes zeros."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        for p in (self.weight, self.bias):
+            if p is None:
+                continue
+            if self.sparse_grad:
+                p.grad = _all_reduce_sparse(p.grad, p, world, group)
+            else:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(world)
 
     def _draw(self, x: Tensor, target: Tensor, generator=None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_finite("x", x)  # named here: the sampler would call it "query"
@@ -319,3 +356,30 @@ class IMISoftmax(nn.Module):
                 f"bias={self.bias is not None}, num_samples={self.num_samples}, sampler={self.sampler}, "
                 f"refresh_every={self.refresh_every}, remove_accidental_hits={self.remove_accidental_hits}, "
                 f"sparse_grad={self.sparse_grad}")
+
+
+def _all_reduce_sparse(grad: Optional[Tensor], param: Tensor, world: int, group) -> Tensor:
+    """Mean over ranks of sparse COO row gradients: all_gather of the (padded) touched rows, then
+    one coalesce. Every rank calls it, with or without a gradient."""
+    import torch.distributed as dist
+
+    if grad is None:
+        grad = torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.int64, device=param.device),
+                                       param.new_empty((0,) + tuple(param.shape[1:])), param.shape)
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    count = torch.tensor([rows.numel()], dtype=torch.int64, device=param.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    longest = max(counts)
+    pad = longest - rows.numel()
+    rows = torch.cat([rows, rows.new_zeros(pad)])
+    values = torch.cat([values, values.new_zeros((pad,) + tuple(values.shape[1:]))])
+    all_rows = [torch.empty_like(rows) for _ in range(world)]
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(all_rows, rows, group=group)
+    dist.all_gather(all_values, values, group=group)
+    rows = torch.cat([r[:c] for r, c in zip(all_rows, counts)])
+    values = torch.cat([v[:c] for v, c in zip(all_values, counts)]) / world
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape).coalesce()

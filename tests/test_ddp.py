@@ -1,6 +1,7 @@
 """DistributedDataParallel with 2 gloo processes on localhost: dense gradients train identically on
-every rank and every rank holds the same index; sparse_grad=True gets a clear error, not the
-reducer's "Cannot access storage of SparseTensorImpl" from inside backward."""
+every rank and every rank holds the same index; sparse_grad=True inside DDP gets a clear error, not
+the reducer's "Cannot access storage of SparseTensorImpl" from inside backward, and works with the
+head outside the wrapper (broadcast_parameters + all_reduce_grads)."""
 import os
 import socket
 import subprocess
@@ -31,28 +32,45 @@ def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
             super().__init__()
             self.body = nn.Linear(D, D)
             self.head = IMISoftmax(D, N, num_samples=16, num_codewords=4, refresh_every=2,
-                                   sparse_grad=(mode == "sparse"))
+                                   sparse_grad=mode.startswith("sparse"))
 
         def forward(self, x, y):
             return self.head(torch.tanh(self.body(x)), y)
 
-    torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
-    model = DDP(Model())
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.manual_seed(rank)  # different initial weights: DDP (or broadcast_parameters) must unify them
+    if mode == "sparse-outside":  # DDP over the body only; the head averages its sparse grads itself
+        module = Model()
+        body = DDP(module.body)
+        module.head.broadcast_parameters()
+
+        def model(x, y):
+            return module.head(torch.tanh(body(x)), y)
+    else:
+        model = DDP(Model())
+        module = model.module
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
     torch.manual_seed(100 + rank)  # different data and different negatives on each rank
-    result = {"losses": [], "error": None}
+    result = {"losses": [], "error": None, "grad_err": 0.0}
     try:
         for _ in range(STEPS):
             x, y = torch.randn(16, D), torch.randint(0, N, (16,))
             opt.zero_grad()
             loss = model(x, y)
             loss.backward()
+            if mode == "sparse-outside":
+                # reference: the dense mean of the ranks' gradients
+                dense = module.head.weight.grad.to_dense()
+                dist.all_reduce(dense)
+                module.head.all_reduce_grads()
+                assert module.head.weight.grad.is_sparse
+                err = (module.head.weight.grad.to_dense() - dense / world).abs().max()
+                result["grad_err"] = max(result["grad_err"], float(err))
             opt.step()
             result["losses"].append(float(loss))
-        model.module.head.refresh_index()
-        result["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()
+        module.head.refresh_index()
+        result["params"] = {k: v.detach().clone() for k, v in module.state_dict().items()
                             if isinstance(v, torch.Tensor)}
-        index = model.module.head.sampler.index
+        index = module.head.sampler.index
         result["index"] = {k: v for k, v in index._asdict().items() if isinstance(v, torch.Tensor)}
     except RuntimeError as exc:
         result["error"] = str(exc)
@@ -87,9 +105,14 @@ def _run(mode: str, tmp_path) -> list:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-def test_ddp_dense_gradients_keep_ranks_identical(tmp_path):
-    r0, r1 = _run("dense", tmp_path)
+@pytest.mark.parametrize("mode", ["dense", "sparse-outside"])
+def test_ddp_keeps_ranks_identical(tmp_path, mode):
+    """dense: the head inside DDP. sparse-outside: sparse_grad=True, the head outside the wrapper,
+    synchronised with broadcast_parameters() and all_reduce_grads() (checked against the dense
+    mean of the ranks' gradients)."""
+    r0, r1 = _run(mode, tmp_path)
     assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert r0["grad_err"] <= 1e-6 and r1["grad_err"] <= 1e-6
     assert r0["losses"] != r1["losses"]  # the ranks saw different data and negatives...
     for name, value in r0["params"].items():  # ...yet hold the same parameters (grads all-reduced)
         assert torch.equal(value, r1["params"][name]), name
@@ -100,6 +123,7 @@ def test_ddp_dense_gradients_keep_ranks_identical(tmp_path):
 def test_ddp_sparse_grad_gets_a_clear_error_on_every_rank(tmp_path):
     for r in _run("sparse", tmp_path):
         assert r["error"] is not None and "sparse_grad=False" in r["error"], r["error"]
+        assert "all_reduce_grads" in r["error"]
         assert "DistributedDataParallel" in r["error"] and not r["losses"]
 
 
