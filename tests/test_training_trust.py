@@ -241,7 +241,7 @@ def test_autocast_eval_and_logits_follow_f_linear(device):
     ce32 = F.cross_entropy(F.linear(x, head.weight, head.bias), target)
     # bf16 rounding of x, W (inputs) and of the logits (output): relative 3 * eps of the logit scale
     tol = 2 * 3 * BF16_EPS * _logit_scale(x, head.weight.detach(), head.bias.detach())
-    assert abs(float(ce) - float(ce32)) <= tol
+    assert abs(float(ce.detach()) - float(ce32.detach())) <= tol
 
 
 def test_index_build_is_not_autocast():

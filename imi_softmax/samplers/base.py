@@ -22,6 +22,8 @@ class Sampler:
     ``build(weight, bias)`` (re)builds whatever the proposal derives from the class vectors;
     ``sample(query [B, d], M)`` -> (ids [B, M] int64, log_q [B, M] float32) with log_q the exact
     normalized log Q of each id; ``log_prob(query [B, d], ids [B, ...])`` -> log Q, same shape as ids.
+    B = 0 and M = 0 give empty outputs; log Q is float32 whatever torch's default dtype.
+    ``state_dict()`` / ``load_state_dict()`` carry what a resumed run needs (IMISoftmax saves them).
     """
 
     num_classes: Optional[int] = None
