@@ -60,14 +60,15 @@ def check_finite(name: str, value: Tensor) -> None:
     raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_fp32_range(name: str, value: Tensor, fix: str) -> None:
-    """Raises when value (finite itself) holds entries that overflowed float32 arithmetic, i.e. inf
-    or NaN produced from finite inputs (scores, squared norms)."""
+def check_fp32_range(name: str, value: Tensor, fix: str, cause: Optional[Tensor] = None) -> None:
+    """Raises when value holds inf or NaN produced by float32 arithmetic from finite inputs
+    (scores, squared norms); ``cause`` is the input whose largest magnitude the message reports."""
     if _compiling() or value.numel() == 0:
         return
     if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
         return
-    raise ValueError(f"{name} overflows float32 (|value| > 3.4e38); {fix}")
+    largest = "" if cause is None else f" (its largest |entry| is {float(cause.abs().max()):.3g})"
+    raise ValueError(f"{name} overflows float32 (|value| > 3.4e38){largest}; {fix}")
 
 
 def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: Optional[int] = None) -> None:

@@ -97,7 +97,7 @@ class MIDXSampler(Sampler):
         w = weight.detach().to(torch.float32)
         check_finite("weight", w)
         # k-means distances and the proposal scores square the rows: past ~1e19 they are inf in fp32
-        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX)
+        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX, cause=w)
         beta = None if bias is None else bias.detach().to(torch.float32).contiguous()
         if beta is not None:
             check_finite("bias", beta)
@@ -175,8 +175,8 @@ class MIDXSampler(Sampler):
                 h = q.shape[1] // 2
                 s1, s2 = q[:, :h] @ c1.T, q[:, h:] @ c2.T
         fix = "the query or the weight is too large: " + _OVERFLOW_FIX
-        check_fp32_range("proposal scores query @ codewords(weight)", s1, fix)
-        check_fp32_range("proposal scores query @ codewords(weight)", s2, fix)
+        check_fp32_range("proposal scores query @ codewords(weight)", s1, fix, cause=q)
+        check_fp32_range("proposal scores query @ codewords(weight)", s2, fix, cause=q)
         return s1, s2
 
     def _check_query(self, index: MIDXIndex, query: Tensor) -> None:
