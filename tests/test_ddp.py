@@ -13,19 +13,28 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, D, STEPS = 200, 12, 5
+# dense: the head inside DDP; sparse-outside: sparse_grad=True with the head outside the wrapper;
+# sparse: sparse_grad=True inside DDP (the clear error). One pair of processes runs them all.
+MODES = ("dense", "sparse-outside", "sparse")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
 
 
-def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank: every mode in turn over one process group; results saved for the parent."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {mode: _train(rank, world, mode) for mode in MODES}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _train(rank: int, world: int, mode: str) -> dict:
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from imi_softmax import IMISoftmax
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
     class Model(nn.Module):
         def __init__(self):
@@ -74,8 +83,7 @@ def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
         result["index"] = {k: v for k, v in index._asdict().items() if isinstance(v, torch.Tensor)}
     except RuntimeError as exc:
         result["error"] = str(exc)
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return result
 
 
 def _free_port() -> int:
@@ -84,11 +92,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode: str, tmp_path) -> list:
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list:
+    tmp_path = tmp_path_factory.mktemp("ddp")
     port, world = _free_port(), 2
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), mode, str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), str(tmp_path)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     outputs = []
@@ -106,11 +116,11 @@ def _run(mode: str, tmp_path) -> list:
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse-outside"])
-def test_ddp_keeps_ranks_identical(tmp_path, mode):
+def test_ddp_keeps_ranks_identical(ddp_results, mode):
     """dense: the head inside DDP. sparse-outside: sparse_grad=True, the head outside the wrapper,
     synchronised with broadcast_parameters() and all_reduce_grads() (checked against the dense
     mean of the ranks' gradients)."""
-    r0, r1 = _run(mode, tmp_path)
+    r0, r1 = (r[mode] for r in ddp_results)
     assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
     assert r0["grad_err"] <= 1e-6 and r1["grad_err"] <= 1e-6
     assert r0["losses"] != r1["losses"]  # the ranks saw different data and negatives...
@@ -120,12 +130,12 @@ def test_ddp_keeps_ranks_identical(tmp_path, mode):
         assert torch.equal(value, r1["index"][name]), name
 
 
-def test_ddp_sparse_grad_gets_a_clear_error_on_every_rank(tmp_path):
-    for r in _run("sparse", tmp_path):
+def test_ddp_sparse_grad_gets_a_clear_error_on_every_rank(ddp_results):
+    for r in (r["sparse"] for r in ddp_results):
         assert r["error"] is not None and "sparse_grad=False" in r["error"], r["error"]
         assert "all_reduce_grads" in r["error"]
         assert "DistributedDataParallel" in r["error"] and not r["losses"]
 
 
 if __name__ == "__main__":  # one rank, started by _run
-    _worker(*map(int, sys.argv[1:4]), *sys.argv[4:])
+    _worker(*map(int, sys.argv[1:4]), sys.argv[4])
