@@ -14,12 +14,22 @@ def _compiling() -> bool:
 def check_tensor(name: str, value, *, dims: Optional[Sequence[int]] = None, dtypes=None) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_materialized(name, value)
     if dims is not None and value.dim() not in dims:
         want = " or ".join(str(d) for d in dims)
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
     return value
+
+
+def check_materialized(name: str, value: Tensor) -> None:
+    """Meta tensors have shapes but no data: nothing can be sampled or built from them."""
+    if value.device.type == "meta" and not _compiling():
+        raise ValueError(
+            f"{name} is on the meta device (shapes only, no data); materialize it first, e.g. "
+            f"head.to_empty(device='cpu') then head.reset_parameters() (or load_state_dict)"
+        )
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -48,6 +58,17 @@ def check_finite(name: str, value: Tensor) -> None:
     if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
         return
     raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_fp32_range(name: str, value: Tensor, fix: str, cause: Optional[Tensor] = None) -> None:
+    """Raises when value holds inf or NaN produced by float32 arithmetic from finite inputs
+    (scores, squared norms); ``cause`` is the input whose largest magnitude the message reports."""
+    if _compiling() or value.numel() == 0:
+        return
+    if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
+        return
+    largest = "" if cause is None else f" (its largest |entry| is {float(cause.abs().max()):.3g})"
+    raise ValueError(f"{name} overflows float32 (|value| > 3.4e38){largest}; {fix}")
 
 
 def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: Optional[int] = None) -> None:

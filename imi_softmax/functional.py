@@ -33,7 +33,8 @@ def sampled_softmax_loss(
 
     Shapes: x [*, d], weight [N, d], bias [N] or None, target [*] int64 (ignore_index rows skipped),
     sample_ids [*, M] int64, sample_log_q [*, M], target_log_q [*].
-    Returns a scalar ("mean" over non-ignored rows, or "sum") or per-row losses [*] ("none").
+    Returns a scalar ("mean" over non-ignored rows, NaN when there are none, as F.cross_entropy;
+    or "sum") or per-row losses [*] ("none"). M = 0 is allowed: the loss over the target alone (0).
     ``sparse_grad=True`` makes weight.grad (and bias.grad) sparse COO tensors over the touched rows.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -73,13 +74,14 @@ def sampled_softmax_loss(
     m = sample_ids.shape[-1]
     acc = acc_dtype(x.dtype)
     flat_target = target.reshape(-1)
+    rows = flat_target.shape[0]  # explicit: reshape(-1, m) is ambiguous when B = 0 or M = 0
     ignored = flat_target == ignore_index
     # Ignored rows are marked -1 for the kernels, so any ignore_index value works (even a valid id).
     kernel_target = torch.where(ignored, torch.full_like(flat_target, -1), flat_target)
-    ids = torch.cat([kernel_target.unsqueeze(1), sample_ids.reshape(-1, m)], dim=1)
+    ids = torch.cat([kernel_target.unsqueeze(1), sample_ids.reshape(rows, m)], dim=1)
     tlq = torch.where(ignored, torch.zeros((), dtype=acc, device=x.device), target_log_q.reshape(-1).to(acc))
-    log_q = torch.cat([tlq.unsqueeze(1), sample_log_q.reshape(-1, m).to(acc)], dim=1)
-    loss, _ = ops.sampled_softmax_forward(x.reshape(-1, d), weight, bias, ids, log_q,
+    log_q = torch.cat([tlq.unsqueeze(1), sample_log_q.reshape(rows, m).to(acc)], dim=1)
+    loss, _ = ops.sampled_softmax_forward(x.reshape(rows, d), weight, bias, ids, log_q,
                                           bool(remove_accidental_hits), -1, bool(sparse_grad))
     if reduction == "none":
         return loss.reshape(batch_shape).to(x.dtype)

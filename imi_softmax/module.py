@@ -1,17 +1,24 @@
 """IMISoftmax: nn.Linear + cross-entropy over a huge output space, trained with the MIDX sampled softmax."""
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import FLOAT_DTYPES, check_class_ids, check_positive_int, check_tensor
+from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
 from .functional import sampled_softmax_loss
 from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
+from .samplers.base import no_autocast
 
 SAMPLERS = ("midx", "uniform", "unigram", "exact")
+_EXTRA_STATE_KEY = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+_EXTRA_STATE_MARK = "imi_softmax_head"
+
+
+def _autocast_on(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
 class IMISoftmax(nn.Module):
@@ -39,7 +46,26 @@ class IMISoftmax(nn.Module):
         kmeans_iters: Lloyd iterations per index rebuild.
         ignore_index: target value that is skipped (as in F.cross_entropy).
 
-    Shapes: x [*, in_features], target [*] int64.
+    Shapes: x [*, in_features], target [*] int64. ``B = 0`` rows give NaN (a mean over zero
+    targets, as F.cross_entropy); ``num_samples=0`` gives the loss over the target alone (0).
+
+    Mixed precision: under ``torch.autocast`` an fp32 head takes bf16/fp16 ``x``; ``head(x)`` is
+    F.linear under autocast, the training loss is computed in the weight's dtype (fp32) and the
+    index is built without autocast.
+
+    Checkpoints: ``state_dict()`` holds ``weight``, ``bias`` (nn.Linear's keys) and
+    ``_extra_state`` (the index, the k-means generator, the training-call counter), so a run resumes
+    bit for bit. A plain nn.Linear's state_dict loads into the head as is (the index is then rebuilt
+    on first use); the other way, drop the extra key with :meth:`linear_state_dict` (or load with
+    ``strict=False``).
+
+    Distributed: inside DistributedDataParallel use ``sparse_grad=False`` (DDP's reducer copies
+    every gradient into dense buckets; only nn.Embedding's sparse gradients are exempt, so a
+    sparse-gradient head inside DDP raises a clear error at its first forward). To keep sparse
+    gradients, leave the head outside the DDP wrapper and average its gradients yourself:
+    ``head.broadcast_parameters()`` once, then ``head.all_reduce_grads()`` after each backward.
+    Every rank builds the same index from the same weights (the k-means generator is seeded
+    identically).
 
     Under ``torch.compile`` the index is not rebuilt inside the compiled graph: build it once
     (``refresh_index()`` or one eager training step) and call ``refresh_index()`` on your schedule.
@@ -54,7 +80,7 @@ class IMISoftmax(nn.Module):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
-        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         self.refresh_every = check_positive_int("refresh_every", refresh_every, minimum=0)
         check_positive_int("num_codewords", num_codewords)
         self.remove_accidental_hits = bool(remove_accidental_hits)
@@ -97,24 +123,41 @@ class IMISoftmax(nn.Module):
         self._training_calls = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "IMISoftmax":
-        """An IMISoftmax holding a copy of ``linear``'s weight and bias."""
+    def from_linear(cls, linear: nn.Linear, *, copy: bool = False, **kwargs) -> "IMISoftmax":
+        """An IMISoftmax over ``linear``'s weight and bias.
+
+        By default the head adopts linear's Parameters (the same objects: a weight tied to an
+        embedding stays tied, and an optimizer holding them keeps working); ``copy=True`` gives
+        the head its own copies instead."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                   device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        with torch.no_grad():
-            head.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                head.bias.copy_(linear.bias)
+        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        if copy:
+            head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **factory, **kwargs)
+            with torch.no_grad():
+                head.weight.copy_(linear.weight)
+                if linear.bias is not None:
+                    head.bias.copy_(linear.bias)
+            return head
+        # built on meta (no allocation), then the meta Parameters are replaced by linear's own
+        factory["device"] = "meta"
+        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **factory, **kwargs)
+        head.weight = linear.weight
+        if linear.bias is not None:
+            head.bias = linear.bias
         return head
 
     # -- index ------------------------------------------------------------------------------
     @torch.no_grad()
     def refresh_index(self) -> None:
-        """Rebuild the proposal from the current weight and bias (warm-started k-means)."""
+        """Rebuild the proposal from the current weight and bias (warm-started k-means).
+
+        Never autocast. The sampler builds a new index and swaps it in at the end, so a thread
+        sampling meanwhile uses either the old or the new index, never a mix."""
+        check_tensor("weight", self.weight)  # a meta head: names the fix
         self.sampler = self.sampler.to(self.weight.device)
-        self.sampler.build(self.weight, self.bias)
+        with no_autocast(self.weight.device):
+            self.sampler.build(self.weight, self.bias)
         self._index_stale = False
 
     def _maybe_refresh(self) -> None:
@@ -129,17 +172,47 @@ class IMISoftmax(nn.Module):
             self.refresh_index()
         self._training_calls += 1
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._index_stale = True  # the index is derived from the weights: rebuild on next use
+    # -- checkpoints -------------------------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The index, the k-means generator and the training-call counter: what a run needs to
+        continue bit for bit after a reload (tensors and plain values: weights_only-loadable)."""
+        return {_EXTRA_STATE_MARK: 1, "training_calls": self._training_calls,
+                "index_stale": self._index_stale, "sampler": self.sampler.state_dict()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict) or _EXTRA_STATE_MARK not in state:
+            raise ValueError("the state_dict's _extra_state was not written by IMISoftmax.get_extra_state")
+        restored = self.sampler.load_state_dict(state["sampler"], device=self.weight.device)
+        self._training_calls = int(state["training_calls"])
+        self._index_stale = bool(state["index_stale"]) or not restored
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Without an _extra_state (e.g. an nn.Linear checkpoint) the index is derived from the
+        # loaded weights: rebuilt on next use. With one, set_extra_state restores it.
+        self._index_stale = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key = prefix + _EXTRA_STATE_KEY
+        if key in missing_keys:
+            missing_keys.remove(key)
+
+    @staticmethod
+    def linear_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+        """``state_dict`` without the IMISoftmax heads' ``_extra_state`` entries, so it loads with
+        ``strict=True`` into a model whose head is a plain nn.Linear (works on whole-model dicts)."""
+        return {k: v for k, v in state_dict.items()
+                if not (k.split(".")[-1] == _EXTRA_STATE_KEY and isinstance(v, dict) and _EXTRA_STATE_MARK in v)}
 
     # -- forward ----------------------------------------------------------------------------
     def _check_input(self, x: Tensor, target: Optional[Tensor]) -> None:
         check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        check_tensor("weight", self.weight)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be [*, {self.in_features}], got {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the head's weight is {self.weight.dtype}")
+        if x.dtype != self.weight.dtype and not _autocast_on(x.device):
+            raise TypeError(f"x has dtype {x.dtype} but the head's weight is {self.weight.dtype}: cast x "
+                            f"(x.to({self.weight.dtype})) or run under torch.autocast")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the head is on {self.weight.device}")
         if target is not None:
@@ -160,7 +233,64 @@ class IMISoftmax(nn.Module):
                                    ignore_index=self.ignore_index)
         return self._sampled_loss(x, target)
 
+    def _check_ddp(self) -> None:
+        """DDP's reducer copies every gradient it manages into a dense bucket; only nn.Embedding's
+        sparse gradients are exempt, so a sparse head gradient would fail inside backward."""
+        if not self.sparse_grad or torch.compiler.is_compiling() or not torch.distributed.is_available():
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel._get_active_ddp_module()
+        if ddp is None:
+            return
+        ignored = getattr(ddp, "parameters_to_ignore", set())
+        managed = [name for name, p in ddp.module.named_parameters()
+                   if (p is self.weight or p is self.bias) and p.requires_grad and name not in ignored]
+        if managed:
+            raise RuntimeError(
+                "IMISoftmax(sparse_grad=True) inside DistributedDataParallel: DDP cannot all-reduce "
+                "sparse gradients of a head like this one (it fails with 'Cannot access storage of "
+                f"SparseTensorImpl'). Construct the head with sparse_grad=False under DDP "
+                f"(or set head.sparse_grad = False): dense gradients, all-reduced by DDP as for nn.Linear. "
+                f"To keep sparse gradients, leave the head outside the DDP wrapper and call "
+                f"head.broadcast_parameters() once and head.all_reduce_grads() after each backward. "
+                f"Parameters: {managed}"
+            )
+
+    # -- data parallel without DDP (keeps sparse gradients) -----------------------------------
+    @torch.no_grad()
+    def broadcast_parameters(self, src: int = 0, group=None) -> None:
+        """Copies rank ``src``'s weight and bias to every rank of ``group`` (what DDP does at wrap
+        time), and marks the index stale so every rank rebuilds the same one."""
+        import torch.distributed as dist
+
+        for p in (self.weight, self.bias):
+            if p is not None:
+                dist.broadcast(p.data, src=src, group=group)
+        self._index_stale = True
+
+    @torch.no_grad()
+    def all_reduce_grads(self, group=None) -> None:
+        """Averages weight.grad and bias.grad over the ranks of ``group``, as DDP would: dense grads
+        with one all_reduce, sparse COO grads by gathering every rank's rows (any backend, NCCL
+        included) and summing duplicates. Call it on every rank after backward, before the
+        optimizer step; a rank without a gradient contributes zeros."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        for p in (self.weight, self.bias):
+            if p is None:
+                continue
+            if self.sparse_grad:
+                p.grad = _all_reduce_sparse(p.grad, p, world, group)
+            else:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(world)
+
     def _draw(self, x: Tensor, target: Tensor, generator=None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        check_finite("x", x)  # named here: the sampler would call it "query"
         self._maybe_refresh()
         flat_x = x.reshape(-1, self.in_features)
         flat_t = target.reshape(-1)
@@ -170,26 +300,32 @@ class IMISoftmax(nn.Module):
         return flat_x, flat_t, ids, log_q, target_log_q
 
     def _sampled_loss(self, x: Tensor, target: Tensor) -> Tensor:
-        flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target)
-        return sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
-                                    remove_accidental_hits=self.remove_accidental_hits,
-                                    ignore_index=self.ignore_index, sparse_grad=self.sparse_grad)
+        self._check_ddp()
+        # Under autocast the loss runs in the weight's dtype (fp32), as autocast runs softmax/CE.
+        x = x.to(self.weight.dtype)
+        with no_autocast(x.device):
+            flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target)
+            return sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
+                                        remove_accidental_hits=self.remove_accidental_hits,
+                                        ignore_index=self.ignore_index, sparse_grad=self.sparse_grad)
 
     def sampled_logits(self, x: Tensor, target: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Bias-corrected logits [B, 1+M] (column 0 = target; accidental hits -inf when removed)
         and the sample ids [B, M], for x [*, d] flattened to B rows. Differentiable (materializes
         the gathered rows; the training loss uses the fused kernel instead)."""
         self._check_input(x, target)
-        flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target, generator)
-        all_ids = torch.cat([flat_t.clamp_min(0).unsqueeze(1), ids], dim=1)
-        w = self.weight[all_ids]
-        logits = torch.einsum("bd,bmd->bm", flat_x, w)
-        if self.bias is not None:
-            logits = logits + self.bias[all_ids]
-        logits = logits - torch.cat([target_log_q.unsqueeze(1), log_q], dim=1).to(logits.dtype)
-        if self.remove_accidental_hits:
-            hits = ids == flat_t.unsqueeze(1)
-            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hits, float("-inf"))], dim=1)
+        x = x.to(self.weight.dtype)  # differs only under autocast: logits in the weight's dtype
+        with no_autocast(x.device):
+            flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target, generator)
+            all_ids = torch.cat([flat_t.clamp_min(0).unsqueeze(1), ids], dim=1)
+            w = self.weight[all_ids]
+            logits = torch.einsum("bd,bmd->bm", flat_x, w)
+            if self.bias is not None:
+                logits = logits + self.bias[all_ids]
+            logits = logits - torch.cat([target_log_q.unsqueeze(1), log_q], dim=1).to(logits.dtype)
+            if self.remove_accidental_hits:
+                hits = ids == flat_t.unsqueeze(1)
+                logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hits, float("-inf"))], dim=1)
         return logits, ids
 
     @torch.no_grad()
@@ -198,6 +334,7 @@ class IMISoftmax(nn.Module):
         [*, num_classes] logit matrix never exists at once."""
         self._check_input(x, None)
         check_positive_int("k", k)
+        check_positive_int("chunk_size", chunk_size)
         if k > self.num_classes:
             raise ValueError(f"k must be <= num_classes ({self.num_classes}), got {k}")
         flat = x.reshape(-1, self.in_features)
@@ -219,3 +356,30 @@ class IMISoftmax(nn.Module):
                 f"bias={self.bias is not None}, num_samples={self.num_samples}, sampler={self.sampler}, "
                 f"refresh_every={self.refresh_every}, remove_accidental_hits={self.remove_accidental_hits}, "
                 f"sparse_grad={self.sparse_grad}")
+
+
+def _all_reduce_sparse(grad: Optional[Tensor], param: Tensor, world: int, group) -> Tensor:
+    """Mean over ranks of sparse COO row gradients: all_gather of the (padded) touched rows, then
+    one coalesce. Every rank calls it, with or without a gradient."""
+    import torch.distributed as dist
+
+    if grad is None:
+        grad = torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.int64, device=param.device),
+                                       param.new_empty((0,) + tuple(param.shape[1:])), param.shape)
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    count = torch.tensor([rows.numel()], dtype=torch.int64, device=param.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    longest = max(counts)
+    pad = longest - rows.numel()
+    rows = torch.cat([rows, rows.new_zeros(pad)])
+    values = torch.cat([values, values.new_zeros((pad,) + tuple(values.shape[1:]))])
+    all_rows = [torch.empty_like(rows) for _ in range(world)]
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(all_rows, rows, group=group)
+    dist.all_gather(all_values, values, group=group)
+    rows = torch.cat([r[:c] for r, c in zip(all_rows, counts)])
+    values = torch.cat([v[:c] for v, c in zip(all_values, counts)]) / world
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape).coalesce()

@@ -15,7 +15,7 @@ def head():
 @pytest.mark.parametrize(
     "kwargs, exc, word",
     [
-        (dict(num_samples=0), ValueError, "num_samples"),
+        (dict(num_samples=-1), ValueError, "num_samples"),
         (dict(num_codewords=0), ValueError, "num_codewords"),
         (dict(num_samples=2.5), TypeError, "num_samples"),
         (dict(sampler="bogus"), ValueError, "sampler"),
@@ -77,7 +77,7 @@ def test_bad_functional_inputs():
 def test_bad_sampler_inputs():
     s = MIDXSampler(4).build(torch.randn(20, 6))
     with pytest.raises(ValueError, match="num_samples"):
-        s.sample(torch.randn(2, 6), 0)
+        s.sample(torch.randn(2, 6), -1)
     with pytest.raises(ValueError, match=r"query must be \[B, 6\]"):
         s.sample(torch.randn(2, 5), 3)
     with pytest.raises(IndexError, match="ids"):

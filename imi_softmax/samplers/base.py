@@ -1,10 +1,19 @@
 """The interface every proposal implements (DESIGN.md, "Samplers share one interface")."""
-from typing import Optional, Tuple
+import contextlib
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .._validation import check_positive_int, check_tensor
+
+
+def no_autocast(device: torch.device):
+    """A context that turns autocast off on ``device``: the proposal's scores, the index build and
+    the loss kernels run in the dtypes they are given (fp32), as autocast does for its fp32 ops."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Sampler:
@@ -13,6 +22,8 @@ class Sampler:
     ``build(weight, bias)`` (re)builds whatever the proposal derives from the class vectors;
     ``sample(query [B, d], M)`` -> (ids [B, M] int64, log_q [B, M] float32) with log_q the exact
     normalized log Q of each id; ``log_prob(query [B, d], ids [B, ...])`` -> log Q, same shape as ids.
+    B = 0 and M = 0 give empty outputs; log Q is float32 whatever torch's default dtype.
+    ``state_dict()`` / ``load_state_dict()`` carry what a resumed run needs (IMISoftmax saves them).
     """
 
     num_classes: Optional[int] = None
@@ -38,7 +49,7 @@ class Sampler:
     def _check_sample_args(self, query: Tensor, num_samples: int) -> None:
         self._require_built()
         check_tensor("query", query, dims=(2,))
-        check_positive_int("num_samples", num_samples)
+        check_positive_int("num_samples", num_samples, minimum=0)
 
     def _check_ids(self, query: Tensor, ids: Tensor) -> None:
         from .._validation import check_class_ids
@@ -58,6 +69,23 @@ class Sampler:
 
     def to(self, device) -> "Sampler":
         return self
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to draw the same samples (index, generators); tensors and
+        plain Python values only, so ``torch.load(weights_only=True)`` reads it back."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any], device=None) -> bool:
+        """Restores :meth:`state_dict`'s output (tensors moved to ``device``). Returns whether the
+        sampler is ready to sample (False: the owner must call ``build`` before the next draw)."""
+        return False
+
+    @staticmethod
+    def _empty_draw(query: Tensor, num_samples: int) -> Tuple[Tensor, Tensor]:
+        shape = (query.shape[0], num_samples)
+        return (torch.empty(shape, dtype=torch.int64, device=query.device),
+                torch.empty(shape, dtype=torch.float32, device=query.device))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"

@@ -1,15 +1,43 @@
 """The MIDX proposal: an Inverted Multi-Index over two quantizations of the class vectors."""
-from typing import Optional, Tuple
+import math
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .._ops import ops
-from .._validation import check_finite, check_positive_int, check_tensor
+from .._validation import check_class_ids, check_finite, check_fp32_range, check_positive_int, check_tensor
 from ..kmeans import assign, assign_residual, kmeans
-from .base import Sampler
+from .base import Sampler, no_autocast
 
 QUANTIZERS = ("rq", "pq")
+_STATE_VERSION = 1
+_OVERFLOW_FIX = ("weights this large usually mean training diverged: lower the learning rate, clip the "
+                 "gradients or rescale the weight (and query) before building the index")
+
+
+class MIDXIndex(NamedTuple):
+    """Every tensor of one built index. Immutable once built: a rebuild makes a new MIDXIndex and
+    swaps it in with one assignment, so a reader that took one reference sees one whole index."""
+
+    codebook1: Tensor        # [K, d] (rq) or [K, d/2] (pq) float32
+    codebook2: Tensor
+    code1: Tensor            # [N] int64, first codeword of each class
+    code2: Tensor            # [N] int64
+    beta: Optional[Tensor]   # [N] float32 bias snapshot, None without bias
+    offsets: Tensor          # [K*K + 1] int64, CSR over cells
+    class_ids: Tensor        # [N] int64, classes sorted by cell
+    alias_prob: Optional[Tensor]  # [N] float32 within-cell alias tables (bias only)
+    alias_pos: Optional[Tensor]   # [N] int64
+    beta_csr: Optional[Tensor]    # [N] float32 beta in cell order (bias only)
+    log_n: Tensor            # [K, K] float32 log cell mass
+    cell_mass: Tensor        # [K, K] float32
+    log_n_max: Tensor        # [1] float32
+    num_classes: int
+    in_features: int
+
+
+_TENSOR_FIELDS = tuple(f for f in MIDXIndex._fields if f not in ("num_classes", "in_features"))
 
 
 class MIDXSampler(Sampler):
@@ -19,6 +47,9 @@ class MIDXSampler(Sampler):
     the full query. ``"pq"``: product quantization of the two halves of the dimensions (d even).
     ``beta`` is the bias snapshot taken at build time (0 without bias). Sampling and log_prob are
     exact for that Q (DESIGN.md, "Proposal").
+
+    ``build`` may run in one thread while others call ``sample``/``log_prob``: each call reads the
+    current :class:`MIDXIndex` once and uses only it.
 
     Args:
         num_codewords: K codewords per codebook, K*K cells.
@@ -37,10 +68,14 @@ class MIDXSampler(Sampler):
         self.kmeans_iters = check_positive_int("kmeans_iters", kmeans_iters, minimum=0)
         self.max_points_per_centroid = check_positive_int("max_points_per_centroid", max_points_per_centroid)
         self._generator = torch.Generator().manual_seed(seed)
-        self.num_classes = None
-        self.codebooks: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
+        self._index: Optional[MIDXIndex] = None
 
     # -- index ------------------------------------------------------------------------------
+    @property
+    def index(self) -> Optional[MIDXIndex]:
+        """The current index (None before the first build)."""
+        return self._index
+
     def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "MIDXSampler":
         """(Re)build codebooks and cells from weight [N, d] (and bias [N]); warm-starts k-means."""
         check_tensor("weight", weight, dims=(2,))
@@ -53,15 +88,24 @@ class MIDXSampler(Sampler):
             check_tensor("bias", bias, dims=(1,))
             if bias.shape[0] != n:
                 raise ValueError(f"bias must be [{n}] to match weight, got {tuple(bias.shape)}")
+        with no_autocast(weight.device):
+            self._index = self._build_index(weight, bias)
+        return self
+
+    def _build_index(self, weight: Tensor, bias: Optional[Tensor]) -> MIDXIndex:
+        n, d = weight.shape
         w = weight.detach().to(torch.float32)
         check_finite("weight", w)
+        # k-means distances and the proposal scores square the rows: past ~1e19 they are inf in fp32
+        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX, cause=w)
         beta = None if bias is None else bias.detach().to(torch.float32).contiguous()
         if beta is not None:
             check_finite("bias", beta)
         k = self.num_codewords
         fit = dict(iters=self.kmeans_iters, max_points_per_centroid=self.max_points_per_centroid,
                    generator=self._generator)
-        prev1, prev2 = self.codebooks
+        prev = self._index
+        prev1, prev2 = (None, None) if prev is None else (prev.codebook1, prev.codebook2)
         if self.quantizer == "rq":
             c1 = kmeans(w, k, init=prev1, **fit)
             code1, _ = assign(w, c1)
@@ -76,62 +120,126 @@ class MIDXSampler(Sampler):
             c2 = kmeans(w[:, h:].contiguous(), k, init=prev2, **fit)
             code1, _ = assign(w[:, :h].contiguous(), c1)
             code2, _ = assign(w[:, h:].contiguous(), c2)
-        (self.offsets, self.class_ids, alias_prob, alias_pos, beta_csr, self.log_n, self.cell_mass,
-         self.log_n_max) = ops.build_cells(code1, code2, beta, k)
+        check_fp32_range("weight's k-means codewords", torch.cat([c1, c2], 1), _OVERFLOW_FIX)
+        (offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
+         log_n_max) = ops.build_cells(code1, code2, beta, k)
         has_bias = beta is not None
-        self.alias_prob = alias_prob if has_bias else None
-        self.alias_pos = alias_pos if has_bias else None
-        self.beta_csr = beta_csr if has_bias else None
-        self.codebooks = (c1, c2)
-        self.code1, self.code2, self.beta = code1, code2, beta
-        self.num_classes = n
-        self.in_features = d
-        return self
+        return MIDXIndex(c1, c2, code1, code2, beta, offsets, class_ids,
+                         alias_prob if has_bias else None, alias_pos if has_bias else None,
+                         beta_csr if has_bias else None, log_n, cell_mass, log_n_max, n, d)
+
+    def _require_index(self) -> MIDXIndex:
+        index = self._index
+        if index is None:
+            raise RuntimeError("MIDXSampler has no index yet: call build(weight, bias) first")
+        return index
+
+    # Read-only views of the current index (tests, benchmarks, inspection). A caller that needs
+    # several of them consistent under concurrent rebuilds should read ``sampler.index`` once.
+    num_classes = property(lambda self: None if self._index is None else self._index.num_classes)
+    in_features = property(lambda self: None if self._index is None else self._index.in_features)
+    codebooks = property(lambda self: (None, None) if self._index is None
+                         else (self._index.codebook1, self._index.codebook2))
+    code1 = property(lambda self: getattr(self._index, "code1", None))
+    code2 = property(lambda self: getattr(self._index, "code2", None))
+    beta = property(lambda self: getattr(self._index, "beta", None))
+    offsets = property(lambda self: getattr(self._index, "offsets", None))
+    class_ids = property(lambda self: getattr(self._index, "class_ids", None))
+    alias_prob = property(lambda self: getattr(self._index, "alias_prob", None))
+    alias_pos = property(lambda self: getattr(self._index, "alias_pos", None))
+    beta_csr = property(lambda self: getattr(self._index, "beta_csr", None))
+    log_n = property(lambda self: getattr(self._index, "log_n", None))
+    cell_mass = property(lambda self: getattr(self._index, "cell_mass", None))
+    log_n_max = property(lambda self: getattr(self._index, "log_n_max", None))
 
     @property
     def device(self) -> Optional[torch.device]:
-        return None if self.codebooks[0] is None else self.codebooks[0].device
+        index = self._index
+        return None if index is None else index.codebook1.device
 
     def cell_counts(self) -> Tensor:
         """Classes per cell, [K, K] int64 (for inspection)."""
-        self._require_built()
-        return (self.offsets[1:] - self.offsets[:-1]).view(self.num_codewords, self.num_codewords)
+        offsets = self._require_index().offsets
+        return (offsets[1:] - offsets[:-1]).view(self.num_codewords, self.num_codewords)
 
     # -- proposal ---------------------------------------------------------------------------
-    def scores(self, query: Tensor) -> Tuple[Tensor, Tensor]:
-        """Codeword scores s1, s2: [B, K] float32 each."""
-        c1, c2 = self.codebooks
+    def scores(self, query: Tensor, index: Optional[MIDXIndex] = None) -> Tuple[Tensor, Tensor]:
+        """Codeword scores s1, s2: [B, K] float32 each (never autocast: log Q is exact for them)."""
+        index = self._require_index() if index is None else index
+        c1, c2 = index.codebook1, index.codebook2
         q = query.detach().to(torch.float32)
-        if self.quantizer == "rq":
-            return q @ c1.T, q @ c2.T
-        h = q.shape[1] // 2
-        return q[:, :h] @ c1.T, q[:, h:] @ c2.T
+        with no_autocast(q.device):
+            if self.quantizer == "rq":
+                s1, s2 = q @ c1.T, q @ c2.T
+            else:
+                h = q.shape[1] // 2
+                s1, s2 = q[:, :h] @ c1.T, q[:, h:] @ c2.T
+        fix = "the query or the weight is too large: " + _OVERFLOW_FIX
+        check_fp32_range("proposal scores query @ codewords(weight)", s1, fix, cause=q)
+        check_fp32_range("proposal scores query @ codewords(weight)", s2, fix, cause=q)
+        return s1, s2
 
-    def _check_query(self, query: Tensor) -> None:
-        if query.shape[1] != self.in_features:
-            raise ValueError(f"query must be [B, {self.in_features}], got {tuple(query.shape)}")
-        if query.device != self.device:
-            raise ValueError(f"query is on {query.device} but the index is on {self.device}; rebuild or move it")
+    def _check_query(self, index: MIDXIndex, query: Tensor) -> None:
+        check_tensor("query", query, dims=(2,))
+        if query.shape[1] != index.in_features:
+            raise ValueError(f"query must be [B, {index.in_features}], got {tuple(query.shape)}")
+        if query.device != index.codebook1.device:
+            raise ValueError(f"query is on {query.device} but the index is on {index.codebook1.device}; rebuild or move it")
         check_finite("query", query)
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Draw num_samples classes per query row: (ids [B, M] int64, log_q [B, M] float32)."""
-        self._check_sample_args(query, num_samples)
-        self._check_query(query)
-        s1, s2 = self.scores(query)
-        return ops.midx_sample(s1, s2, self.log_n, self.cell_mass, self.log_n_max, self.offsets,
-                               self.class_ids, self.alias_prob, self.alias_pos, self.beta_csr,
+        index = self._require_index()  # the one read of the index for this call
+        self._check_query(index, query)
+        check_positive_int("num_samples", num_samples, minimum=0)
+        if num_samples == 0:
+            return self._empty_draw(query, 0)
+        s1, s2 = self.scores(query, index)
+        return ops.midx_sample(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.offsets,
+                               index.class_ids, index.alias_prob, index.alias_pos, index.beta_csr,
                                num_samples, generator)
 
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query); ids [B, ...] int64 -> float32 of the same shape."""
-        self._check_ids(query, ids)
-        self._check_query(query)
-        s1, s2 = self.scores(query)
-        flat = ids.reshape(ids.shape[0], -1)
-        out = ops.midx_log_prob(s1, s2, self.log_n, self.cell_mass, self.log_n_max, self.beta,
-                                self.code1, self.code2, flat)
+        index = self._require_index()  # the one read of the index for this call
+        self._check_query(index, query)
+        check_tensor("ids", ids)
+        if ids.dim() < 1 or ids.shape[0] != query.shape[0]:
+            raise ValueError(f"ids must be [B, ...] with B = {query.shape[0]} (query rows), got {tuple(ids.shape)}")
+        check_class_ids("ids", ids, index.num_classes)
+        s1, s2 = self.scores(query, index)
+        flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
+        out = ops.midx_log_prob(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.beta,
+                                index.code1, index.code2, flat)
         return out.reshape(ids.shape)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """k-means generator state and the index tensors (so a resumed run neither rebuilds nor
+        shifts the generator: bit-exact continuation)."""
+        index = self._index
+        state: Dict[str, Any] = {
+            "version": _STATE_VERSION, "num_codewords": self.num_codewords, "quantizer": self.quantizer,
+            "generator": self._generator.get_state(), "index": None,
+        }
+        if index is not None:
+            state["index"] = index._asdict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any], device=None) -> bool:
+        for key in ("num_codewords", "quantizer"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"sampler state was saved with {key}={state.get(key)!r}, this sampler has "
+                                 f"{key}={getattr(self, key)!r}: construct the head with the same {key}")
+        self._generator.set_state(state["generator"])
+        saved = state.get("index")
+        if saved is None:
+            self._index = None
+            return False
+        fields = {f: (None if saved[f] is None else saved[f].to(device)) for f in _TENSOR_FIELDS}
+        self._index = MIDXIndex(**fields, num_classes=int(saved["num_classes"]),
+                                in_features=int(saved["in_features"]))
+        return True
 
     def extra_repr(self) -> str:
         return (f"num_codewords={self.num_codewords}, quantizer={self.quantizer!r}, "

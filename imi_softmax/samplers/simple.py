@@ -1,13 +1,13 @@
 """Query-independent proposals (uniform, unigram) and the exact softmax proposal (tests, small N)."""
 import math
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_positive_int, check_tensor
-from .base import Sampler
+from .base import Sampler, no_autocast
 
 
 class UniformSampler(Sampler):
@@ -20,11 +20,12 @@ class UniformSampler(Sampler):
         self._check_sample_args(query, num_samples)
         shape = (query.shape[0], num_samples)
         ids = torch.randint(0, self.num_classes, shape, generator=generator, device=query.device)
-        return ids, torch.full(shape, -math.log(self.num_classes), device=query.device)
+        # float32 whatever torch's default dtype is (the Sampler contract)
+        return ids, torch.full(shape, -math.log(self.num_classes), dtype=torch.float32, device=query.device)
 
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         self._check_ids(query, ids)
-        return torch.full(ids.shape, -math.log(self.num_classes), device=ids.device)
+        return torch.full(ids.shape, -math.log(self.num_classes), dtype=torch.float32, device=ids.device)
 
 
 class UnigramSampler(Sampler):
@@ -56,6 +57,8 @@ class UnigramSampler(Sampler):
         self._check_sample_args(query, num_samples)
         log_p = self._log_p.to(query.device)
         b = query.shape[0]
+        if b * num_samples == 0:  # multinomial refuses to draw 0 samples
+            return self._empty_draw(query, num_samples)
         ids = torch.multinomial(log_p.exp(), b * num_samples, replacement=True, generator=generator)
         ids = ids.view(b, num_samples)
         return ids, log_p[ids]
@@ -63,6 +66,16 @@ class UnigramSampler(Sampler):
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         self._check_ids(query, ids)
         return self._log_p.to(ids.device)[ids]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"log_p": self._log_p, "alpha": self.alpha}
+
+    def load_state_dict(self, state: Dict[str, Any], device=None) -> bool:
+        log_p = state["log_p"]
+        if log_p.shape != self._log_p.shape:
+            raise ValueError(f"unigram state holds {log_p.numel()} classes, this sampler has {self.num_classes}")
+        self._log_p, self.alpha = log_p.to(device or self._log_p.device), float(state["alpha"])
+        return True
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, alpha={self.alpha}"
@@ -77,17 +90,22 @@ class ExactSampler(Sampler):
 
     def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "ExactSampler":
         super().build(weight, bias)
-        self._weight, self._bias = weight, bias
+        self._live = (weight, bias)  # one assignment: a concurrent sample sees one (weight, bias)
         return self
 
     def _log_p(self, query: Tensor) -> Tensor:
-        w = self._weight.detach()
-        b = None if self._bias is None else self._bias.detach()
-        logits = F.linear(query.detach().to(torch.float64), w.to(torch.float64), None if b is None else b.to(torch.float64))
+        weight, bias = self._live
+        w = weight.detach()
+        b = None if bias is None else bias.detach()
+        with no_autocast(query.device):
+            logits = F.linear(query.detach().to(torch.float64), w.to(torch.float64),
+                              None if b is None else b.to(torch.float64))
         return torch.log_softmax(logits, dim=-1)
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         self._check_sample_args(query, num_samples)
+        if query.shape[0] * num_samples == 0:  # multinomial refuses to draw 0 samples
+            return self._empty_draw(query, num_samples)
         log_p = self._log_p(query)
         ids = torch.multinomial(log_p.exp(), num_samples, replacement=True, generator=generator)
         return ids, log_p.gather(1, ids).to(torch.float32)
@@ -95,5 +113,5 @@ class ExactSampler(Sampler):
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         self._check_ids(query, ids)
         log_p = self._log_p(query)
-        flat = ids.reshape(ids.shape[0], -1)
+        flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
         return log_p.gather(1, flat).reshape(ids.shape).to(torch.float32)
