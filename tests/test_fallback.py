@@ -257,6 +257,25 @@ def test_sample_targets_log_q_and_edge_shapes():
         fb.midx_sample_seeded(s1, s2, *_tables(s), 4, 7, 0, targets)
 
 
+def test_sample_and_log_prob_check_what_they_index_with():
+    """Corrupt tables get an error before any indexing (a CUDA gather would device-assert)."""
+    s = _index(n=300, K=4)
+    s1, s2 = s.scores(torch.randn(2, 12, generator=torch.Generator().manual_seed(9)))
+    good = list(_tables(s))
+    cases = {3: s.offsets.flip(0), 4: s.class_ids + 1, 6: s.alias_pos.clone().fill_(300), 5: s.alias_prob[:-1]}
+    for where, bad in cases.items():
+        args = list(good)
+        args[where] = bad
+        with pytest.raises(RuntimeError, match="midx_sample"):
+            fb.midx_sample_seeded(s1, s2, *args, 4, 7, 0)
+    with pytest.raises(RuntimeError, match="code1"):
+        fb.midx_log_prob(s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.beta, s.code1 + 4, s.code2,
+                         torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="ids"):
+        fb.midx_log_prob(s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.beta, s.code1, s.code2,
+                         torch.full((2, 1), -1))
+
+
 def test_offset_continues_the_stream_and_generator_reproduces():
     s = _index(n=500, K=4)
     q = torch.randn(2, 12, generator=torch.Generator().manual_seed(6))
@@ -436,3 +455,36 @@ def test_forced_fallback_registers_the_ops_and_warns_once():
         loss.backward()
         assert math.isclose(got["loss"], loss.item(), rel_tol=1e-12, abs_tol=1e-12)
         assert math.isclose(got["grad"], head.weight.grad.sum().item(), rel_tol=1e-10, abs_tol=1e-12)
+
+
+_CHILD_MIDX = textwrap.dedent("""
+    import warnings
+    warnings.simplefilter("ignore")
+    import torch
+    from imi_softmax import IMISoftmax, MIDXSampler, _loader
+    assert _loader.USING_FALLBACK
+    torch.manual_seed(0)
+    head = IMISoftmax(8, 300, num_samples=16, num_codewords=4)
+    x, t = torch.randn(6, 8), torch.randint(0, 300, (6,))
+    loss = head(x, t)
+    loss.backward()
+    assert torch.isfinite(loss) and head.weight.grad.abs().sum() > 0
+    s = MIDXSampler(num_codewords=4).build(torch.randn(300, 8), torch.randn(300))
+    ids, log_q = s.sample(x, 32)
+    assert torch.equal(log_q, s.log_prob(x, ids))
+    head.eval()
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, head.weight, head.bias), t)
+    torch.testing.assert_close(head(x, t), ref)
+    print("ok")
+""")
+
+
+@pytest.mark.xfail(not USING_FALLBACK and not kernels_follow_contract(), strict=False,
+                   reason="the package's Python still unpacks the pre-contract midx_sample (2 outputs); "
+                          "the fallback registers CONTRACT.md's 3-output schema")
+def test_forced_fallback_trains_with_the_midx_sampler():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMI_")}
+    env.update(IMI_FORCE_FALLBACK="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", _CHILD_MIDX], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

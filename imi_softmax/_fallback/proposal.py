@@ -147,13 +147,42 @@ def _check_ids(op: str, name: str, ids: Tensor, n: int, allow_negative: bool) ->
         raise RuntimeError(f"{op}: {name} holds {int(ids[bad][0])}, outside [0, {n})")
 
 
+def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_pos, beta_csr) -> None:
+    """What the draw indexes with: monotone CSR ending at len(class_ids), ids and aliases in range,
+    per-class tables of length N (torch would raise too, but a CUDA device assert is not an error)."""
+    n = class_ids.numel()
+    if offsets.numel() != K * K + 1 or offsets.dtype != torch.int64 or class_ids.dtype != torch.int64:
+        raise RuntimeError("midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+        raise RuntimeError(f"midx_sample: offsets must rise from 0 to len(class_ids) = {n}")
+    _check_ids("midx_sample", "class_ids", class_ids, n, allow_negative=False)
+    tables = [t for t in (alias_prob, alias_pos, beta_csr) if t is not None and t.numel() > 0]
+    if any(t.numel() != n for t in tables):
+        raise RuntimeError(f"midx_sample: alias_prob, alias_pos and beta_csr must hold N = {n} entries")
+    if alias_pos is not None and alias_pos.numel() > 0:
+        if alias_prob is None or alias_prob.numel() != n:
+            raise RuntimeError("midx_sample: alias_pos needs alias_prob of the same length")
+        _check_ids("midx_sample", "alias_pos", alias_pos, n, allow_negative=False)
+
+
+def _check_codes(op: str, code1: Tensor, code2: Tensor, beta, K: int) -> None:
+    n = code1.numel()
+    if code2.numel() != n or code1.dtype != torch.int64 or code2.dtype != torch.int64:
+        raise RuntimeError(f"{op}: code1 and code2 must be int64 [N] of equal length")
+    _check_ids(op, "code1", code1, K, allow_negative=False)
+    _check_ids(op, "code2", code2, K, allow_negative=False)
+    if beta is not None and beta.numel() != n:
+        raise RuntimeError(f"{op}: beta must hold N = {n} entries, got {beta.numel()}")
+
+
 def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) -> Tensor:
     """Exact log Q(ids | query) [B, L] float32 from the same preparation as the draws."""
     _check_scores("midx_log_prob", s1, s2, log_n, cell_mass, log_n_max)
     if not (ids.dim() == 2 and ids.shape[0] == s1.shape[0] and ids.dtype == torch.int64):
         raise RuntimeError(f"midx_log_prob: ids must be int64 [B, L] with B = {s1.shape[0]}, got {tuple(ids.shape)}")
-    _check_ids("midx_log_prob", "ids", ids, code1.shape[0], allow_negative=False)
     K = s1.shape[1]
+    _check_codes("midx_log_prob", code1, code2, beta, K)
+    _check_ids("midx_log_prob", "ids", ids, code1.shape[0], allow_negative=False)
     _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max.reshape(1))
     return _class_log_q(s1, s2, beta, code1, code2, ids, log_z)
 
@@ -168,13 +197,13 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
         raise RuntimeError(f"midx_sample: num_samples must be >= 0, got {M}")
     if offset % 4 != 0 or offset < 0:
         raise RuntimeError(f"midx_sample: offset must be a non-negative multiple of 4, got {offset}")
-    if offsets.numel() != K * K + 1 or offsets.dtype != torch.int64 or class_ids.dtype != torch.int64:
-        raise RuntimeError("midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]")
+    _check_tables(K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
     if targets is not None and (code1 is None or code2 is None):
         raise RuntimeError("midx_sample: targets need code1 and code2")
     if targets is not None and not (targets.dim() == 2 and targets.shape[0] == B and targets.dtype == torch.int64):
         raise RuntimeError(f"midx_sample: targets must be int64 [B, L] with B = {B}, got {tuple(targets.shape)}")
     if targets is not None:
+        _check_codes("midx_sample", code1, code2, beta, K)
         _check_ids("midx_sample", "targets", targets, code1.shape[0], allow_negative=True)
     dev = s1.device
     cdf1, cdf2, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max.reshape(1))
