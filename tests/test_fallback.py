@@ -488,3 +488,29 @@ def test_forced_fallback_trains_with_the_midx_sampler():
     out = subprocess.run([sys.executable, "-c", _CHILD_MIDX], cwd=ROOT, capture_output=True, text=True,
                          timeout=180, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fallback_on_cuda_equals_cpu():
+    """The fallback is device-agnostic torch: the same tables, draws and loss on a GPU."""
+    code1, code2 = _codes(400, 4, 6)
+    beta = torch.randn(400, generator=torch.Generator().manual_seed(7))
+    cpu = fb.build_cells(code1, code2, beta, 4)
+    gpu = fb.build_cells(code1.cuda(), code2.cuda(), beta.cuda(), 4)
+    for a, b in zip(cpu, gpu):
+        assert b.is_cuda and torch.equal(a, b.cpu())
+    s1 = torch.randn(3, 4, generator=torch.Generator().manual_seed(8))
+    s2 = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
+    offsets, class_ids, prob, pos, bcsr, log_n, mass, log_n_max = cpu
+    args = (log_n, mass, log_n_max, offsets, class_ids, prob, pos, bcsr)
+    want = fb.midx_sample_seeded(s1, s2, *args, 64, 5, 8)
+    got = fb.midx_sample_seeded(s1.cuda(), s2.cuda(), *[t.cuda() for t in args], 64, 5, 8)
+    assert torch.equal(want[0], got[0].cpu())
+    torch.testing.assert_close(want[1], got[1].cpu(), rtol=0, atol=1e-5)
+    x, w, b, target, ids, log_q, tlq = make_loss_inputs(B=4, N=40, d=5, M=6)
+    all_ids = torch.cat([target[:, None], ids], 1)
+    all_lq = torch.cat([tlq[:, None], log_q], 1).double()
+    want = fb.sampled_softmax_forward(x.detach(), w.detach(), b.detach(), all_ids, all_lq, True, -100, False)
+    got = fb.sampled_softmax_forward(x.detach().cuda(), w.detach().cuda(), b.detach().cuda(), all_ids.cuda(),
+                                     all_lq.cuda(), True, -100, False)
+    torch.testing.assert_close(want[0], got[0].cpu())

@@ -57,8 +57,8 @@ def log_poly(x: Tensor) -> Tensor:
 def _row_log_mass_exact(s2: Tensor, log_n: Tensor) -> Tensor:
     """OnlineLSE over k2 of s2[b, k2] + log_n[k1, k2], sequentially: [B, K]."""
     v = s2[:, None, :] + log_n[None, :, :]
-    m = torch.full(v.shape[:2], -math.inf, dtype=_F32)
-    s = torch.zeros(v.shape[:2], dtype=_F32)
+    m = torch.full(v.shape[:2], -math.inf, dtype=_F32, device=v.device)
+    s = torch.zeros(v.shape[:2], dtype=_F32, device=v.device)
     for k2 in range(v.shape[2]):
         x = v[:, :, k2]
         skip = x == -math.inf
