@@ -36,8 +36,9 @@ class BuildFacts:
     cuda_home: Optional[str]              # torch.utils.cpp_extension.CUDA_HOME
     nvcc_version: Optional[str]           # "13.0" from `nvcc --version`, None if it did not run
     gpu_count: int = 0                    # GPUs torch sees at build time
-    cuda_include_dirs: List[str] = field(default_factory=list)  # CUDA_HOME/include + pip's nvidia/*/include
-    missing_headers: List[str] = field(default_factory=list)    # REQUIRED_CUDA_HEADERS found in none of them
+    toolkit_missing: List[str] = field(default_factory=list)    # REQUIRED_CUDA_HEADERS not in CUDA_HOME/include, CPATH
+    pip_include_dirs: List[str] = field(default_factory=list)   # site-packages/nvidia/*/include (cu13: nvidia/cu13/include)
+    missing_headers: List[str] = field(default_factory=list)    # REQUIRED_CUDA_HEADERS found nowhere
 
 
 @dataclass
@@ -71,8 +72,8 @@ def decide(env: Mapping[str, str], facts: BuildFacts) -> BuildPlan:
     arch = None
     if env.get("TORCH_CUDA_ARCH_LIST", "").strip() in ("", "native") and facts.gpu_count == 0:
         arch = DEFAULT_ARCH_LIST
-    extra = [d for d in facts.cuda_include_dirs if facts.cuda_home is None
-             or os.path.normpath(d) != os.path.normpath(os.path.join(facts.cuda_home, "include"))]
+    # pip's headers only where the toolkit lacks some: given with -I they would shadow its own
+    extra = list(facts.pip_include_dirs) if facts.toolkit_missing else []
     if env_flag(env, "IMI_FORCE_CUDA"):
         why = "IMI_FORCE_CUDA is set"
         if arch is not None:
@@ -111,22 +112,23 @@ def nvcc_version(cuda_home: Optional[str]) -> Optional[str]:
     return found.group(1) if found else None
 
 
-def cuda_include_dirs(cuda_home: Optional[str], site_dirs: List[str], env: Mapping[str, str]) -> List[str]:
-    """Where CUDA headers may live: CUDA_HOME/include, CPATH, and the include folders of pip's
-    nvidia-* wheels (``nvidia/cu13/include`` for torch's cu13 builds, ``nvidia/*/include`` before)."""
-    dirs = []
-    if cuda_home is not None:
-        dirs.append(os.path.join(cuda_home, "include"))
+def toolkit_include_dirs(cuda_home: Optional[str], env: Mapping[str, str]) -> List[str]:
+    """CUDA_HOME/include and the CPATH entries (where the compilers look on their own)."""
+    dirs = [os.path.join(cuda_home, "include")] if cuda_home is not None else []
     dirs += [d for d in env.get("CPATH", "").split(os.pathsep) if d]
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def pip_include_dirs(site_dirs: List[str]) -> List[str]:
+    """Include folders of pip's nvidia-* wheels: ``nvidia/cu13/include`` for torch's cu13 builds,
+    ``nvidia/<library>/include`` before."""
+    dirs = []
     for site in site_dirs:
         root = os.path.join(site, "nvidia")
-        if not os.path.isdir(root):
-            continue
-        for sub in sorted(os.listdir(root)):
-            inc = os.path.join(root, sub, "include")
-            if os.path.isdir(inc):
-                dirs.append(inc)
-    return [d for d in dirs if os.path.isdir(d)]
+        if os.path.isdir(root):
+            dirs += [os.path.join(root, sub, "include") for sub in sorted(os.listdir(root))
+                     if os.path.isdir(os.path.join(root, sub, "include"))]
+    return dirs
 
 
 def missing_headers(include_dirs: List[str]) -> List[str]:
@@ -146,6 +148,7 @@ def probe(env: Mapping[str, str]) -> BuildFacts:
     except Exception:  # noqa: BLE001 - a broken driver is "no GPU" for the build
         gpus = 0
     site_dirs = [os.path.dirname(os.path.dirname(torch.__file__))] + [p for p in sys.path if p.endswith("site-packages")]
-    incs = cuda_include_dirs(CUDA_HOME, list(dict.fromkeys(site_dirs)), env)
+    toolkit = toolkit_include_dirs(CUDA_HOME, env)
+    pip = pip_include_dirs(list(dict.fromkeys(site_dirs)))
     return BuildFacts(torch.__version__, torch.version.cuda, CUDA_HOME, nvcc_version(CUDA_HOME), gpus,
-                      incs, missing_headers(incs))
+                      missing_headers(toolkit), pip, missing_headers(toolkit + pip))

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def facts(**kw):
     base = dict(torch_version="2.13.0", torch_cuda="13.0", cuda_home="/usr/local/cuda", nvcc_version="13.0",
-                gpu_count=0, cuda_include_dirs=["/usr/local/cuda/include"], missing_headers=[])
+                gpu_count=0, toolkit_missing=[], pip_include_dirs=["/site/nvidia/cu13/include"], missing_headers=[])
     base.update(kw)
     return cfg.BuildFacts(**base)
 
@@ -33,7 +33,7 @@ def facts(**kw):
     ({}, dict(cuda_home=None), "cpu", "no CUDA toolkit"),
     ({}, dict(nvcc_version=None), "cpu", "did not run"),
     ({}, dict(nvcc_version="12.4"), "cpu", "nvcc is CUDA 12.4 but torch was built with CUDA 13.0"),
-    ({}, dict(missing_headers=["cusparse.h"]), "cpu", "cusparse.h"),
+    ({}, dict(toolkit_missing=["cusparse.h"], missing_headers=["cusparse.h"]), "cpu", "cusparse.h"),
     ({"IMI_FORCE_CPU": "1"}, {}, "cpu", "IMI_FORCE_CPU"),
     ({"IMI_FORCE_CUDA": "1"}, dict(torch_cuda=None, cuda_home=None), "cuda", "IMI_FORCE_CUDA"),
     ({"IMI_FORCE_CUDA": "1", "IMI_FORCE_CPU": "1"}, {}, "cpu", "IMI_FORCE_CPU"),
@@ -55,7 +55,7 @@ def test_decide(env, kw, mode, reason_has):
         assert plan.arch_list is None
 
 
-def test_pip_cu13_headers_are_found_and_added(tmp_path):
+def test_pip_cu13_headers_are_added_only_where_the_toolkit_lacks_them(tmp_path):
     """torch's cu13 wheels ship the CUDA headers under site-packages/nvidia/cu13/include."""
     inc = tmp_path / "nvidia" / "cu13" / "include"
     inc.mkdir(parents=True)
@@ -63,12 +63,20 @@ def test_pip_cu13_headers_are_found_and_added(tmp_path):
         (inc / h).write_text("")
     home = tmp_path / "cuda"
     (home / "include").mkdir(parents=True)  # a toolkit without its development headers
-    dirs = cfg.cuda_include_dirs(str(home), [str(tmp_path)], {})
-    assert str(inc) in dirs
-    assert cfg.missing_headers(dirs) == []
-    assert cfg.missing_headers([str(home / "include")]) == list(cfg.REQUIRED_CUDA_HEADERS)
-    plan = cfg.decide({}, facts(cuda_home=str(home), cuda_include_dirs=dirs))
+    (home / "include" / "cuda_runtime_api.h").write_text("")
+    toolkit = cfg.toolkit_include_dirs(str(home), {})
+    pip = cfg.pip_include_dirs([str(tmp_path), str(tmp_path / "elsewhere")])
+    assert toolkit == [str(home / "include")] and pip == [str(inc)]
+    assert cfg.missing_headers(toolkit) == ["cublas_v2.h", "cusparse.h"]
+    assert cfg.missing_headers(toolkit + pip) == []
+    plan = cfg.decide({}, facts(cuda_home=str(home), toolkit_missing=cfg.missing_headers(toolkit), pip_include_dirs=pip))
     assert plan.mode == "cuda" and plan.extra_include_dirs == [str(inc)]
+    # a complete toolkit keeps its own headers first: nothing from pip on the -I line
+    plan = cfg.decide({}, facts(cuda_home=str(home), toolkit_missing=[], pip_include_dirs=pip))
+    assert plan.mode == "cuda" and plan.extra_include_dirs == []
+    cpath = tmp_path / "cpath"
+    cpath.mkdir()
+    assert cfg.toolkit_include_dirs(None, {"CPATH": str(cpath)}) == [str(cpath)]
 
 
 def test_probe_describes_this_machine():
