@@ -121,12 +121,10 @@ def cdf_search(cdf: Tensor, u: Tensor) -> Tensor:
 
 
 def _class_log_q(s1, s2, beta, code1, code2, ids, log_z):
-    K = s1.shape[1]
+    """imi::class_log_q for ids [B, L] (negative ids read class 0; callers mask them)."""
     safe = ids.clamp(min=0)
-    c1, c2 = code1[safe], code2[safe]
-    v = torch.gather(s1, 1, c1) + torch.gather(s2, 1, c2)
+    v = torch.gather(s1, 1, code1[safe]) + torch.gather(s2, 1, code2[safe])
     b = beta[safe] if beta is not None else torch.zeros_like(v)
-    del K
     return (v + b) - log_z[:, None]
 
 
