@@ -514,3 +514,28 @@ def test_fallback_on_cuda_equals_cpu():
     got = fb.sampled_softmax_forward(x.detach().cuda(), w.detach().cuda(), b.detach().cuda(), all_ids.cuda(),
                                      all_lq.cuda(), True, -100, False)
     torch.testing.assert_close(want[0], got[0].cpu())
+
+
+def test_library_built_for_another_torch_falls_back_and_says_so(tmp_path):
+    """A stale imi_softmax._C (ImportError 'undefined symbol') is named in the one warning."""
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "imi_softmax"), tmp_path / "imi_softmax",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "imi_softmax" / "_C.py").write_text(
+        "raise ImportError('_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEa')\n")
+    child = textwrap.dedent("""
+        import warnings
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            import imi_softmax
+        msgs = [str(w.message) for w in seen if "imi_softmax" in str(w.message)]
+        assert len(msgs) == 1, msgs
+        assert "built for another torch version" in msgs[0] and "pip install --no-build-isolation ." in msgs[0]
+        assert imi_softmax._loader.USING_FALLBACK
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMI_")}
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                         env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
