@@ -1,19 +1,45 @@
-"""Loads the compiled library and names the fix when it is missing or was built for another torch."""
+"""Loads the compiled library, or registers the pure-PyTorch fallback and says how to get the former."""
+import os
+import warnings
+
 import torch
 
-_FIX = (
-    "Rebuild it against the torch you have now ({torch}): from the source tree run "
-    "`pip install --no-build-isolation -e .` (or `pip install --force-reinstall --no-build-isolation .`)."
-)
+_FIX = ("Fix: install a C++ compiler and reinstall with `pip install --no-build-isolation .` "
+        "(from the source tree; torch {torch} must be installed first).")
+
+USING_FALLBACK = False
+FALLBACK_REASON = None
 
 
-def load_library() -> None:
-    try:
-        from imi_softmax import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-    except ImportError as exc:
-        msg = str(exc)
-        if "undefined symbol" in msg or "version" in msg.lower():
-            why = "imi_softmax's compiled library (imi_softmax._C) was built for another torch version"
-        else:
-            why = "imi_softmax's compiled library (imi_softmax._C) is missing"
-        raise ImportError(f"{why}: {msg}\n" + _FIX.format(torch=torch.__version__)) from exc
+def _forced() -> bool:
+    return os.environ.get("IMI_FORCE_FALLBACK", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def load_library() -> bool:
+    """Registers the imi_softmax ops; True if they come from the compiled library (imi_softmax._C).
+
+    Without it (not built, built for another torch, or IMI_FORCE_FALLBACK=1) the pure-PyTorch ops
+    of imi_softmax._fallback are registered under the same names and a UserWarning names the fix.
+    """
+    global USING_FALLBACK, FALLBACK_REASON
+    if USING_FALLBACK:
+        return False
+    if _forced():
+        reason = "IMI_FORCE_FALLBACK is set"
+    else:
+        try:
+            from imi_softmax import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+            return True
+        except ImportError as exc:
+            msg = " ".join(str(exc).split())
+            if "undefined symbol" in msg or "version" in msg.lower():
+                reason = f"its compiled library (imi_softmax._C) was built for another torch version ({msg})"
+            else:
+                reason = f"its compiled library (imi_softmax._C) is missing ({msg})"
+    from ._fallback.register import register
+
+    register()
+    USING_FALLBACK, FALLBACK_REASON = True, reason
+    warnings.warn(f"imi_softmax runs its pure-PyTorch fallback ops (same math, much slower): {reason}. "
+                  + _FIX.format(torch=torch.__version__), UserWarning, stacklevel=2)
+    return False

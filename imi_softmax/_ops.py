@@ -4,7 +4,7 @@ from torch import Tensor
 
 from ._loader import load_library
 
-load_library()
+USING_FALLBACK = not load_library()
 
 ops = torch.ops.imi_softmax
 _lib = "imi_softmax::"

@@ -1,0 +1,128 @@
+"""Index build in pure PyTorch: nearest codewords and the cells CSR with masses and alias tables.
+
+Same algorithm and rounding as csrc/include/imi_softmax/{kmeans,cells}.h: a stable sort by cell
+(ascending id within a cell), log n in float32 from a double sum, and Vose's alias tables built
+in the same order with float32 arithmetic, so that seeded draws pick the same classes.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RuntimeError(msg)
+
+
+def assign_codewords(x: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
+    """codes [N] int64 and squared distances [N] (x's dtype) of the nearest centroid ([K, d])."""
+    _check(x.dim() == 2 and centroids.dim() == 2 and x.shape[1] == centroids.shape[1],
+           f"assign_codewords: x must be [N, d] and centroids [K, d], got {tuple(x.shape)} and {tuple(centroids.shape)}")
+    _check(centroids.shape[0] >= 1, "assign_codewords: centroids must hold at least one row")
+    _check(x.dtype == centroids.dtype and x.dtype in (torch.float32, torch.float64),
+           "assign_codewords: x and centroids must both be float32 or both float64")
+    _check(x.device == centroids.device, "assign_codewords: x and centroids must be on one device")
+    c_sqnorm = centroids.mul(centroids).sum(1)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the argmin needs only the last two terms
+    d = c_sqnorm - 2 * (x @ centroids.T)
+    best_d, codes = d.min(dim=1)  # first minimum on ties, like the kernel's strict <
+    sqdist = (best_d + x.mul(x).sum(1)).clamp_min(0)
+    return codes, sqdist
+
+
+def _vose(weights: List[float], n: int) -> Tuple[List[np.float32], List[int]]:
+    """Alias table of one cell in csrc's order (float32 arithmetic); positions local to the cell."""
+    prob = [np.float32(w) for w in weights]
+    alias = list(range(n))
+    work = [0] * n
+    one = np.float32(1.0)
+    small, large = 0, n
+    for p in range(n):
+        if prob[p] < one:
+            work[small] = p
+            small += 1
+        else:
+            large -= 1
+            work[large] = p
+    while small > 0 and large < n:
+        small -= 1
+        s, l = work[small], work[large]
+        alias[s] = l
+        prob[l] = (prob[l] + prob[s]) - one
+        if prob[l] < one:
+            large += 1
+            work[small] = l
+            small += 1
+    while small > 0:  # leftovers from rounding keep their own slot
+        small -= 1
+        prob[work[small]] = one
+    while large < n:
+        prob[work[large]] = one
+        large += 1
+    return prob, alias
+
+
+def _cell_log_mass_and_alias(beta_cell: np.ndarray, begin: int):
+    """log n of one non-empty cell with a bias, and its alias table (global CSR positions)."""
+    n = len(beta_cell)
+    m = beta_cell.max()
+    diffs = [float(b - m) for b in beta_cell]  # float32 subtraction, then to double
+    exps = [math.exp(v) for v in diffs]
+    total = 0.0
+    for e in exps:
+        total += e
+    prob, alias = _vose([e * n / total for e in exps], n)
+    return m + np.float32(math.log(total)), prob, [begin + a for a in alias]
+
+
+def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewords: int):
+    """(offsets [K*K+1], class_ids [N], alias_prob, alias_pos, beta_csr ([N] with beta, else [0]),
+    log_n [K, K], cell_mass [K, K], log_n_max [1]); see the schema in csrc/ops.cpp."""
+    K = int(num_codewords)
+    _check(K >= 1, f"build_cells: num_codewords must be >= 1, got {K}")
+    _check(code1.dim() == 1 and code1.shape == code2.shape and code1.dtype == torch.int64
+           and code2.dtype == torch.int64, "build_cells: code1 and code2 must be int64 [N] of equal length")
+    _check(K <= 3037000499, f"build_cells: num_codewords {K} makes K*K overflow int64")
+    n = code1.shape[0]
+    if n > 0:
+        bad = (code1 < 0) | (code1 >= K) | (code2 < 0) | (code2 >= K)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise RuntimeError(f"build_cells: code of class {i} out of range [0, {K}): "
+                               f"({int(code1[i])}, {int(code2[i])})")
+    has_beta = beta is not None
+    if has_beta:
+        _check(beta.dim() == 1 and beta.shape[0] == n and beta.dtype == torch.float32,
+               "build_cells: beta must be float32 [N]")
+    device = code1.device
+    cell = code1 * K + code2
+    counts = torch.bincount(cell, minlength=K * K)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    class_ids = torch.sort(cell, stable=True).indices
+    per_class = n if has_beta else 0
+    alias_prob = torch.ones(per_class, dtype=torch.float32)
+    alias_pos = torch.arange(per_class, dtype=torch.int64)
+    beta_csr = beta[class_ids].cpu() if has_beta else torch.empty(0, dtype=torch.float32)
+    log_n = torch.full((K * K,), -math.inf, dtype=torch.float32)
+    cnt = counts.cpu()
+    if not has_beta:
+        nonempty = cnt > 0
+        log_n[nonempty] = torch.tensor([math.log(c) for c in cnt[nonempty].tolist()], dtype=torch.float64).float()
+    else:
+        off = offsets.tolist()
+        b_np = beta_csr.numpy()
+        prob_np, alias_np, log_n_np = alias_prob.numpy(), alias_pos.numpy(), log_n.numpy()
+        for c in cnt.nonzero().flatten().tolist():
+            lo, hi = off[c], off[c + 1]
+            log_n_np[c], prob, alias = _cell_log_mass_and_alias(b_np[lo:hi], lo)
+            prob_np[lo:hi] = prob
+            alias_np[lo:hi] = alias
+    log_n = log_n.view(K, K).to(device)
+    # finite max: empty cells are -inf (the kernel's masked max, then the same torch exp)
+    log_n_max = log_n.masked_fill(log_n.isneginf(), -torch.finfo(torch.float32).max).max().reshape(1)
+    cell_mass = (log_n - log_n_max).exp()
+    return (offsets, class_ids, alias_prob.to(device), alias_pos.to(device), beta_csr.to(device),
+            log_n, cell_mass, log_n_max)

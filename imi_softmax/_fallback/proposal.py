@@ -1,0 +1,254 @@
+"""MIDX proposal in pure PyTorch: the per-query preparation, the three-stage draw and log Q.
+
+Mirrors csrc/include/imi_softmax/proposal.h step by step, vectorized over the batch: the same
+polynomial exp/log in float32, the same sequential float32 cumulative sums, the same inverse-CDF
+rule, and the random numbers of CONTRACT.md section 1 (philox.py). Draws therefore agree with the
+kernels except where the two rounding paths straddle a CDF boundary (probability ~1e-7 a draw).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .philox import MASK32, draw_words, slot_and_accept, uniform24
+
+ROW_MASS_FLOOR = 1e-30  # IMI_ROW_MASS_FLOOR: rows below it are recomputed in log space
+_F32 = torch.float32
+
+
+def _f32(v: float) -> Tensor:
+    return torch.tensor(v, dtype=_F32)
+
+
+def exp_poly(x: Tensor) -> Tensor:
+    """imi::exp_poly in float32, operation by operation (exactly 0 below -87.3 and for -inf)."""
+    xc = x.clamp(max=88.0).clamp(min=-87.3)  # NaN-free for -inf: the clamps map it to -87.3
+    ni = (xc * _f32(1.44269504088896341) + _f32(128.5)).to(torch.int32) - 128
+    n = ni.to(_F32)
+    r = (xc - n * _f32(0.693359375)) + n * _f32(2.12194440e-4)
+    p = torch.full_like(r, 1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + _f32(c)
+    y = p * r * r + r + _f32(1.0)
+    scale = ((ni + 127) << 23).view(_F32)
+    return torch.where(x > -87.3, y * scale, torch.zeros_like(y))
+
+
+def log_poly(x: Tensor) -> Tensor:
+    """imi::log_poly in float32 for positive normal x."""
+    b = x.contiguous().view(torch.int32).to(torch.int64) & MASK32
+    e = (((b >> 23) & 0xFF) - 126).to(_F32)
+    m = ((b & 0x807FFFFF) | 0x3F000000).to(torch.int32).view(_F32)
+    small = m < 0.707106781186547524
+    e = torch.where(small, e - 1.0, e)
+    m = torch.where(small, m + m - 1.0, m - 1.0)
+    z = m * m
+    p = torch.full_like(m, 7.0376836292e-2)
+    for c in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
+              2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+        p = p * m + _f32(c)
+    y = m * z * p
+    y = y + _f32(-2.12194440e-4) * e
+    y = y + _f32(-0.5) * z
+    return (m + y) + _f32(0.693359375) * e
+
+
+def _row_log_mass_exact(s2: Tensor, log_n: Tensor) -> Tensor:
+    """OnlineLSE over k2 of s2[b, k2] + log_n[k1, k2], sequentially: [B, K]."""
+    v = s2[:, None, :] + log_n[None, :, :]
+    m = torch.full(v.shape[:2], -math.inf, dtype=_F32, device=v.device)
+    s = torch.zeros(v.shape[:2], dtype=_F32, device=v.device)
+    for k2 in range(v.shape[2]):
+        x = v[:, :, k2]
+        skip = x == -math.inf
+        up = (x > m) & ~skip
+        s = torch.where(up, s * torch.exp(m - x) + 1.0, torch.where(skip, s, s + torch.exp(x - m)))
+        m = torch.where(up, x, m)
+    return torch.where(m == -math.inf, m, m + torch.log(s))
+
+
+def _cumsum_seq(x: Tensor) -> Tensor:
+    """Sequential float32 cumulative sum along the last dim (torch.cumsum accumulates in double)."""
+    out = torch.empty_like(x)
+    acc = torch.zeros_like(x[..., 0])
+    for k in range(x.shape[-1]):
+        acc = acc + x[..., k]
+        out[..., k] = acc
+    return out
+
+
+def prepare(s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """query_prepare_table for a batch: (cdf1 [B, K], cdf2 [B, K(k1), K(k2)], log_z [B])."""
+    K = s1.shape[1]
+    m2 = s2.max(dim=1, keepdim=True).values
+    e2 = exp_poly(s2 - m2)
+    # stage-2 table: cdf2[b, k1, k2] = sum_{k2' <= k2} cell_mass[k1, k2'] * e2[b, k2'], in k2 order
+    cdf2 = torch.empty(s1.shape[0], K, K, dtype=_F32, device=s1.device)
+    acc = cell_mass[None, :, 0] * e2[:, None, 0]
+    cdf2[:, :, 0] = acc
+    for k2 in range(1, K):
+        acc = acc + cell_mass[None, :, k2] * e2[:, None, k2]
+        cdf2[:, :, k2] = acc
+    last = cdf2[:, :, K - 1]
+    ok = last > ROW_MASS_FLOOR
+    r = torch.where(ok, log_poly(torch.where(ok, last, torch.ones_like(last))) + (m2 + log_n_max),
+                    torch.full_like(last, -math.inf))
+    if not bool(ok.all()):
+        exact = _row_log_mass_exact(s2, log_n)
+        r = torch.where(ok, r, exact)
+        w = torch.where(log_n[None] == -math.inf, torch.zeros_like(cdf2),
+                        torch.exp(s2[:, None, :] + log_n[None] - exact[:, :, None]))
+        cdf2 = torch.where(ok[:, :, None], cdf2, _cumsum_seq(w))
+    t = s1 + r
+    l1max = t.max(dim=1, keepdim=True).values
+    cdf1 = _cumsum_seq(exp_poly(t - l1max))
+    log_z = l1max[:, 0] + torch.log(cdf1[:, K - 1])
+    return cdf1, cdf2, log_z
+
+
+def cdf_search(cdf: Tensor, u: Tensor) -> Tensor:
+    """cdf_search_strided on rows: cdf [..., n] nondecreasing, u [..., M] -> int64 [..., M].
+
+    The first index whose cumulative weight exceeds u * total (the last one if none does), then
+    back over zero-mass entries: the first index holding the same cumulative value.
+    """
+    n = cdf.shape[-1]
+    target = u * cdf[..., n - 1 : n]
+    k = (cdf[..., None, :] <= target[..., None]).sum(-1).clamp(max=n - 1)
+    at = torch.gather(cdf, -1, k)
+    return (cdf[..., None, :] < at[..., None]).sum(-1)
+
+
+def _class_log_q(s1, s2, beta, code1, code2, ids, log_z):
+    """imi::class_log_q for ids [B, L] (negative ids read class 0; callers mask them)."""
+    safe = ids.clamp(min=0)
+    v = torch.gather(s1, 1, code1[safe]) + torch.gather(s2, 1, code2[safe])
+    b = beta[safe] if beta is not None else torch.zeros_like(v)
+    return (v + b) - log_z[:, None]
+
+
+def _check_scores(op: str, s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> int:
+    if not (s1.dim() == 2 and s1.shape == s2.shape and s1.dtype == _F32 and s2.dtype == _F32):
+        raise RuntimeError(f"{op}: s1 and s2 must be float32 [B, K] of equal shape, got {tuple(s1.shape)} and {tuple(s2.shape)}")
+    K = s1.shape[1]
+    if log_n.numel() != K * K or cell_mass.numel() != K * K or log_n_max.numel() != 1:
+        raise RuntimeError(f"{op}: log_n and cell_mass must hold K*K = {K * K} entries and log_n_max 1")
+    return K
+
+
+def _check_ids(op: str, name: str, ids: Tensor, n: int, allow_negative: bool) -> None:
+    if ids.numel() == 0:
+        return
+    bad = (ids >= n) | ((ids < 0) if not allow_negative else torch.zeros_like(ids, dtype=torch.bool))
+    if bool(bad.any()):
+        raise RuntimeError(f"{op}: {name} holds {int(ids[bad][0])}, outside [0, {n})")
+
+
+def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_pos, beta_csr) -> None:
+    """What the draw indexes with: monotone CSR ending at len(class_ids), ids and aliases in range,
+    per-class tables of length N (torch would raise too, but a CUDA device assert is not an error)."""
+    n = class_ids.numel()
+    if offsets.numel() != K * K + 1 or offsets.dtype != torch.int64 or class_ids.dtype != torch.int64:
+        raise RuntimeError("midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+        raise RuntimeError(f"midx_sample: offsets must rise from 0 to len(class_ids) = {n}")
+    _check_ids("midx_sample", "class_ids", class_ids, n, allow_negative=False)
+    tables = [t for t in (alias_prob, alias_pos, beta_csr) if t is not None and t.numel() > 0]
+    if any(t.numel() != n for t in tables):
+        raise RuntimeError(f"midx_sample: alias_prob, alias_pos and beta_csr must hold N = {n} entries")
+    if alias_pos is not None and alias_pos.numel() > 0:
+        if alias_prob is None or alias_prob.numel() != n:
+            raise RuntimeError("midx_sample: alias_pos needs alias_prob of the same length")
+        _check_ids("midx_sample", "alias_pos", alias_pos, n, allow_negative=False)
+
+
+def _check_codes(op: str, code1: Tensor, code2: Tensor, beta, K: int) -> None:
+    n = code1.numel()
+    if code2.numel() != n or code1.dtype != torch.int64 or code2.dtype != torch.int64:
+        raise RuntimeError(f"{op}: code1 and code2 must be int64 [N] of equal length")
+    _check_ids(op, "code1", code1, K, allow_negative=False)
+    _check_ids(op, "code2", code2, K, allow_negative=False)
+    if beta is not None and beta.numel() != n:
+        raise RuntimeError(f"{op}: beta must hold N = {n} entries, got {beta.numel()}")
+
+
+def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) -> Tensor:
+    """Exact log Q(ids | query) [B, L] float32 from the same preparation as the draws."""
+    _check_scores("midx_log_prob", s1, s2, log_n, cell_mass, log_n_max)
+    if not (ids.dim() == 2 and ids.shape[0] == s1.shape[0] and ids.dtype == torch.int64):
+        raise RuntimeError(f"midx_log_prob: ids must be int64 [B, L] with B = {s1.shape[0]}, got {tuple(ids.shape)}")
+    K = s1.shape[1]
+    _check_codes("midx_log_prob", code1, code2, beta, K)
+    _check_ids("midx_log_prob", "ids", ids, code1.shape[0], allow_negative=False)
+    _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max.reshape(1))
+    return _class_log_q(s1, s2, beta, code1, code2, ids, log_z)
+
+
+def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
+                       beta_csr, num_samples: int, seed: int, offset: int, targets=None, beta=None,
+                       code1=None, code2=None):
+    """(ids [B, M] int64, log_q [B, M] float32, target_log_q [B, L] float32); CONTRACT.md section 2."""
+    K = _check_scores("midx_sample", s1, s2, log_n, cell_mass, log_n_max)
+    B, M = s1.shape[0], int(num_samples)
+    if M < 0:
+        raise RuntimeError(f"midx_sample: num_samples must be >= 0, got {M}")
+    if offset % 4 != 0 or offset < 0:
+        raise RuntimeError(f"midx_sample: offset must be a non-negative multiple of 4, got {offset}")
+    _check_tables(K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
+    if targets is not None and (code1 is None or code2 is None):
+        raise RuntimeError("midx_sample: targets need code1 and code2")
+    if targets is not None and not (targets.dim() == 2 and targets.shape[0] == B and targets.dtype == torch.int64):
+        raise RuntimeError(f"midx_sample: targets must be int64 [B, L] with B = {B}, got {tuple(targets.shape)}")
+    if targets is not None:
+        _check_codes("midx_sample", code1, code2, beta, K)
+        _check_ids("midx_sample", "targets", targets, code1.shape[0], allow_negative=True)
+    dev = s1.device
+    cdf1, cdf2, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max.reshape(1))
+    if targets is None:
+        target_log_q = torch.zeros(B, 0, dtype=_F32, device=dev)
+    else:
+        lq = _class_log_q(s1, s2, beta, code1, code2, targets, log_z)
+        target_log_q = torch.where(targets < 0, torch.zeros_like(lq), lq)
+    if B == 0 or M == 0:
+        return (torch.zeros(B, M, dtype=torch.int64, device=dev), torch.zeros(B, M, dtype=_F32, device=dev),
+                target_log_q)
+    w0, w1, w2, w3 = draw_words(int(seed), int(offset), B, M, device=dev)
+    k1 = cdf_search(cdf1, uniform24(w0))                                    # [B, M]
+    rows = torch.gather(cdf2, 1, k1[:, :, None].expand(B, M, K))            # stage-2 CDF of each k1
+    k2 = cdf_search(rows, uniform24(w1)[:, :, None])[:, :, 0]
+    cell = k1 * K + k2
+    begin = offsets[cell]
+    count = offsets[cell + 1] - begin
+    if bool((count <= 0).any()):
+        raise RuntimeError("midx_sample: drew an empty cell (cell_mass does not match offsets)")
+    slot, u_acc = slot_and_accept(w2, w3, count)
+    pos = begin + slot
+    if alias_prob is not None and alias_pos is not None and alias_prob.numel() > 0:
+        pos = torch.where(u_acc < alias_prob[pos], pos, alias_pos[pos])
+    ids = class_ids[pos]
+    b = beta_csr[pos] if beta_csr is not None and beta_csr.numel() > 0 else torch.zeros(B, M, dtype=_F32, device=dev)
+    log_q = ((torch.gather(s1, 1, k1) + torch.gather(s2, 1, k2)) + b) - log_z[:, None]
+    return ids, log_q, target_log_q
+
+
+def generator_seed_offset(generator: Optional[torch.Generator], device: torch.device, num_samples: int) -> Tuple[int, int]:
+    """(seed, offset) a call draws from the generator, as the kernels do.
+
+    CPU: seed = the generator's random64(), offset 0 (randint over the full int64 range returns
+    random64() - 2^63). CUDA: the generator's seed and Philox offset, advanced by 4 * num_samples
+    (philox_cuda_state's contract)."""
+    if device.type == "cuda":
+        gen = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
+        offset = gen.get_offset()
+        gen.set_offset(offset + (4 * num_samples + 3) // 4 * 4)
+        return gen.initial_seed(), offset
+    v = int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64, generator=generator))
+    return (v + 2 ** 63) & ((1 << 64) - 1), 0
+
+
+def midx_sample(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos, beta_csr,
+                num_samples: int, generator=None, targets=None, beta=None, code1=None, code2=None):
+    seed, offset = generator_seed_offset(generator, s1.device, int(num_samples))
+    return midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
+                              beta_csr, num_samples, seed, offset, targets, beta, code1, code2)

@@ -1,0 +1,52 @@
+"""Registers the pure-PyTorch ops under the compiled library's names (used only when it is missing).
+
+The schemas are those of csrc/ops.cpp with the sampling ops of CONTRACT.md section 2, so the rest
+of the package (torch.ops.imi_softmax.*, the fakes and autograd of _ops.py) runs unchanged.
+"""
+import torch
+
+from . import cells, loss, proposal
+
+_SAMPLE_TAIL = ("Tensor? targets=None, Tensor? beta=None, Tensor? code1=None, Tensor? code2=None) -> "
+                "(Tensor ids, Tensor log_q, Tensor target_log_q)")
+_TABLES = ("Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, Tensor offsets, "
+           "Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, Tensor? beta_csr, int num_samples, ")
+
+SCHEMAS = {
+    "assign_codewords": ("assign_codewords(Tensor x, Tensor centroids) -> (Tensor codes, Tensor sqdist)",
+                         cells.assign_codewords),
+    "build_cells": ("build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
+                    "(Tensor offsets, Tensor class_ids, Tensor alias_prob, Tensor alias_pos, Tensor beta_csr, "
+                    "Tensor log_n, Tensor cell_mass, Tensor log_n_max)", cells.build_cells),
+    "midx_sample": ("midx_sample(" + _TABLES + "Generator? generator, " + _SAMPLE_TAIL, proposal.midx_sample),
+    "midx_sample_seeded": ("midx_sample_seeded(" + _TABLES + "int seed, int offset, " + _SAMPLE_TAIL,
+                           proposal.midx_sample_seeded),
+    "midx_log_prob": ("midx_log_prob(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
+                      "Tensor? beta, Tensor code1, Tensor code2, Tensor ids) -> Tensor", proposal.midx_log_prob),
+    "sampled_softmax_forward": ("sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
+                                "Tensor log_q, bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> "
+                                "(Tensor loss, Tensor lse)", loss.sampled_softmax_forward),
+    "sampled_softmax_backward": ("sampled_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, "
+                                 "Tensor ids, Tensor log_q, Tensor lse, bool remove_accidental_hits, "
+                                 "int ignore_index) -> (Tensor grad_x, Tensor coef)", loss.sampled_softmax_backward),
+    "dense_weight_grad": ("dense_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
+                          "(Tensor grad_weight, Tensor grad_bias)", loss.dense_weight_grad),
+    "sparse_weight_grad": ("sparse_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
+                           "(Tensor unique_ids, Tensor grad_weight_rows, Tensor grad_bias_rows)",
+                           loss.sparse_weight_grad),
+}
+
+_LIBRARY = None  # the registrations live as long as this object
+
+
+def register() -> None:
+    """Defines every op of the imi_softmax namespace with a pure-PyTorch CPU and CUDA kernel (once)."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return
+    lib = torch.library.Library("imi_softmax", "DEF")
+    for name, (schema, fn) in SCHEMAS.items():
+        lib.define(schema)
+        for key in ("CPU", "CUDA"):
+            lib.impl(name, fn, key)
+    _LIBRARY = lib
