@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
       t[1] = Clock::now();
 #if IMI_HAVE_AVX512_PASSES
       if (simd) {
-        draw::avx512::uniforms(7, 0, b, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+        draw::avx512::uniforms(7, 0, b, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
         t[2] = Clock::now();
         draw::avx512::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
         t[3] = Clock::now();
@@ -73,14 +73,14 @@ int main(int argc, char** argv) {
       } else
 #endif
       {
-        draw::portable::uniforms(7, 0, b, 0, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+        draw::portable::uniforms(7, 0, b, 0, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
         t[2] = Clock::now();
         draw::portable::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
         t[3] = Clock::now();
         draw::portable::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
         t[4] = Clock::now();
       }
-      draw::finish(ix, ws, q1, q2, log_z, M, ids.data() + b * M, log_q.data() + b * M);
+      draw::finish(ix, ws, log_z, M, ids.data() + b * M, log_q.data() + b * M);
       t[5] = Clock::now();
       for (int i = 0; i < 5; ++i) acc[i] += ms_between(t[i], t[i + 1]);
     }

@@ -119,9 +119,10 @@ class MIDXSampler(Sampler):
         self._check_sample_args(query, num_samples)
         self._check_query(query)
         s1, s2 = self.scores(query)
-        return ops.midx_sample(s1, s2, self.log_n, self.cell_mass, self.log_n_max, self.offsets,
-                               self.class_ids, self.alias_prob, self.alias_pos, self.beta_csr,
-                               num_samples, generator)
+        ids, log_q, _ = ops.midx_sample(s1, s2, self.log_n, self.cell_mass, self.log_n_max, self.offsets,
+                                        self.class_ids, self.alias_prob, self.alias_pos, self.beta_csr,
+                                        num_samples, generator)
+        return ids, log_q
 
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query); ids [B, ...] int64 -> float32 of the same shape."""
