@@ -2,6 +2,10 @@
 mapping, log Q normalization at large magnitudes, the targets' log Q from the sampling op, and
 empty batches / zero draws. CPU; the CUDA kernels run the same header bodies."""
 import math
+import os
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -283,3 +287,32 @@ def test_sample_ops_pass_opcheck():
     torch.library.opcheck(ops.midx_sample.default, (s1, s2, *index_args(s), 16, torch.Generator().manual_seed(0)),
                           dict(targets=targets, **codes),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ---- the CUDA kernel's arrangement of the bodies, on the host ----------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_mapping_check(tmp_path_factory):
+    """tests/cpp/gpu_mapping_check.cpp built with the extension's host flags (setup.py)."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ to build the host check")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    exe = tmp_path_factory.mktemp("cpp") / "gpu_mapping_check"
+    build = subprocess.run(["g++", "-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math",
+                            f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc'}",
+                            str(root / "tests" / "cpp" / "gpu_mapping_check.cpp"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    return exe
+
+
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_gpu_block_mapping_equals_cpu_passes_bitwise(gpu_mapping_check, simd):
+    """tests/cpp/gpu_mapping_check.cpp runs the CUDA kernel's arrangement of the shared bodies (one
+    stage-2 row per thread, block maxima, one thread cumulating stage 1, table and streaming stage 2,
+    stage 3 per draw) with threads as loops, and requires every intermediate and every draw to equal
+    the CPU passes (AVX-512 or portable) bit for bit, over K = 6..100, biased and unbiased,
+    underflowing rows and scores around 1e4."""
+    run = subprocess.run([str(gpu_mapping_check)], capture_output=True, text=True,
+                         env={**os.environ, "IMI_CPU_SIMD": simd}, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-2000:]
