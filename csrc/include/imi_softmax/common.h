@@ -74,8 +74,10 @@ IMI_HD_FLATTEN float fsub_rn(float a, float b) { return a - b; }
 #endif
 
 // Host functions that run the proposal bodies: no FMA contraction, also in the AVX-512 clones (GCC
-// contracts `a + b * c` there by default; its `optimize` attribute reaches the always-inlined
-// bodies). Other compilers: build with -ffp-contract=off for bitwise CPU/CUDA agreement.
+// contracts `a + b * c` across statements there by default; its `optimize` attribute reaches the
+// always-inlined bodies, see tests/cpp/gpu_mapping_check.cpp). Clang's default (fp-contract=on)
+// only fuses within one expression, which the fmul_rn/fadd_rn calls never are; a build with
+// -ffp-contract=fast or -ffast-math loses bitwise CPU/CUDA agreement.
 #if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__)
 #define IMI_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
 #else
