@@ -252,6 +252,14 @@ def test_target_log_q_from_the_sampling_op_equals_log_prob(bias):
         ops.midx_sample_seeded(*args, 4, 1, 0, targets=targets)
     with pytest.raises(RuntimeError, match="targets must lie in"):
         ops.midx_sample_seeded(*args, 4, 1, 0, targets=targets + s.num_classes, **codes)
+    bad_codes = s.code1.clone()
+    bad_codes[targets[0, 0]] = s.num_codewords  # read as t1[K]: out of bounds without the check
+    with pytest.raises(RuntimeError, match="codes in"):
+        ops.midx_sample_seeded(*args, 4, 1, 0, targets=targets, beta=s.beta, code1=bad_codes, code2=s.code2)
+    if bias:
+        with pytest.raises(RuntimeError, match="beta must be"):
+            ops.midx_sample_seeded(*args, 4, 1, 0, targets=targets, beta=s.beta[:-1], code1=s.code1,
+                                   code2=s.code2)
 
 
 def test_empty_batch_and_zero_samples():

@@ -54,6 +54,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     targets = targets_in->contiguous();
     L = targets.size(1);
     N = code1.numel();
+    TORCH_CHECK(!beta.has_value() || !beta->defined() ||
+                    (beta->numel() == N && beta->scalar_type() == at::kFloat && beta->is_contiguous()),
+                "midx_sample: beta must be contiguous float32 [N] with N = ", N, " (the length of code1)");
     set_class_codes(ix, beta, code1, code2);
   }
   auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
@@ -77,13 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
                          lqp + b * M);
         for (int64_t l = 0; l < L; ++l) {
           const int64_t t = tp[b * L + l];
-          if (t >= N) bad_target = true;
+          if (t >= N || (t >= 0 && !imi::codes_in_range(ix, t))) bad_target = true;
           tlqp[b * L + l] = imi::target_log_q(ix, ws.t1.data(), ws.t2.data(), t, N, log_z);
         }
       }
     });
   }
-  TORCH_CHECK(!bad_target, "midx_sample: targets must lie in [0, ", N, ") or be negative (ignored)");
+  TORCH_CHECK(!bad_target, "midx_sample: targets must lie in [0, ", N,
+              ") or be negative (ignored), and their codes in [0, ", K, ")");
   return {ids, log_q, target_log_q};
 }
 

@@ -247,6 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
     targets = targets_in->contiguous();
     L = targets.size(1);
     N = code1.numel();
+    TORCH_CHECK(!beta.has_value() || (beta->numel() == N && beta->scalar_type() == at::kFloat),
+                "midx_sample: beta must be float32 [N] with N = ", N, " (the length of code1)");
     set_class_codes(ix, beta, code1, code2);
   }
   auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));

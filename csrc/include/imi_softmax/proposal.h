@@ -248,12 +248,19 @@ IMI_HD float class_log_q(const CellIndex& ix, const float* t1, const float* t2, 
   return ((t1[ix.code1[id]] + t2[ix.code2[id]]) + shifted_bias(ix, ix.beta, id)) - log_z;
 }
 
-// log Q of a target: 0 for the ignore marker (negative id), NaN for an id outside [0, N) (the ops
-// check ids before; the NaN keeps a kernel that is reached anyway from reading out of bounds).
+// Whether class id in [0, N) has both codes in [0, K) (t1/t2 are read at them).
+IMI_HD bool codes_in_range(const CellIndex& ix, int64_t id) {
+  const int64_t c1 = ix.code1[id], c2 = ix.code2[id];
+  return c1 >= 0 && c1 < ix.K && c2 >= 0 && c2 < ix.K;
+}
+
+// log Q of a target: 0 for the ignore marker (negative id), NaN for an id outside [0, N) or with a
+// code outside [0, K) (the ops raise on those; the NaN keeps a kernel that is reached anyway from
+// reading out of bounds). Otherwise class_log_q's value.
 IMI_HD float target_log_q(const CellIndex& ix, const float* t1, const float* t2, int64_t id,
                           int64_t num_classes, float log_z) {
   if (id < 0) return 0.f;
-  if (id >= num_classes) return NAN;
+  if (id >= num_classes || !codes_in_range(ix, id)) return NAN;
   return class_log_q(ix, t1, t2, id, log_z);
 }
 
