@@ -10,6 +10,7 @@
 #include <random>
 
 #include "../csrc/cpu/draw_passes.h"
+#include "../csrc/include/imi_softmax/cells.h"
 
 using namespace imi_softmax;
 using Clock = std::chrono::steady_clock;
@@ -39,7 +40,7 @@ int main(int argc, char** argv) {
     log_n[c] = count[c] ? logf(static_cast<float>(count[c])) : -INFINITY;
     log_n_max = std::max(log_n_max, log_n[c]);
   }
-  for (int64_t c = 0; c < K * K; ++c) mass[c] = count[c] ? expf(log_n[c] - log_n_max) : 0.f;
+  for (int64_t c = 0; c < K * K; ++c) mass[c] = imi::cell_scaled_mass(nullptr, offsets[c], offsets[c + 1], log_n_max);
   imi::CellIndex ix{K, log_n.data(), mass.data(), &log_n_max, offsets.data(), class_ids.data(),
                     nullptr, nullptr, nullptr, nullptr, code1.data(), code2.data()};
   std::vector<float> s1(B * K), s2(B * K);
