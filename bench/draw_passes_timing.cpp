@@ -10,6 +10,7 @@
 #include <random>
 
 #include "../csrc/cpu/draw_passes.h"
+#include "../csrc/include/imi_softmax/cells.h"
 
 using namespace imi_softmax;
 using Clock = std::chrono::steady_clock;
@@ -39,7 +40,7 @@ int main(int argc, char** argv) {
     log_n[c] = count[c] ? logf(static_cast<float>(count[c])) : -INFINITY;
     log_n_max = std::max(log_n_max, log_n[c]);
   }
-  for (int64_t c = 0; c < K * K; ++c) mass[c] = count[c] ? expf(log_n[c] - log_n_max) : 0.f;
+  for (int64_t c = 0; c < K * K; ++c) mass[c] = imi::cell_scaled_mass(nullptr, offsets[c], offsets[c + 1], log_n_max);
   imi::CellIndex ix{K, log_n.data(), mass.data(), &log_n_max, offsets.data(), class_ids.data(),
                     nullptr, nullptr, nullptr, nullptr, code1.data(), code2.data()};
   std::vector<float> s1(B * K), s2(B * K);
@@ -64,7 +65,7 @@ int main(int argc, char** argv) {
       t[1] = Clock::now();
 #if IMI_HAVE_AVX512_PASSES
       if (simd) {
-        draw::avx512::uniforms(7, 0, b, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+        draw::avx512::uniforms(7, 0, b, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
         t[2] = Clock::now();
         draw::avx512::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
         t[3] = Clock::now();
@@ -73,14 +74,14 @@ int main(int argc, char** argv) {
       } else
 #endif
       {
-        draw::portable::uniforms(7, 0, b, 0, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+        draw::portable::uniforms(7, 0, b, 0, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
         t[2] = Clock::now();
         draw::portable::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
         t[3] = Clock::now();
         draw::portable::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
         t[4] = Clock::now();
       }
-      draw::finish(ix, ws, q1, q2, log_z, M, ids.data() + b * M, log_q.data() + b * M);
+      draw::finish(ix, ws, log_z, M, ids.data() + b * M, log_q.data() + b * M);
       t[5] = Clock::now();
       for (int i = 0; i < 5; ++i) acc[i] += ms_between(t[i], t[i + 1]);
     }

@@ -27,12 +27,18 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def(
       "midx_sample(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
       "Tensor offsets, Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, Tensor? beta_csr, "
-      "int num_samples, Generator? generator) -> (Tensor ids, Tensor log_q)");
-  // Same draw from an explicit Philox (seed, offset): identical samples on every backend.
+      "int num_samples, Generator? generator, Tensor? targets=None, Tensor? beta=None, "
+      "Tensor? code1=None, Tensor? code2=None) -> (Tensor ids, Tensor log_q, Tensor target_log_q)");
+  // Same draw from an explicit Philox (seed, offset): identical samples on every backend. offset
+  // counts 32-bit Philox outputs per query row (4 per draw; a multiple of 4).
+  // targets [B, L] int64 (negative: ignored, log Q 0) -> target_log_q [B, L] from the same query
+  // preparation as the draws (bit-equal to midx_log_prob); needs code1/code2 (beta by class id).
   m.def(
       "midx_sample_seeded(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, "
       "Tensor log_n_max, Tensor offsets, Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, "
-      "Tensor? beta_csr, int num_samples, int seed, int offset) -> (Tensor ids, Tensor log_q)");
+      "Tensor? beta_csr, int num_samples, int seed, int offset, Tensor? targets=None, "
+      "Tensor? beta=None, Tensor? code1=None, Tensor? code2=None) -> "
+      "(Tensor ids, Tensor log_q, Tensor target_log_q)");
   // Exact normalized log Q(ids | query) for ids [B, L].
   m.def(
       "midx_log_prob(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "

@@ -38,14 +38,24 @@ def _build_cells_fake(code1, code2, beta, num_codewords):
     )
 
 
-def _sample_fake(s1, *args):
-    num_samples = args[9]
+def _sample_outputs(s1, num_samples, targets):
+    """(ids [B, M] int64, log_q [B, M] float32, target_log_q [B, L] float32; L = 0 without targets)."""
     shape = (s1.shape[0], num_samples)
-    return s1.new_empty(shape, dtype=torch.int64), s1.new_empty(shape)
+    num_targets = 0 if targets is None else targets.shape[1]
+    return (s1.new_empty(shape, dtype=torch.int64), s1.new_empty(shape, dtype=torch.float32),
+            s1.new_empty((s1.shape[0], num_targets), dtype=torch.float32))
 
 
-torch.library.register_fake(_lib + "midx_sample")(_sample_fake)
-torch.library.register_fake(_lib + "midx_sample_seeded")(_sample_fake)
+@torch.library.register_fake(_lib + "midx_sample")
+def _sample_fake(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos, beta_csr,
+                 num_samples, generator, targets=None, beta=None, code1=None, code2=None):
+    return _sample_outputs(s1, num_samples, targets)
+
+
+@torch.library.register_fake(_lib + "midx_sample_seeded")
+def _sample_seeded_fake(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
+                        beta_csr, num_samples, seed, offset, targets=None, beta=None, code1=None, code2=None):
+    return _sample_outputs(s1, num_samples, targets)
 
 
 @torch.library.register_fake(_lib + "midx_log_prob")

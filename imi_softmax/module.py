@@ -294,9 +294,11 @@ class IMISoftmax(nn.Module):
         self._maybe_refresh()
         flat_x = x.reshape(-1, self.in_features)
         flat_t = target.reshape(-1)
-        ids, log_q = self.sampler.sample(flat_x.detach(), self.num_samples, generator=generator)
+        # ignored rows score class 0 (any valid id): the loss masks them, and the sampler's checks pass
         safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)
-        target_log_q = self.sampler.log_prob(flat_x.detach(), safe_t.unsqueeze(1)).squeeze(1)
+        ids, log_q, target_log_q = self.sampler.sample_with_targets(
+            flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator)
+        target_log_q = target_log_q.squeeze(1)
         return flat_x, flat_t, ids, log_q, target_log_q
 
     def _sampled_loss(self, x: Tensor, target: Tensor) -> Tensor:

@@ -176,7 +176,7 @@ def test_avx512_draw_passes_equal_portable_passes(monkeypatch, k, n, m, bias, sc
     g = torch.Generator().manual_seed(5)
     s1, s2 = s.scores(torch.randn(9, 16, generator=g) * scale)
     args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids, s.alias_prob, s.alias_pos,
-            s.beta_csr, m, 1234, 2**32 - 5)  # the offset makes the 64-bit draw counter carry
+            s.beta_csr, m, 1234, 4 * (2**32 - 5))  # draw counter offset/4 + j carries into the high word
     simd = torch.ops.imi_softmax.midx_sample_seeded(*args)
     monkeypatch.setenv("IMI_CPU_SIMD", "0")
     portable = torch.ops.imi_softmax.midx_sample_seeded(*args)

@@ -65,7 +65,12 @@ build_cells_cpu(
   });
   // Finite max: empty cells are -inf and N >= 1 guarantees one finite entry.
   auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
-  auto cell_mass = (log_n - log_n_max).exp();
+  auto cell_mass = at::empty({K, K}, float_opts);
+  float* cm = cell_mass.data_ptr<float>();
+  const float lmax = log_n_max.item<float>();
+  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) cm[c] = imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
+  });
   return {offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max};
 }
 

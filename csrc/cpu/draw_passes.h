@@ -4,9 +4,10 @@
 // overlaps its latencies, which one long loop per draw does not.
 //
 // Two implementations of the first three passes give identical results: `portable` calls the
-// shared header bodies (philox_uniform4, cdf_search, cdf_search_strided) and `avx512` computes the
+// shared header bodies (philox_draw, cdf_search, cdf_search_strided) and `avx512` computes the
 // same numbers 16 draws at a time: Philox on 16 counters, and both searches as the same branchless
 // halving as cdf_search (stage 1 with K <= 64 reading its CDF from registers, otherwise gathers).
+// Stage 3 (cell_slot, resolve_alias) and the log Q are the header bodies for both.
 // IMI_CPU_SIMD=0 forces the portable passes (tests compare the two).
 #pragma once
 
@@ -37,13 +38,15 @@ namespace imi_softmax {
 namespace draw {
 
 // Per-thread scratch for one query at a time (sized once per parallel chunk).
+// u0, u1: stage-1/2 uniforms; w2, w3: the slot's 64 random bits; u_accept: alias acceptance.
 struct Scratch {
-  std::vector<float> mass_t, cdf_t, e2, r, cdf1, u0, u1, u2, u3;
+  std::vector<float> mass_t, cdf_t, t1, t2, e2, r, cdf1, u0, u1, u_accept;
+  std::vector<uint32_t> w2, w3;
   std::vector<int32_t> k1, k2;
   std::vector<int64_t> pos;
   Scratch(const imi::CellIndex& ix, int64_t M)
-      : mass_t(ix.K * ix.K), cdf_t(ix.K * ix.K), e2(ix.K), r(ix.K), cdf1(ix.K), u0(M), u1(M),
-        u2(M), u3(M), k1(M), k2(M), pos(M) {
+      : mass_t(ix.K * ix.K), cdf_t(ix.K * ix.K), t1(ix.K), t2(ix.K), e2(ix.K), r(ix.K), cdf1(ix.K),
+        u0(M), u1(M), u_accept(M), w2(M), w3(M), k1(M), k2(M), pos(M) {
     const int64_t K = ix.K;
     for (int64_t a = 0; a < K; ++a)
       for (int64_t b = 0; b < K; ++b) mass_t[b * K + a] = ix.cell_mass[a * K + b];
@@ -51,28 +54,32 @@ struct Scratch {
   float prepare(const imi::CellIndex& ix, const float* s1, const float* s2);
 };
 
-// log Z of the query; fills e2, r, cdf1 and the transposed stage-2 table. Compiled per ISA: the
-// table and the exp/log loops are most of a query's preparation and vectorize.
-IMI_CPU_CLONES inline float prepare_query(const imi::CellIndex& ix, const float* mass_t,
-                                          const float* s1, const float* s2, float* e2, float* r,
-                                          float* cdf1, float* cdf_t) {
-  return imi::query_prepare_table(ix, mass_t, s1, s2, e2, r, cdf1, cdf_t);
+// log Z' of the query (proposal.h); fills t1, t2, e2, r, cdf1 and the transposed stage-2 table.
+// Compiled per ISA: the table and the exp/log loops are most of a query's preparation and
+// vectorize. Never FMA-contracted, so every clone (and the CUDA kernel) rounds the same way.
+IMI_CPU_CLONES IMI_NO_FP_CONTRACT inline float prepare_query(const imi::CellIndex& ix, const float* mass_t,
+                                                             const float* s1, const float* s2, float* t1,
+                                                             float* t2, float* e2, float* r, float* cdf1,
+                                                             float* cdf_t) {
+  return imi::query_prepare_table(ix, mass_t, s1, s2, t1, t2, e2, r, cdf1, cdf_t);
 }
 
 inline float Scratch::prepare(const imi::CellIndex& ix, const float* s1, const float* s2) {
-  return prepare_query(ix, mass_t.data(), s1, s2, e2.data(), r.data(), cdf1.data(), cdf_t.data());
+  return prepare_query(ix, mass_t.data(), s1, s2, t1.data(), t2.data(), e2.data(), r.data(), cdf1.data(),
+                       cdf_t.data());
 }
 
 namespace portable {
 
+// Draws j0 .. j0+n-1 of a call at `offset` (32-bit outputs, philox_block).
 IMI_CPU_CLONES inline void uniforms(uint64_t seed, uint64_t offset, uint64_t query, int64_t j0,
-                                    int64_t n, float* u0, float* u1, float* u2, float* u3) {
+                                    int64_t n, float* u0, float* u1, uint32_t* w2, uint32_t* w3) {
   for (int64_t j = 0; j < n; ++j) {
-    const imi::Uniform4 u = imi::philox_uniform4(seed, offset, query, static_cast<uint64_t>(j0 + j));
-    u0[j] = u.v[0];
-    u1[j] = u.v[1];
-    u2[j] = u.v[2];
-    u3[j] = u.v[3];
+    const imi::PhiloxWords w = imi::philox_draw(seed, offset, query, static_cast<uint64_t>(j0 + j));
+    u0[j] = imi::uniform24(w.w[0]);
+    u1[j] = imi::uniform24(w.w[1]);
+    w2[j] = w.w[2];
+    w3[j] = w.w[3];
   }
 }
 
@@ -97,13 +104,13 @@ IMI_TARGET_AVX512 inline __m512 to_uniform(__m512i bits) {
 }
 
 IMI_TARGET_AVX512 inline void uniforms(uint64_t seed, uint64_t offset, uint64_t query, int64_t n,
-                                       float* u0, float* u1, float* u2, float* u3) {
+                                       float* u0, float* u1, uint32_t* w2, uint32_t* w3) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const uint64_t c = static_cast<uint64_t>(j) + offset;
+    const uint64_t c = imi::philox_block(offset, static_cast<uint64_t>(j));
     const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c)));
     const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
     __m512i c0 = _mm512_add_epi32(lo, lane);  // 64-bit counter c + lane: carry into the high word
@@ -128,10 +135,10 @@ IMI_TARGET_AVX512 inline void uniforms(uint64_t seed, uint64_t offset, uint64_t 
     }
     _mm512_storeu_ps(u0 + j, to_uniform(c0));
     _mm512_storeu_ps(u1 + j, to_uniform(c1));
-    _mm512_storeu_ps(u2 + j, to_uniform(c2));
-    _mm512_storeu_ps(u3 + j, to_uniform(c3));
+    _mm512_storeu_si512(w2 + j, c2);
+    _mm512_storeu_si512(w3 + j, c3);
   }
-  if (j < n) portable::uniforms(seed, offset, query, j, n - j, u0 + j, u1 + j, u2 + j, u3 + j);
+  if (j < n) portable::uniforms(seed, offset, query, j, n - j, u0 + j, u1 + j, w2 + j, w3 + j);
 }
 
 // The search result is the first entry above the target, which has mass, except when rounding put
@@ -241,13 +248,16 @@ inline bool use_avx512() {
 }
 
 // Stage 3 and the outputs. Slots first, with the next reads prefetched, so that the cache misses
-// of the following pass (alias check, class id, bias of random CSR positions) overlap.
-inline void finish(const imi::CellIndex& ix, Scratch& ws, const float* s1, const float* s2,
-                   float log_z, int64_t M, int64_t* ids, float* log_q) {
+// of the following pass (alias check, class id, bias of random CSR positions) overlap. t1, t2: the
+// shifted scores of the query (ws.t1, ws.t2 after prepare).
+inline void finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M, int64_t* ids,
+                   float* log_q) {
   const int64_t K = ix.K;
   for (int64_t j = 0; j < M; ++j) {
-    const int64_t p = imi::uniform_slot(ix, ws.k1[j] * K + ws.k2[j], ws.u2[j]);
+    const imi::SlotDraw d = imi::cell_slot(ix, ws.k1[j] * K + ws.k2[j], imi::random64(ws.w2[j], ws.w3[j]));
+    const int64_t p = d.pos;
     ws.pos[j] = p;
+    ws.u_accept[j] = d.u_accept;
     if (ix.alias_prob != nullptr) {
       IMI_PREFETCH(ix.alias_prob + p);
       IMI_PREFETCH(ix.alias_pos + p);
@@ -257,7 +267,7 @@ inline void finish(const imi::CellIndex& ix, Scratch& ws, const float* s1, const
   }
   if (ix.alias_prob != nullptr) {
     for (int64_t j = 0; j < M; ++j) {
-      const int64_t p = imi::resolve_alias(ix, ws.pos[j], ws.u3[j]);
+      const int64_t p = imi::resolve_alias(ix, imi::SlotDraw{ws.pos[j], ws.u_accept[j]});
       ws.pos[j] = p;
       IMI_PREFETCH(ix.class_ids + p);
       IMI_PREFETCH(ix.beta_csr + p);
@@ -266,30 +276,28 @@ inline void finish(const imi::CellIndex& ix, Scratch& ws, const float* s1, const
   for (int64_t j = 0; j < M; ++j) {
     const int64_t p = ws.pos[j];
     ids[j] = ix.class_ids[p];
-    log_q[j] = imi::drawn_log_q(ix, s1, s2, ws.k1[j], ws.k2[j], p, log_z);
+    log_q[j] = imi::drawn_log_q(ix, ws.t1.data(), ws.t2.data(), ws.k1[j], ws.k2[j], p, log_z);
   }
 }
 
-// All M draws of query `query`: ids[M] and log_q[M].
-inline void draw_query(const imi::CellIndex& ix, Scratch& ws, bool simd, const float* s1,
-                       const float* s2, uint64_t seed, uint64_t offset, uint64_t query, int64_t M,
-                       int64_t* ids, float* log_q) {
+// All M draws of query `query` after ws.prepare (log_z = its result): ids[M] and log_q[M].
+inline void draw_query(const imi::CellIndex& ix, Scratch& ws, bool simd, float log_z, uint64_t seed,
+                       uint64_t offset, uint64_t query, int64_t M, int64_t* ids, float* log_q) {
   const int64_t K = ix.K;
-  const float log_z = ws.prepare(ix, s1, s2);
 #if IMI_HAVE_AVX512_PASSES
   if (simd) {
-    avx512::uniforms(seed, offset, query, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+    avx512::uniforms(seed, offset, query, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
     avx512::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
     avx512::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
-    finish(ix, ws, s1, s2, log_z, M, ids, log_q);
+    finish(ix, ws, log_z, M, ids, log_q);
     return;
   }
 #endif
   (void)simd;
-  portable::uniforms(seed, offset, query, 0, M, ws.u0.data(), ws.u1.data(), ws.u2.data(), ws.u3.data());
+  portable::uniforms(seed, offset, query, 0, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
   portable::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
   portable::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
-  finish(ix, ws, s1, s2, log_z, M, ids, log_q);
+  finish(ix, ws, log_z, M, ids, log_q);
 }
 
 }  // namespace draw

@@ -1,10 +1,12 @@
 // MIDX proposal on CPU: per query, the shared preparation (log Z, stage-1 CDF and all stage-2 CDFs
-// in one vectorized pass), then the M draws as passes over scratch arrays (draw_passes.h).
+// in one vectorized pass), then the M draws as passes over scratch arrays (draw_passes.h) and the
+// targets' log Q from the same preparation.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <mutex>
 #include <vector>
 
@@ -15,15 +17,20 @@
 namespace imi_softmax {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n,
     const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
     const at::Tensor& class_ids, const std::optional<at::Tensor>& alias_prob,
     const std::optional<at::Tensor>& alias_pos, const std::optional<at::Tensor>& beta_csr,
-    int64_t num_samples, int64_t seed, int64_t offset) {
+    int64_t num_samples, int64_t seed, int64_t offset, const std::optional<at::Tensor>& targets_in,
+    const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& code1_in,
+    const std::optional<at::Tensor>& code2_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
-  TORCH_CHECK(M >= 1, "midx_sample: num_samples must be >= 1, got ", M);
+  TORCH_CHECK(M >= 0, "midx_sample: num_samples must be >= 0, got ", M);
+  TORCH_CHECK(offset >= 0 && offset % 4 == 0,
+              "midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
+              "non-negative multiple of 4, got ", offset);
   check_cell_masses(K, log_n, cell_mass, log_n_max);
   TORCH_CHECK(offsets.numel() == K * K + 1 && offsets.scalar_type() == at::kLong &&
                   class_ids.scalar_type() == at::kLong,
@@ -32,28 +39,65 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   const auto s2 = s2_in.contiguous();
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
   set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
+  // The targets' log Q come from the same query preparation as the draws (one per query).
+  const bool has_targets = targets_in.has_value() && targets_in->defined();
+  at::Tensor targets, code1, code2;
+  int64_t L = 0, N = 0;
+  if (has_targets) {
+    TORCH_CHECK(targets_in->dim() == 2 && targets_in->size(0) == B && targets_in->scalar_type() == at::kLong,
+                "midx_sample: targets must be int64 [B, L] with B = ", B, ", got ", targets_in->sizes());
+    TORCH_CHECK(code1_in.has_value() && code1_in->defined() && code2_in.has_value() && code2_in->defined(),
+                "midx_sample: targets need code1 and code2");
+    code1 = code1_in->contiguous();
+    code2 = code2_in->contiguous();
+    check_codes(code1, code2);
+    targets = targets_in->contiguous();
+    L = targets.size(1);
+    N = code1.numel();
+    TORCH_CHECK(!beta.has_value() || !beta->defined() ||
+                    (beta->numel() == N && beta->scalar_type() == at::kFloat && beta->is_contiguous()),
+                "midx_sample: beta must be contiguous float32 [N] with N = ", N, " (the length of code1)");
+    set_class_codes(ix, beta, code1, code2);
+  }
   auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
   auto log_q = at::empty({B, M}, s1.options());
+  auto target_log_q = at::empty({B, L}, s1.options());
   const float* s1p = s1.data_ptr<float>();
   const float* s2p = s2.data_ptr<float>();
   int64_t* idp = ids.data_ptr<int64_t>();
   float* lqp = log_q.data_ptr<float>();
+  const int64_t* tp = has_targets ? targets.data_ptr<int64_t>() : nullptr;
+  float* tlqp = target_log_q.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const bool simd = draw::use_avx512();
-  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-    draw::Scratch ws(ix, M);
-    for (int64_t b = b0; b < b1; ++b)
-      draw::draw_query(ix, ws, simd, s1p + b * K, s2p + b * K, useed, uoff, static_cast<uint64_t>(b), M,
-                       idp + b * M, lqp + b * M);
-  });
-  return {ids, log_q};
+  std::atomic<bool> bad_target{false};
+  if (M > 0 || L > 0) {
+    at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+      draw::Scratch ws(ix, M);
+      for (int64_t b = b0; b < b1; ++b) {
+        const float log_z = ws.prepare(ix, s1p + b * K, s2p + b * K);
+        draw::draw_query(ix, ws, simd, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
+                         lqp + b * M);
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t t = tp[b * L + l];
+          if (t >= N || (t >= 0 && !imi::codes_in_range(ix, t))) bad_target = true;
+          tlqp[b * L + l] = imi::target_log_q(ix, ws.t1.data(), ws.t2.data(), t, N, log_z);
+        }
+      }
+    });
+  }
+  TORCH_CHECK(!bad_target, "midx_sample: targets must lie in [0, ", N,
+              ") or be negative (ignored), and their codes in [0, ", K, ")");
+  return {ids, log_q, target_log_q};
 }
 
-std::tuple<at::Tensor, at::Tensor> midx_sample_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_cpu(
     const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& log_n, const at::Tensor& cell_mass,
     const at::Tensor& log_n_max, const at::Tensor& offsets, const at::Tensor& class_ids,
     const std::optional<at::Tensor>& alias_prob, const std::optional<at::Tensor>& alias_pos,
-    const std::optional<at::Tensor>& beta_csr, int64_t num_samples, std::optional<at::Generator> generator) {
+    const std::optional<at::Tensor>& beta_csr, int64_t num_samples, std::optional<at::Generator> generator,
+    const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& beta,
+    const std::optional<at::Tensor>& code1, const std::optional<at::Tensor>& code2) {
   uint64_t seed;
   {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
@@ -62,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_cpu(
     seed = gen->random64();  // a fresh key per call: consecutive calls differ, seeds reproduce
   }
   return midx_sample_seeded_cpu(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob,
-                                alias_pos, beta_csr, num_samples, static_cast<int64_t>(seed), 0);
+                                alias_pos, beta_csr, num_samples, static_cast<int64_t>(seed), 0, targets,
+                                beta, code1, code2);
 }
 
 at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
@@ -93,7 +138,8 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
       const float* q1 = s1p + b * K;
       const float* q2 = s2p + b * K;
       const float log_z = ws.prepare(ix, q1, q2);
-      for (int64_t l = 0; l < L; ++l) op[b * L + l] = imi::class_log_q(ix, q1, q2, idp[b * L + l], log_z);
+      for (int64_t l = 0; l < L; ++l)
+        op[b * L + l] = imi::class_log_q(ix, ws.t1.data(), ws.t2.data(), idp[b * L + l], log_z);
     }
   });
   return out;

@@ -52,7 +52,25 @@ __global__ void cell_mass_kernel(const int64_t* __restrict__ class_ids,
                                             prob, alias, scratch);
 }
 
+// One thread per cell again, after log_n_max is known: the float64 scaled masses of cells.h.
+__global__ void cell_scaled_mass_kernel(const int64_t* __restrict__ offsets,
+                                        const float* __restrict__ beta_csr,
+                                        const float* __restrict__ log_n_max, int64_t KK,
+                                        float* __restrict__ cell_mass) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const float lmax = *log_n_max;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < KK; c += stride)
+    cell_mass[c] = imi::cell_scaled_mass(beta_csr, offsets[c], offsets[c + 1], lmax);
+}
+
 }  // namespace
+
+cudaError_t launch_cell_scaled_mass(const int64_t* offsets, const float* beta_csr, const float* log_n_max,
+                                    int64_t KK, float* cell_mass, cudaStream_t stream) {
+  if (KK == 0) return cudaSuccess;
+  cell_scaled_mass_kernel<<<grid_for(KK), kThreads, 0, stream>>>(offsets, beta_csr, log_n_max, KK, cell_mass);
+  return cudaGetLastError();
+}
 
 size_t build_cells_temp_bytes(int64_t N, int64_t KK, cudaError_t* err) {
   size_t sort_bytes = 0, scan_bytes = 0;

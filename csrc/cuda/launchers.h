@@ -44,6 +44,11 @@ cudaError_t launch_build_cells(const int64_t* code1, const int64_t* code2, const
                                int64_t* alias_pos, float* beta_csr, int64_t* alias_scratch,
                                float* log_n, cudaStream_t stream);
 
+// cell_mass [KK] = imi::cell_scaled_mass of every cell (float64 sums of exp(beta - *log_n_max));
+// beta_csr [N] or nullptr (no bias); log_n_max [1] on the device (no host read).
+cudaError_t launch_cell_scaled_mass(const int64_t* offsets, const float* beta_csr, const float* log_n_max,
+                                    int64_t KK, float* cell_mass, cudaStream_t stream);
+
 // ---- MIDX proposal (proposal.cu) ---------------------------------------------------------------
 // Philox key and counter offset, mirroring at::PhiloxCudaState: when `captured` (CUDA graph
 // capture), seed = *seed_ptr and offset = *offset_ptr + offset_intragraph are read on the device.
@@ -57,13 +62,17 @@ struct PhiloxArgs {
 };
 
 // s1, s2 [B, K] float32 contiguous; ids, log_q [B, M]. Uses ix.offsets/class_ids and, with a bias,
-// ix.alias_prob/alias_pos/beta_csr (ix.beta/code1/code2 are not read).
+// ix.alias_prob/alias_pos/beta_csr. philox.offset counts 32-bit outputs per query row (draw j uses
+// Philox block offset / 4 + j: reserve 4 * M per call). targets [B, L] (L = 0: none, pointer
+// unused) -> target_log_q [B, L] from the same query preparation, reading ix.beta/code1/code2 over
+// num_classes classes (negative target: 0; >= num_classes: NaN, never read out of bounds).
 // stage2_mode: 0 = K x K stage-2 table in shared memory when it fits, else per-draw streaming;
 // 1 = table (cudaErrorInvalidValue if it does not fit); 2 = streaming. Same samples either way.
 // Returns cudaErrorInvalidValue when even the per-query arrays (5K floats) exceed shared memory.
 cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const float* s2,
                                int64_t B, int64_t M, PhiloxArgs philox, int stage2_mode,
-                               int64_t* ids, float* log_q, cudaStream_t stream);
+                               int64_t* ids, float* log_q, const int64_t* targets, int64_t L,
+                               int64_t num_classes, float* target_log_q, cudaStream_t stream);
 
 // ids [B, L] -> out [B, L]. Uses ix.beta/code1/code2 (the sampling tables are not read).
 cudaError_t launch_midx_log_prob(const imi::CellIndex& ix, const float* s1, const float* s2,

@@ -180,24 +180,29 @@ build_cells_cuda(const at::Tensor& code1_in, const at::Tensor& code2_in,
       has_beta ? beta_csr.data_ptr<float>() : nullptr,
       has_beta ? alias_scratch.data_ptr<int64_t>() : nullptr, log_n.data_ptr<float>(),
       at::cuda::getCurrentCUDAStream()));
-  // Same formulas as the CPU backend: finite max (empty cells are -inf), scaled masses.
+  // Same formulas as the CPU backend: finite max (empty cells are -inf), scaled masses in float64.
   auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
-  auto cell_mass = (log_n - log_n_max).exp();
+  auto cell_mass = at::empty({K, K}, float_opts);
+  C10_CUDA_CHECK(cuda::launch_cell_scaled_mass(
+      offsets.data_ptr<int64_t>(), has_beta ? beta_csr.data_ptr<float>() : nullptr,
+      log_n_max.data_ptr<float>(), KK, cell_mass.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
   return {offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max};
 }
 
 // ---- midx_sample / midx_sample_seeded / midx_log_prob ------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> midx_sample_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
     const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n_in,
     const at::Tensor& cell_mass_in, const at::Tensor& log_n_max_in, const at::Tensor& offsets_in,
     const at::Tensor& class_ids_in, const std::optional<at::Tensor>& alias_prob_in,
     const std::optional<at::Tensor>& alias_pos_in, const std::optional<at::Tensor>& beta_csr_in,
     int64_t num_samples, const std::optional<cuda::PhiloxArgs>& fixed,
-    const std::optional<at::Generator>& generator) {
+    const std::optional<at::Generator>& generator, const std::optional<at::Tensor>& targets_in,
+    const std::optional<at::Tensor>& beta_in, const std::optional<at::Tensor>& code1_in,
+    const std::optional<at::Tensor>& code2_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
-  TORCH_CHECK(M >= 1, "midx_sample: num_samples must be >= 1, got ", M);
+  TORCH_CHECK(M >= 0, "midx_sample: num_samples must be >= 0, got ", M);
   const auto log_n = log_n_in.contiguous();
   const auto cell_mass = cell_mass_in.contiguous();
   check_cell_masses(K, log_n, cell_mass, log_n_max_in);
@@ -209,7 +214,11 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_impl(
             {"log_n_max", &log_n_max_in}, {"offsets", &offsets_in}, {"class_ids", &class_ids_in},
             {"alias_prob", alias_prob_in.has_value() ? &*alias_prob_in : nullptr},
             {"alias_pos", alias_pos_in.has_value() ? &*alias_pos_in : nullptr},
-            {"beta_csr", beta_csr_in.has_value() ? &*beta_csr_in : nullptr}});
+            {"beta_csr", beta_csr_in.has_value() ? &*beta_csr_in : nullptr},
+            {"targets", targets_in.has_value() ? &*targets_in : nullptr},
+            {"beta", beta_in.has_value() ? &*beta_in : nullptr},
+            {"code1", code1_in.has_value() ? &*code1_in : nullptr},
+            {"code2", code2_in.has_value() ? &*code2_in : nullptr}});
   const c10::cuda::CUDAGuard guard(s1_in.device());
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
@@ -221,8 +230,30 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_impl(
   const auto beta_csr = contiguous_opt(beta_csr_in);
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
   set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
+  // The targets' log Q come from the same query preparation as the draws (one per query).
+  const bool has_targets = targets_in.has_value() && targets_in->defined();
+  at::Tensor targets, code1, code2;
+  std::optional<at::Tensor> beta;
+  int64_t L = 0, N = 0;
+  if (has_targets) {
+    TORCH_CHECK(targets_in->dim() == 2 && targets_in->size(0) == B && targets_in->scalar_type() == at::kLong,
+                "midx_sample: targets must be int64 [B, L] with B = ", B, ", got ", targets_in->sizes());
+    TORCH_CHECK(code1_in.has_value() && code1_in->defined() && code2_in.has_value() && code2_in->defined(),
+                "midx_sample: targets need code1 and code2");
+    code1 = code1_in->contiguous();
+    code2 = code2_in->contiguous();
+    check_codes(code1, code2);
+    beta = contiguous_opt(beta_in);
+    targets = targets_in->contiguous();
+    L = targets.size(1);
+    N = code1.numel();
+    TORCH_CHECK(!beta.has_value() || (beta->numel() == N && beta->scalar_type() == at::kFloat),
+                "midx_sample: beta must be float32 [N] with N = ", N, " (the length of code1)");
+    set_class_codes(ix, beta, code1, code2);
+  }
   auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
   auto log_q = at::empty({B, M}, s1.options());
+  auto target_log_q = at::empty({B, L}, s1.options());
   const int stage2_mode = stage2_mode_from_env();
 
   cuda::PhiloxArgs philox;
@@ -234,9 +265,9 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_impl(
     at::PhiloxCudaState state;
     {
       std::lock_guard<std::mutex> lock(gen->mutex_);
-      // Draw j of every query uses counter offset + j: reserve M counters (a multiple of 4, as
-      // the generator requires), so consecutive calls never reuse one.
-      state = gen->philox_cuda_state(static_cast<uint64_t>((M + 3) / 4 * 4));
+      // The increment counts 32-bit outputs per thread (here: per query row); draw j takes the
+      // 128-bit block offset / 4 + j, so M draws consume 4 * M and the next call starts after them.
+      state = gen->philox_cuda_state(static_cast<uint64_t>(4 * M));
     }
     if (state.captured_) {
       philox.captured = true;
@@ -248,34 +279,46 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_impl(
       philox.offset = state.offset_.val;
     }
   }
-  C10_CUDA_CHECK(cuda::launch_midx_sample(ix, s1.data_ptr<float>(), s2.data_ptr<float>(), B, M,
-                                          philox, stage2_mode, ids.data_ptr<int64_t>(),
-                                          log_q.data_ptr<float>(),
-                                          at::cuda::getCurrentCUDAStream()));
-  return {ids, log_q};
+  C10_CUDA_CHECK(cuda::launch_midx_sample(
+      ix, s1.data_ptr<float>(), s2.data_ptr<float>(), B, M, philox, stage2_mode,
+      ids.data_ptr<int64_t>(), log_q.data_ptr<float>(),
+      has_targets ? targets.data_ptr<int64_t>() : nullptr, L, N, target_log_q.data_ptr<float>(),
+      at::cuda::getCurrentCUDAStream()));
+  // Out-of-range targets come back as NaN: the kernel never reads past code1/code2, and no host
+  // sync is spent here (the op-entry target check raises the clear error).
+  return {ids, log_q, target_log_q};
 }
 
-std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cuda(
     const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& log_n,
     const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
     const at::Tensor& class_ids, const std::optional<at::Tensor>& alias_prob,
     const std::optional<at::Tensor>& alias_pos, const std::optional<at::Tensor>& beta_csr,
-    int64_t num_samples, int64_t seed, int64_t offset) {
+    int64_t num_samples, int64_t seed, int64_t offset, const std::optional<at::Tensor>& targets,
+    const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& code1,
+    const std::optional<at::Tensor>& code2) {
+  TORCH_CHECK(offset >= 0 && offset % 4 == 0,
+              "midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
+              "non-negative multiple of 4, got ", offset);
   cuda::PhiloxArgs philox;
   philox.seed = static_cast<uint64_t>(seed);
   philox.offset = static_cast<uint64_t>(offset);
   return midx_sample_impl(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob,
-                          alias_pos, beta_csr, num_samples, philox, std::nullopt);
+                          alias_pos, beta_csr, num_samples, philox, std::nullopt, targets, beta, code1,
+                          code2);
 }
 
-std::tuple<at::Tensor, at::Tensor> midx_sample_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_cuda(
     const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& log_n,
     const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
     const at::Tensor& class_ids, const std::optional<at::Tensor>& alias_prob,
     const std::optional<at::Tensor>& alias_pos, const std::optional<at::Tensor>& beta_csr,
-    int64_t num_samples, std::optional<at::Generator> generator) {
+    int64_t num_samples, std::optional<at::Generator> generator, const std::optional<at::Tensor>& targets,
+    const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& code1,
+    const std::optional<at::Tensor>& code2) {
   return midx_sample_impl(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob,
-                          alias_pos, beta_csr, num_samples, std::nullopt, generator);
+                          alias_pos, beta_csr, num_samples, std::nullopt, generator, targets, beta, code1,
+                          code2);
 }
 
 at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,

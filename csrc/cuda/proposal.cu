@@ -1,20 +1,16 @@
 // MIDX proposal on CUDA: one block per query.
-//   1. The per-query preparation (what imi::query_prepare_table computes on the host), split
-//      across the block (imi/gpu_parallel.h): every row mass r[k1] is computed by one thread with
-//      imi::row_log_mass (the same sequential sum as the last line of the CPU's table), and the
-//      stage-1 cumulative array by one
-//      thread in the sequential order, so cdf1 and log Z are the CPU's values whenever the
-//      individual floating-point operations round the same way.
-//   2. The K x K stage-2 table (imi::stage2_cdf_row per row, one thread per row) in shared memory
-//      when it fits (K <= ~230 on sm_90, ~200 on sm_80 with the opt-in limit); otherwise each draw
-//      recomputes its row in O(K) without storing it (imi::stage2_search_streaming, same k2).
-//   3. M draws, one thread each: Philox uniforms of (query, draw) exactly as on the CPU, then
-//      imi::cdf_search (stage 1 and 2), imi::uniform_slot + imi::resolve_alias (stage 3, alias
-//      table), imi::drawn_log_q.
-// Bitwise CPU parity also needs the same FMA contraction as the host build (nvcc contracts
-// a * b + c into FMAs by default; `--fmad=false` turns that off) and the same exp/log roundings;
-// without them ids agree except for draws within a rounding error of a CDF boundary (the host uses
-// imi::exp_poly / imi::log_poly, the device expf / logf).
+//   1. The per-query preparation of imi::query_prepare_table (proposal.h), split across the block:
+//      the maxima of s1 and s2 (block_max: a max is exact in any order), the shifted scores and e2
+//      per thread, one stage-2 row per thread (imi::stage2_row: the sequential k2 order of the
+//      CPU's table, written to shared memory when it fits), the stage-1 weights per thread and ONE
+//      thread for their cumulative sum (imi::stage1_cumulate). Same float operations, same order,
+//      exp_poly/log_poly, and no FMA contraction (the bodies use the fmul_rn/fadd_rn intrinsics,
+//      which --fmad=true does not fuse): the CPU's bits.
+//   2. Without the table (K above ~200), stage 2 recomputes the drawn row per draw
+//      (imi::stage2_search_streaming, same k2).
+//   3. M draws, one thread each: imi::philox_draw of (query, draw) exactly as on the CPU,
+//      imi::cdf_search (stages 1 and 2), imi::cell_slot + imi::resolve_alias (stage 3),
+//      imi::drawn_log_q; then the targets' log Q (imi::target_log_q) from the same preparation.
 #include "device_utils.cuh"
 #include "launchers.h"
 
@@ -31,8 +27,8 @@ constexpr int kRedFloats = 64;     // block_max scratch (>= 33), keeps the table
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 struct QueryShared {
-  float* s1;
-  float* s2;
+  float* t1;
+  float* t2;
   float* e2;
   float* r;
   float* cdf1;
@@ -42,9 +38,9 @@ struct QueryShared {
 
 __device__ __forceinline__ QueryShared carve(float* smem, int64_t K) {
   QueryShared q;
-  q.s1 = smem;
-  q.s2 = q.s1 + K;
-  q.e2 = q.s2 + K;
+  q.t1 = smem;
+  q.t2 = q.t1 + K;
+  q.e2 = q.t2 + K;
   q.r = q.e2 + K;
   q.cdf1 = q.r + K;
   q.red = q.cdf1 + K;
@@ -55,47 +51,54 @@ __device__ __forceinline__ QueryShared carve(float* smem, int64_t K) {
 inline size_t prep_smem_bytes(int64_t K) { return sizeof(float) * (5 * K + kRedFloats); }
 inline size_t table_smem_bytes(int64_t K) { return prep_smem_bytes(K) + sizeof(float) * K * (K + 1); }
 
-// The query preparation for query row (s1g, s2g), by the whole block; returns log Z to every thread.
-// On return q.s1, q.s2, q.e2, q.r and q.cdf1 hold e2 = exp(s2 - max s2), the row log masses and the
-// cumulative stage-1 weights, as imi::query_prepare_table fills them.
+// The query preparation for query row (s1g, s2g), by the whole block; returns log Z' to every
+// thread. On return q.t1, q.t2, q.e2, q.r and q.cdf1 hold what imi::query_prepare_table fills,
+// and with table != nullptr row k1 of the stage-2 table at table + k1 * row_stride.
 __device__ float block_query_prepare(const imi::CellIndex& ix, const float* __restrict__ s1g,
-                                     const float* __restrict__ s2g, const QueryShared& q) {
+                                     const float* __restrict__ s2g, const QueryShared& q,
+                                     float* table, int64_t row_stride) {
   const int64_t K = ix.K;
+  float v1 = imi::neg_inf<float>(), v2 = imi::neg_inf<float>();
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    q.s1[k] = s1g[k];
-    q.s2[k] = s2g[k];
+    v1 = imi::max_(v1, s1g[k]);
+    v2 = imi::max_(v2, s2g[k]);
+  }
+  const float m1 = block_max(v1, q.red);
+  const float m2 = block_max(v2, q.red);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    q.t1[k] = imi::shift_score(s1g[k], m1);
+    q.t2[k] = imi::shift_score(s2g[k], m2);
+    q.e2[k] = imi::exp_poly(q.t2[k]);
   }
   __syncthreads();
+  for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
+    q.r[k1] = imi::stage2_row(ix, k1, q.t2, q.e2, table != nullptr ? table + k1 * row_stride : nullptr, 1);
+  __syncthreads();
   float v = imi::neg_inf<float>();
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) v = imi::max_(v, q.s2[k]);
-  const float m2 = block_max(v, q.red);
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) q.e2[k] = imi::exp_(q.s2[k] - m2);
-  __syncthreads();
   for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
-    q.r[k1] = imi::row_log_mass(ix, k1, q.s2, q.e2, m2);
-  __syncthreads();
-  v = imi::neg_inf<float>();
-  for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
-    v = imi::max_(v, imi::stage1_max_term(q.s1[k1], q.r[k1]));
+    v = imi::max_(v, imi::stage1_max_term(q.t1[k1], q.r[k1]));
   const float l1max = block_max(v, q.red);
   for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
-    q.cdf1[k1] = imi::stage1_weight(q.s1[k1], q.r[k1], l1max);
+    q.cdf1[k1] = imi::stage1_weight(q.t1[k1], q.r[k1], l1max);
   __syncthreads();
   if (threadIdx.x == 0) q.red[0] = imi::stage1_cumulate(q.cdf1, K, l1max);
   __syncthreads();
-  return q.red[0];
+  const float log_z = q.red[0];
+  __syncthreads();  // q.red is reused by the next query's block_max
+  return log_z;
 }
 
 template <bool kTable>
 __global__ void __launch_bounds__(kThreads)
 midx_sample_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float* __restrict__ s2,
                    int64_t B, int64_t M, PhiloxArgs philox, int64_t* __restrict__ ids,
-                   float* __restrict__ log_q) {
+                   float* __restrict__ log_q, const int64_t* __restrict__ targets, int64_t L,
+                   int64_t num_classes, float* __restrict__ target_log_q) {
   extern __shared__ float smem[];
   const int64_t K = ix.K;
   const QueryShared q = carve(smem, K);
   // Same (seed, offset) for every thread; graph-captured generators are read on the device
-  // (what at::cuda::philox::unpack does).
+  // (what at::cuda::philox::unpack does). offset counts 32-bit outputs (imi::philox_block).
   uint64_t seed = philox.seed, offset = philox.offset;
   if (philox.captured) {
     seed = static_cast<uint64_t>(*philox.seed_ptr);
@@ -103,25 +106,22 @@ midx_sample_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float*
   }
   const int64_t row_stride = K + 1;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q);
-    if (kTable) {
-      // Rows without mass are never drawn (cdf_search skips zero-weight entries): not built.
-      for (int64_t k1 = threadIdx.x; k1 < K; k1 += blockDim.x)
-        if (q.r[k1] != imi::neg_inf<float>())
-          imi::stage2_cdf_row(ix, k1, q.s2, q.e2, q.r[k1], q.table + k1 * row_stride);
-      __syncthreads();
-    }
+    const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q, kTable ? q.table : nullptr,
+                                            row_stride);
     for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-      const imi::Uniform4 u = imi::philox_uniform4(seed, offset, static_cast<uint64_t>(b),
-                                                   static_cast<uint64_t>(j));
-      const int64_t k1 = imi::cdf_search(q.cdf1, K, u.v[0]);
-      const int64_t k2 = kTable ? imi::cdf_search(q.table + k1 * row_stride, K, u.v[1])
-                                : imi::stage2_search_streaming(ix, k1, q.s2, q.e2, q.r[k1], u.v[1]);
-      const int64_t pos = imi::uniform_slot(ix, k1 * K + k2, u.v[2]);
-      const int64_t p = imi::resolve_alias(ix, pos, u.v[3]);
+      const imi::PhiloxWords w = imi::philox_draw(seed, offset, static_cast<uint64_t>(b),
+                                                  static_cast<uint64_t>(j));
+      const int64_t k1 = imi::cdf_search(q.cdf1, K, imi::uniform24(w.w[0]));
+      const float u1 = imi::uniform24(w.w[1]);
+      const int64_t k2 = kTable ? imi::cdf_search(q.table + k1 * row_stride, K, u1)
+                                : imi::stage2_search_streaming(ix, k1, q.t2, q.e2, q.r[k1], u1);
+      const imi::SlotDraw d = imi::cell_slot(ix, k1 * K + k2, imi::random64(w.w[2], w.w[3]));
+      const int64_t p = imi::resolve_alias(ix, d);
       ids[b * M + j] = ix.class_ids[p];
-      log_q[b * M + j] = imi::drawn_log_q(ix, q.s1, q.s2, k1, k2, p, log_z);
+      log_q[b * M + j] = imi::drawn_log_q(ix, q.t1, q.t2, k1, k2, p, log_z);
     }
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x)
+      target_log_q[b * L + l] = imi::target_log_q(ix, q.t1, q.t2, targets[b * L + l], num_classes, log_z);
     __syncthreads();  // shared arrays are rewritten by the next query
   }
 }
@@ -134,9 +134,9 @@ midx_log_prob_kernel(imi::CellIndex ix, const float* __restrict__ s1, const floa
   const int64_t K = ix.K;
   const QueryShared q = carve(smem, K);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q);
+    const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q, nullptr, 0);
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x)
-      out[b * L + l] = imi::class_log_q(ix, q.s1, q.s2, ids[b * L + l], log_z);
+      out[b * L + l] = imi::class_log_q(ix, q.t1, q.t2, ids[b * L + l], log_z);
     __syncthreads();
   }
 }
@@ -165,8 +165,9 @@ inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 
 cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const float* s2,
                                int64_t B, int64_t M, PhiloxArgs philox, int stage2_mode,
-                               int64_t* ids, float* log_q, cudaStream_t stream) {
-  if (B == 0 || M == 0) return cudaSuccess;
+                               int64_t* ids, float* log_q, const int64_t* targets, int64_t L,
+                               int64_t num_classes, float* target_log_q, cudaStream_t stream) {
+  if (B == 0 || (M == 0 && L == 0)) return cudaSuccess;
   size_t optin = kDefaultSmem;
   cudaError_t e = max_optin_smem(&optin);
   if (e != cudaSuccess) return e;
@@ -176,14 +177,14 @@ cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const 
     if (table_bytes > optin) return cudaErrorInvalidValue;
     e = allow_smem(midx_sample_kernel<true>, table_bytes);
     if (e != cudaSuccess) return e;
-    midx_sample_kernel<true><<<query_grid(B), kThreads, table_bytes, stream>>>(ix, s1, s2, B, M,
-                                                                               philox, ids, log_q);
+    midx_sample_kernel<true><<<query_grid(B), kThreads, table_bytes, stream>>>(
+        ix, s1, s2, B, M, philox, ids, log_q, targets, L, num_classes, target_log_q);
   } else {
     if (prep_bytes > optin) return cudaErrorInvalidValue;
     e = allow_smem(midx_sample_kernel<false>, prep_bytes);
     if (e != cudaSuccess) return e;
-    midx_sample_kernel<false><<<query_grid(B), kThreads, prep_bytes, stream>>>(ix, s1, s2, B, M,
-                                                                               philox, ids, log_q);
+    midx_sample_kernel<false><<<query_grid(B), kThreads, prep_bytes, stream>>>(
+        ix, s1, s2, B, M, philox, ids, log_q, targets, L, num_classes, target_log_q);
   }
   return cudaGetLastError();
 }

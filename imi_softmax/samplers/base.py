@@ -67,6 +67,16 @@ class Sampler:
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def sample_with_targets(self, query: Tensor, num_samples: int, targets: Optional[Tensor],
+                            generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Draws and the targets' exact log Q in one call: (ids [B, M] int64, log_q [B, M] float32,
+        target_log_q [B, L] float32) for targets [B, L] int64 class ids (None: target_log_q is [B, 0]).
+        Proposals that prepare per query (MIDX) override it to prepare once for both."""
+        ids, log_q = self.sample(query, num_samples, generator=generator)
+        if targets is None:
+            return ids, log_q, log_q.new_empty((query.shape[0], 0))
+        return ids, log_q, self.log_prob(query, targets)
+
     def to(self, device) -> "Sampler":
         return self
 

@@ -179,6 +179,13 @@ class MIDXSampler(Sampler):
         check_fp32_range("proposal scores query @ codewords(weight)", s2, fix, cause=q)
         return s1, s2
 
+    @staticmethod
+    def _check_index_ids(name: str, index: MIDXIndex, query: Tensor, ids: Tensor) -> None:
+        check_tensor(name, ids)
+        if ids.dim() < 1 or ids.shape[0] != query.shape[0]:
+            raise ValueError(f"{name} must be [B, ...] with B = {query.shape[0]} (query rows), got {tuple(ids.shape)}")
+        check_class_ids(name, ids, index.num_classes)
+
     def _check_query(self, index: MIDXIndex, query: Tensor) -> None:
         check_tensor("query", query, dims=(2,))
         if query.shape[1] != index.in_features:
@@ -189,24 +196,30 @@ class MIDXSampler(Sampler):
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Draw num_samples classes per query row: (ids [B, M] int64, log_q [B, M] float32)."""
+        ids, log_q, _ = self.sample_with_targets(query, num_samples, None, generator)
+        return ids, log_q
+
+    def sample_with_targets(self, query: Tensor, num_samples: int, targets: Optional[Tensor],
+                            generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """One query preparation serves the draws and the targets' log Q (bit-equal to log_prob).
+        targets [B, L] int64 class ids or None -> (ids [B, M], log_q [B, M], target_log_q [B, L])."""
         index = self._require_index()  # the one read of the index for this call
         self._check_query(index, query)
         check_positive_int("num_samples", num_samples, minimum=0)
-        if num_samples == 0:
-            return self._empty_draw(query, 0)
+        if targets is not None:
+            self._check_index_ids("targets", index, query, targets)
+            if targets.dim() != 2:
+                raise ValueError(f"targets must be [B, L], got {tuple(targets.shape)}")
         s1, s2 = self.scores(query, index)
         return ops.midx_sample(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.offsets,
                                index.class_ids, index.alias_prob, index.alias_pos, index.beta_csr,
-                               num_samples, generator)
+                               num_samples, generator, targets, index.beta, index.code1, index.code2)
 
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query); ids [B, ...] int64 -> float32 of the same shape."""
         index = self._require_index()  # the one read of the index for this call
         self._check_query(index, query)
-        check_tensor("ids", ids)
-        if ids.dim() < 1 or ids.shape[0] != query.shape[0]:
-            raise ValueError(f"ids must be [B, ...] with B = {query.shape[0]} (query rows), got {tuple(ids.shape)}")
-        check_class_ids("ids", ids, index.num_classes)
+        self._check_index_ids("ids", index, query, ids)
         s1, s2 = self.scores(query, index)
         flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
         out = ops.midx_log_prob(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.beta,

@@ -58,22 +58,48 @@ IMI_HD_FLATTEN float bits_to_float(uint32_t b) { return __builtin_bit_cast(float
 IMI_HD_FLATTEN uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 #endif
 
-// exp(x), exactly 0 below -87.3 (and for -inf), x clamped at 88.
+// Float operations that are never fused into an FMA. The proposal bodies (exp_poly, log_poly, the
+// stage-2 table) are written with them so that the CPU and the CUDA kernels round identically: on
+// the device the _rn intrinsics are never contracted (whatever --fmad says); on the host the
+// callers are compiled without contraction (IMI_NO_FP_CONTRACT), where `a * b + c` stays two
+// roundings.
+#if defined(__CUDA_ARCH__)
+IMI_HD_FLATTEN float fmul_rn(float a, float b) { return __fmul_rn(a, b); }
+IMI_HD_FLATTEN float fadd_rn(float a, float b) { return __fadd_rn(a, b); }
+IMI_HD_FLATTEN float fsub_rn(float a, float b) { return __fsub_rn(a, b); }
+#else
+IMI_HD_FLATTEN float fmul_rn(float a, float b) { return a * b; }
+IMI_HD_FLATTEN float fadd_rn(float a, float b) { return a + b; }
+IMI_HD_FLATTEN float fsub_rn(float a, float b) { return a - b; }
+#endif
+
+// Host functions that run the proposal bodies: no FMA contraction, also in the AVX-512 clones (GCC
+// contracts `a + b * c` across statements there by default; its `optimize` attribute reaches the
+// always-inlined bodies, see tests/cpp/gpu_mapping_check.cpp). Clang's default (fp-contract=on)
+// only fuses within one expression, which the fmul_rn/fadd_rn calls never are; a build with
+// -ffp-contract=fast or -ffast-math loses bitwise CPU/CUDA agreement.
+#if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__)
+#define IMI_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define IMI_NO_FP_CONTRACT
+#endif
+
+// exp(x), exactly 0 below -87.3 (and for -inf and NaN), x clamped at 88.
 IMI_HD_FLATTEN float exp_poly(float x) {
   float xc = x < 88.f ? x : 88.f;
   xc = xc > -87.3f ? xc : -87.3f;
   // n = floor(xc / ln 2 + 1/2) by truncating a positive number (no libm call: vectorizes).
-  const int32_t ni = static_cast<int32_t>(xc * 1.44269504088896341f + 128.5f) - 128;
+  const int32_t ni = static_cast<int32_t>(fadd_rn(fmul_rn(xc, 1.44269504088896341f), 128.5f)) - 128;
   const float n = static_cast<float>(ni);
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  const float r = fadd_rn(fsub_rn(xc, fmul_rn(n, 0.693359375f)), fmul_rn(n, 2.12194440e-4f));
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const float v = y * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  p = fadd_rn(fmul_rn(p, r), 1.3981999507e-3f);
+  p = fadd_rn(fmul_rn(p, r), 8.3334519073e-3f);
+  p = fadd_rn(fmul_rn(p, r), 4.1665795894e-2f);
+  p = fadd_rn(fmul_rn(p, r), 1.6666665459e-1f);
+  p = fadd_rn(fmul_rn(p, r), 5.0000001201e-1f);
+  const float y = fadd_rn(fadd_rn(fmul_rn(fmul_rn(p, r), r), r), 1.f);
+  const float v = fmul_rn(y, bits_to_float(static_cast<uint32_t>(ni + 127) << 23));
   return x > -87.3f ? v : 0.f;
 }
 
@@ -83,22 +109,22 @@ IMI_HD_FLATTEN float log_poly(float x) {
   float e = static_cast<float>(static_cast<int32_t>((b >> 23) & 0xffu) - 126);
   float m = bits_to_float((b & 0x807fffffu) | 0x3f000000u);  // [0.5, 1)
   const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.f : e;
-  m = small ? m + m - 1.f : m - 1.f;
-  const float z = m * m;
+  e = small ? fsub_rn(e, 1.f) : e;
+  m = small ? fsub_rn(fadd_rn(m, m), 1.f) : fsub_rn(m, 1.f);
+  const float z = fmul_rn(m, m);
   float p = 7.0376836292e-2f;
-  p = p * m - 1.1514610310e-1f;
-  p = p * m + 1.1676998740e-1f;
-  p = p * m - 1.2420140846e-1f;
-  p = p * m + 1.4249322787e-1f;
-  p = p * m - 1.6668057665e-1f;
-  p = p * m + 2.0000714765e-1f;
-  p = p * m - 2.4999993993e-1f;
-  p = p * m + 3.3333331174e-1f;
-  float y = m * z * p;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return (m + y) + 0.693359375f * e;
+  p = fsub_rn(fmul_rn(p, m), 1.1514610310e-1f);
+  p = fadd_rn(fmul_rn(p, m), 1.1676998740e-1f);
+  p = fsub_rn(fmul_rn(p, m), 1.2420140846e-1f);
+  p = fadd_rn(fmul_rn(p, m), 1.4249322787e-1f);
+  p = fsub_rn(fmul_rn(p, m), 1.6668057665e-1f);
+  p = fadd_rn(fmul_rn(p, m), 2.0000714765e-1f);
+  p = fsub_rn(fmul_rn(p, m), 2.4999993993e-1f);
+  p = fadd_rn(fmul_rn(p, m), 3.3333331174e-1f);
+  float y = fmul_rn(fmul_rn(m, z), p);
+  y = fadd_rn(y, fmul_rn(-2.12194440e-4f, e));
+  y = fadd_rn(y, fmul_rn(-0.5f, z));
+  return fadd_rn(fadd_rn(m, y), fmul_rn(0.693359375f, e));
 }
 
 template <typename T> IMI_HD T neg_inf() { return -static_cast<T>(INFINITY); }

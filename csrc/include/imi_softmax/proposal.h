@@ -2,7 +2,7 @@
 //   log Q(i|h) = s1[a1(i)] + s2[a2(i)] + beta_i - log Z(h),
 //   Z(h) = sum_{k1,k2} exp(s1[k1] + s2[k2]) n[k1,k2].
 // Bodies shared by the CPU loops and the CUDA kernels: partition function, the three-stage draw,
-// and log-probabilities of arbitrary ids.
+// and log-probabilities of arbitrary ids. All pointers are on the executing device.
 #pragma once
 
 #include "common.h"
@@ -14,7 +14,8 @@ namespace imi {
 struct CellIndex {
   int64_t K;                 // codewords per codebook; K*K cells
   const float* log_n;        // [K*K] log sum_{i in cell} exp(beta_i); -inf for empty cells
-  const float* cell_mass;    // [K*K] exp(log_n - *log_n_max); 0 for empty cells
+  const float* cell_mass;    // [K*K] sum_{i in cell} exp(beta_i - *log_n_max), summed in float64
+                             // (cells.h); 0 for empty cells
   const float* log_n_max;    // [1] max finite log_n (kept on device: no host sync to launch)
   const int64_t* offsets;    // [K*K+1] CSR offsets into class_ids
   const int64_t* class_ids;  // [N] class ids grouped by cell (CSR positions)
@@ -27,108 +28,151 @@ struct CellIndex {
   const int64_t* code2;      // [N] second-codebook code of each class
 };
 
+// Every body below works on max-shifted quantities, so that fp32 keeps log Q normalized for scores
+// and biases of any magnitude (the absolute rounding error of a float grows with its size):
+//   t1 = s1 - max s1, t2 = s2 - max s2, cell_mass = n / exp(log_n_max) (built in float64),
+//   log Q(i|h) = (t1[a1(i)] + t2[a2(i)] + (beta_i - log_n_max)) - log Z',
+//   Z' = sum_{k1,k2} exp(t1[k1] + t2[k2]) cell_mass[k1,k2]  (= Z / exp(m1 + m2 + log_n_max)).
+// The maxima cancel exactly, and every term of a class with non-negligible mass is small.
+//
+// The per-query preparation is one sequence of float operations, run sequentially by the CPU and
+// split over a thread block by the CUDA kernel (thread mapping differs, the rounding order does
+// not): prepare_shift, the stage-2 rows (stage2_step per entry, stage2_row_log_mass at the end,
+// the exact log-space path of an underflowed row), then stage 1 (stage1_max_term, stage1_weight,
+// stage1_cumulate). exp/log are exp_poly/log_poly on both backends, and the multiply-adds are
+// never fused (fmul_rn/fadd_rn, IMI_NO_FP_CONTRACT).
+
 // Row masses below this are recomputed in log space: the scaled product underflowed.
 #define IMI_ROW_MASS_FLOOR 1e-30f
 
-// The exact log-space path of a row whose scaled mass underflowed (or that is empty):
-// log sum_k2 exp(s2[k2] + log_n[k1,k2]).
-IMI_HD float row_log_mass_exact(const CellIndex& ix, int64_t k1, const float* s2) {
-  const int64_t K = ix.K;
-  OnlineLSE<float> lse;
-  const float* ln = ix.log_n + k1 * K;
-  for (int64_t k2 = 0; k2 < K; ++k2) lse.add(s2[k2] + ln[k2]);
-  return lse.value();
+// t = s - max s, and for the second codebook e2 = exp(t2).
+IMI_HD float shift_score(float s, float m) { return s - m; }
+
+// log(n[cell] / exp(log_n_max)): from the float64-built scaled mass while it is a normal float
+// (accurate to its own size), else from log_n (only for cells 87 nats below the largest).
+IMI_HD float shifted_log_mass(const CellIndex& ix, int64_t cell) {
+  const float cm = ix.cell_mass[cell];
+  return cm >= FLT_MIN ? log_poly(cm) : ix.log_n[cell] - *ix.log_n_max;
 }
 
-// ... and its stage-2 CDF, normalized by r_k1 = row_log_mass_exact: out[k2 * stride].
-IMI_HD void stage2_cdf_row_exact(const CellIndex& ix, int64_t k1, const float* s2, float r_k1,
-                                 float* out, int64_t stride) {
+// One entry of a stage-2 row: the running sum plus cell_mass * e2.
+IMI_HD_FLATTEN float stage2_step(float acc, float mass, float e2) { return fadd_rn(acc, fmul_rn(mass, e2)); }
+
+// The row log mass r[k1] = log sum_k2 cell_mass * e2 from the row's last cumulative value, or -inf
+// when it underflowed (the caller then takes the exact path below).
+IMI_HD float stage2_row_log_mass(float last) {
+  return last > IMI_ROW_MASS_FLOOR ? log_poly(last) : neg_inf<float>();
+}
+
+// Exact log-space path of a row whose scaled mass underflowed (or that is empty):
+// log sum_k2 exp(t2[k2] + shifted_log_mass[k1,k2]), max-shifted, two sequential passes.
+IMI_HD float row_log_mass_exact(const CellIndex& ix, int64_t k1, const float* t2) {
   const int64_t K = ix.K;
-  const float* ln = ix.log_n + k1 * K;
+  float mx = neg_inf<float>();
+  for (int64_t k2 = 0; k2 < K; ++k2) mx = max_(mx, t2[k2] + shifted_log_mass(ix, k1 * K + k2));
+  if (mx == neg_inf<float>()) return mx;
+  float sum = 0.f;
+  for (int64_t k2 = 0; k2 < K; ++k2) sum = fadd_rn(sum, exp_poly((t2[k2] + shifted_log_mass(ix, k1 * K + k2)) - mx));
+  return mx + log_poly(sum);
+}
+
+// One term of the exact path's stage-2 CDF: exp(t2 + log mass - r), 0 for an empty cell.
+IMI_HD float stage2_exact_term(const CellIndex& ix, int64_t k1, int64_t k2, const float* t2, float r_k1) {
+  const float lm = shifted_log_mass(ix, k1 * ix.K + k2);
+  return lm != neg_inf<float>() ? exp_poly((t2[k2] + lm) - r_k1) : 0.f;
+}
+
+// ... and its CDF (normalized by r_k1 = row_log_mass_exact): out[k2 * stride].
+IMI_HD void stage2_cdf_row_exact(const CellIndex& ix, int64_t k1, const float* t2, float r_k1,
+                                 float* out, int64_t stride) {
   float acc = 0.f;
-  for (int64_t k2 = 0; k2 < K; ++k2) {
-    if (ln[k2] != neg_inf<float>()) acc += exp_(s2[k2] + ln[k2] - r_k1);
+  for (int64_t k2 = 0; k2 < ix.K; ++k2) {
+    acc = fadd_rn(acc, stage2_exact_term(ix, k1, k2, t2, r_k1));
     out[k2 * stride] = acc;
   }
 }
 
-// log sum_k2 exp(s2[k2] + log_n[k1,k2]) for one row k1, given e2 = exp(s2 - m2).
-// Fast path: one dot product with the scaled cell masses; exact log-space path if it underflows.
-IMI_HD float row_log_mass(const CellIndex& ix, int64_t k1, const float* s2, const float* e2,
-                          float m2) {
+// One stage-2 row k1 sequentially (the CUDA kernel's thread-per-row form of the CPU's table):
+// the cumulative weights into out[k2 * stride] (out may be null: row mass only); returns r[k1].
+IMI_HD float stage2_row(const CellIndex& ix, int64_t k1, const float* t2, const float* e2, float* out,
+                        int64_t stride) {
   const int64_t K = ix.K;
   const float* mass = ix.cell_mass + k1 * K;
-  float R = 0.f;
-  IMI_SIMD_SUM(R)
-  for (int64_t k2 = 0; k2 < K; ++k2) R += mass[k2] * e2[k2];
-  if (R > IMI_ROW_MASS_FLOOR) return log_(R) + m2 + *ix.log_n_max;
-  return row_log_mass_exact(ix, k1, s2);
-}
-
-// Cumulative stage-2 weights of row k1: exp(s2[k2]) n[k1,k2], scaled; same fast/exact split as
-// row_log_mass so that the two agree on which cells have mass.
-IMI_HD void stage2_cdf_row(const CellIndex& ix, int64_t k1, const float* s2, const float* e2,
-                           float r_k1, float* out) {
-  const int64_t K = ix.K;
-  const float* mass = ix.cell_mass + k1 * K;
-  float acc = 0.f;
-  for (int64_t k2 = 0; k2 < K; ++k2) {
-    acc += mass[k2] * e2[k2];
-    out[k2] = acc;
+  float acc = fmul_rn(mass[0], e2[0]);
+  if (out != nullptr) out[0] = acc;
+  for (int64_t k2 = 1; k2 < K; ++k2) {
+    acc = stage2_step(acc, mass[k2], e2[k2]);
+    if (out != nullptr) out[k2 * stride] = acc;
   }
-  // Same test as row_log_mass up to summation order; both paths describe the same row.
-  if (acc > IMI_ROW_MASS_FLOOR) return;
-  stage2_cdf_row_exact(ix, k1, s2, r_k1, out, 1);
+  float r = stage2_row_log_mass(acc);
+  if (r == neg_inf<float>()) {
+    r = row_log_mass_exact(ix, k1, t2);
+    if (out != nullptr) stage2_cdf_row_exact(ix, k1, t2, r, out, stride);
+  }
+  return r;
 }
 
-// The per-query preparation on the host, shared by sampling and log_prob: e2[K] = exp(s2 - max s2),
-// the row log masses r[K], the stage-1 CDF cdf1[K] and every stage-2 CDF, transposed:
-// cdf_t[k2 * K + k1] (row k1 read with stride K by cdf_search_strided). The table is built first
-// (vectorized over rows, each row in the sequential k2 order of stage2_cdf_row) and r is read off
-// its last line, so draws and log Q describe the very same numbers. mass_t[k2 * K + k1] is
-// cell_mass transposed (contiguous inner loop). Returns log Z.
+// Stage 1 over the rows: l1max = max_k1 stage1_max_term (a max: any order), the weights, then ONE
+// sequential cumulative sum; empty rows (r = -inf) get weight exactly 0.
+IMI_HD float stage1_max_term(float t1, float r) { return t1 + r; }
+IMI_HD float stage1_weight(float t1, float r, float l1max) { return exp_poly((t1 + r) - l1max); }
+
+// In place: weights w[K] -> cumulative cdf1[K]; returns log Z' = l1max + log(total) (total >= 1:
+// the largest weight is exp_poly(0) = 1).
+IMI_HD float stage1_cumulate(float* w, int64_t K, float l1max) {
+  float acc = 0.f;
+  for (int64_t k1 = 0; k1 < K; ++k1) {
+    acc = fadd_rn(acc, w[k1]);
+    w[k1] = acc;
+  }
+  return l1max + log_poly(acc);
+}
+
+// The per-query preparation on the host, shared by sampling and log_prob: t1, t2 (shifted scores),
+// e2 = exp(t2), the row log masses r[K], the stage-1 CDF cdf1[K] and every stage-2 CDF,
+// transposed: cdf_t[k2 * K + k1] (row k1 read with stride K by cdf_search_strided). The table is
+// built vectorized over rows, each row in stage2_row's sequential k2 order. mass_t[k2 * K + k1] is
+// cell_mass transposed (contiguous inner loop). Returns log Z'.
 IMI_HD_FLATTEN float query_prepare_table(const CellIndex& ix, const float* mass_t, const float* s1,
-                                         const float* s2, float* e2, float* r, float* cdf1,
-                                         float* cdf_t) {
+                                         const float* s2, float* t1, float* t2, float* e2, float* r,
+                                         float* cdf1, float* cdf_t) {
   const int64_t K = ix.K;
-  float m2 = neg_inf<float>();
+  float m1 = neg_inf<float>(), m2 = neg_inf<float>();
+  IMI_SIMD_MAX(m1)
+  for (int64_t k = 0; k < K; ++k) m1 = max_(m1, s1[k]);
   IMI_SIMD_MAX(m2)
   for (int64_t k = 0; k < K; ++k) m2 = max_(m2, s2[k]);
-  for (int64_t k = 0; k < K; ++k) e2[k] = exp_poly(s2[k] - m2);
-  for (int64_t k1 = 0; k1 < K; ++k1) cdf_t[k1] = mass_t[k1] * e2[0];
+  for (int64_t k = 0; k < K; ++k) {
+    t1[k] = shift_score(s1[k], m1);
+    t2[k] = shift_score(s2[k], m2);
+    e2[k] = exp_poly(t2[k]);
+  }
+  for (int64_t k1 = 0; k1 < K; ++k1) cdf_t[k1] = fmul_rn(mass_t[k1], e2[0]);
   for (int64_t k2 = 1; k2 < K; ++k2) {
     const float e = e2[k2];
     const float* prev = cdf_t + (k2 - 1) * K;
     const float* mt = mass_t + k2 * K;
     float* cur = cdf_t + k2 * K;
-    for (int64_t k1 = 0; k1 < K; ++k1) cur[k1] = prev[k1] + mt[k1] * e;
+    for (int64_t k1 = 0; k1 < K; ++k1) cur[k1] = stage2_step(prev[k1], mt[k1], e);
   }
   const float* last = cdf_t + (K - 1) * K;
-  const float shift = m2 + *ix.log_n_max;
   int32_t underflowed = 0;  // a count, not a bool: the reduction vectorizes
   for (int64_t k1 = 0; k1 < K; ++k1) {
-    const bool ok = last[k1] > IMI_ROW_MASS_FLOOR;
-    r[k1] = ok ? log_poly(last[k1]) + shift : neg_inf<float>();
-    underflowed += ok ? 0 : 1;
+    r[k1] = stage2_row_log_mass(last[k1]);
+    underflowed += r[k1] == neg_inf<float>() ? 1 : 0;
   }
   if (underflowed > 0) {
     for (int64_t k1 = 0; k1 < K; ++k1) {
-      if (last[k1] > IMI_ROW_MASS_FLOOR) continue;
-      r[k1] = row_log_mass_exact(ix, k1, s2);
-      stage2_cdf_row_exact(ix, k1, s2, r[k1], cdf_t + k1, K);
+      if (r[k1] != neg_inf<float>()) continue;
+      r[k1] = row_log_mass_exact(ix, k1, t2);
+      stage2_cdf_row_exact(ix, k1, t2, r[k1], cdf_t + k1, K);
     }
   }
   float l1max = neg_inf<float>();
   IMI_SIMD_MAX(l1max)
-  for (int64_t k1 = 0; k1 < K; ++k1) l1max = max_(l1max, s1[k1] + r[k1]);  // -inf rows drop out
-  // exp_poly(-inf) is exactly 0: empty rows get no stage-1 mass.
-  for (int64_t k1 = 0; k1 < K; ++k1) cdf1[k1] = exp_poly(s1[k1] + r[k1] - l1max);
-  float acc = 0.f;
-  for (int64_t k1 = 0; k1 < K; ++k1) {
-    acc += cdf1[k1];
-    cdf1[k1] = acc;
-  }
-  return l1max + log_(acc);
+  for (int64_t k1 = 0; k1 < K; ++k1) l1max = max_(l1max, stage1_max_term(t1[k1], r[k1]));
+  for (int64_t k1 = 0; k1 < K; ++k1) cdf1[k1] = stage1_weight(t1[k1], r[k1], l1max);
+  return stage1_cumulate(cdf1, K, l1max);
 }
 
 // Steps back from entry k over entries with no mass (equal cumulative values) of a CDF read with a
@@ -156,34 +200,68 @@ IMI_HD_FLATTEN int64_t cdf_search_strided(const float* cdf, int64_t n, int64_t s
 
 IMI_HD int64_t cdf_search(const float* cdf, int64_t n, float u) { return cdf_search_strided(cdf, n, 1, u); }
 
-// Stage three, first half: a uniform slot of `cell` (CSR position). The slot is final when there
-// is no bias; with a bias, resolve_alias picks between the slot and its alias.
-IMI_HD int64_t uniform_slot(const CellIndex& ix, int64_t cell, float u) {
+// Stage three (CONTRACT.md section 1): a slot of `cell` (CSR position begin + slot) from 64 random
+// bits r by a 64 x 64 -> 128-bit multiply, slot = (r * count) >> 64, which is uniform over the
+// count slots up to count / 2^64; u_accept = the top 24 bits of the fraction the multiply leaves
+// (r * count mod 2^64), the acceptance uniform of Walker's single-uniform alias method.
+struct SlotDraw {
+  int64_t pos;
+  float u_accept;
+};
+
+IMI_HD SlotDraw cell_slot(const CellIndex& ix, int64_t cell, uint64_t r) {
   const int64_t begin = ix.offsets[cell];
-  const int64_t count = ix.offsets[cell + 1] - begin;
-  int64_t j = static_cast<int64_t>(u * static_cast<float>(count));
-  if (j >= count) j = count - 1;
-  return begin + j;
+  const uint64_t count = static_cast<uint64_t>(ix.offsets[cell + 1] - begin);
+#if defined(__CUDA_ARCH__)
+  const uint64_t hi = __umul64hi(r, count), lo = r * count;
+#else
+  const unsigned __int128 p = static_cast<unsigned __int128>(r) * count;
+  const uint64_t hi = static_cast<uint64_t>(p >> 64), lo = static_cast<uint64_t>(p);
+#endif
+  SlotDraw d;
+  d.pos = begin + static_cast<int64_t>(hi);
+  d.u_accept = static_cast<float>(lo >> 40) * (1.0f / 16777216.0f);
+  return d;
 }
 
-// Stage three, second half: position drawn with probability exp(beta_i) / n[cell] (Walker's alias
-// method: exact, O(1)).
-IMI_HD int64_t resolve_alias(const CellIndex& ix, int64_t pos, float u_accept) {
-  if (ix.alias_prob == nullptr) return pos;
-  return u_accept < ix.alias_prob[pos] ? pos : ix.alias_pos[pos];
+// Position drawn with probability exp(beta_i) / n[cell] (Walker's alias method: exact, O(1));
+// without a bias the slot is final.
+IMI_HD int64_t resolve_alias(const CellIndex& ix, const SlotDraw& d) {
+  if (ix.alias_prob == nullptr) return d.pos;
+  return d.u_accept < ix.alias_prob[d.pos] ? d.pos : ix.alias_pos[d.pos];
 }
 
-// log Q of a drawn position whose cell is (k1, k2).
-IMI_HD float drawn_log_q(const CellIndex& ix, const float* s1, const float* s2, int64_t k1,
+// The class term of log Q, shifted: beta_i - log_n_max (beta 0 without a bias).
+IMI_HD float shifted_bias(const CellIndex& ix, const float* beta_by, int64_t at) {
+  return (beta_by == nullptr ? 0.f : beta_by[at]) - *ix.log_n_max;
+}
+
+// log Q of a drawn position whose cell is (k1, k2); t1, t2 shifted scores, log_z = log Z'.
+IMI_HD float drawn_log_q(const CellIndex& ix, const float* t1, const float* t2, int64_t k1,
                          int64_t k2, int64_t pos, float log_z) {
-  const float b = ix.beta_csr == nullptr ? 0.f : ix.beta_csr[pos];
-  return (s1[k1] + s2[k2] + b) - log_z;
+  return ((t1[k1] + t2[k2]) + shifted_bias(ix, ix.beta_csr, pos)) - log_z;
 }
 
-IMI_HD float class_log_q(const CellIndex& ix, const float* s1, const float* s2, int64_t id,
+// log Q of class `id` (in [0, N)), bit-equal to drawn_log_q of a draw that lands on it.
+IMI_HD float class_log_q(const CellIndex& ix, const float* t1, const float* t2, int64_t id,
                          float log_z) {
-  const float b = ix.beta == nullptr ? 0.f : ix.beta[id];
-  return (s1[ix.code1[id]] + s2[ix.code2[id]] + b) - log_z;
+  return ((t1[ix.code1[id]] + t2[ix.code2[id]]) + shifted_bias(ix, ix.beta, id)) - log_z;
+}
+
+// Whether class id in [0, N) has both codes in [0, K) (t1/t2 are read at them).
+IMI_HD bool codes_in_range(const CellIndex& ix, int64_t id) {
+  const int64_t c1 = ix.code1[id], c2 = ix.code2[id];
+  return c1 >= 0 && c1 < ix.K && c2 >= 0 && c2 < ix.K;
+}
+
+// log Q of a target: 0 for the ignore marker (negative id), NaN for an id outside [0, N) or with a
+// code outside [0, K) (the ops raise on those; the NaN keeps a kernel that is reached anyway from
+// reading out of bounds). Otherwise class_log_q's value.
+IMI_HD float target_log_q(const CellIndex& ix, const float* t1, const float* t2, int64_t id,
+                          int64_t num_classes, float log_z) {
+  if (id < 0) return 0.f;
+  if (id >= num_classes || !codes_in_range(ix, id)) return NAN;
+  return class_log_q(ix, t1, t2, id, log_z);
 }
 
 }  // namespace imi
