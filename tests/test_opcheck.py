@@ -39,7 +39,7 @@ def test_build_cells(device, bias):
 def test_midx_sample_seeded(device, bias):
     _, index = random_index(300, 6, bias, seed=2, device=device)
     s1, s2 = _scores(device)
-    torch.library.opcheck(ops.midx_sample_seeded, (s1, s2, *sample_args(index, bias), 40, 7, 3),
+    torch.library.opcheck(ops.midx_sample_seeded, (s1, s2, *sample_args(index, bias), 40, 7, 12),
                           test_utils=ALL_UTILS)
 
 

@@ -72,7 +72,7 @@ def test_seeded_draws_follow_the_proposal(device, cpu_draw_passes, bias):
     (code1, code2, beta), index = random_index(n, k, bias, seed=3, device=device)
     g = torch.Generator().manual_seed(4)
     s1, s2 = ((torch.randn(B, k, generator=g) * 1.5).to(device) for _ in range(2))
-    out = ops.midx_sample_seeded(s1, s2, *sample_args(index, bias), draws, 99, 2**32 - 3)
+    out = ops.midx_sample_seeded(s1, s2, *sample_args(index, bias), draws, 99, 4 * (2**32 - 3))  # counter offset/4 + j carries
     ids = out[0].cpu()
     p = reference_log_q_from_codes(s1.cpu(), s2.cpu(), code1.cpu(), code2.cpu(),
                                    None if beta is None else beta.cpu()).exp()
