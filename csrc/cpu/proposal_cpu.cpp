@@ -24,10 +24,6 @@ std::tuple<at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
   TORCH_CHECK(M >= 1, "midx_sample: num_samples must be >= 1, got ", M);
-  check_cell_masses(K, log_n, cell_mass, log_n_max);
-  TORCH_CHECK(offsets.numel() == K * K + 1 && offsets.scalar_type() == at::kLong &&
-                  class_ids.scalar_type() == at::kLong,
-              "midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]");
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
@@ -72,10 +68,10 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
                              const at::Tensor& ids_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1);
-  check_cell_masses(K, log_n, cell_mass, log_n_max);
-  check_codes(code1, code2);
   TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.scalar_type() == at::kLong,
               "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids_in.sizes());
+  check_codes(code1, code2);
+  check_ids_and_codes("midx_log_prob", "ids", ids_in, code1, code2, K);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   const auto ids = ids_in.contiguous();
