@@ -69,22 +69,22 @@ inline at::Tensor bad_position_flag(const at::TensorOptions& like) {
   return at::full({1}, IMI_NO_BAD_POSITION, like.dtype(at::kLong));
 }
 
-// Raises if a loop recorded the flat position of an entry of `ids` it could not use. `allowed`
-// says what the entry may hold.
+// Raises if a loop recorded the flat position of an entry of `ids` (an int64 tensor) it could not
+// use. `allowed` says what the entry may hold, `what` what it is ("class id", "position").
 inline void check_no_bad_position(const char* op, const char* name, int64_t first_bad, const at::Tensor& ids,
-                                  const std::string& allowed) {
+                                  const std::string& allowed, const char* what = "class id") {
   if (first_bad == IMI_NO_BAD_POSITION) return;
   const int64_t value = ids.reshape(-1)[first_bad].item<int64_t>();
   std::string where = std::to_string(first_bad);
   if (ids.dim() == 2 && ids.size(1) > 0)
     where = std::to_string(first_bad / ids.size(1)) + ", " + std::to_string(first_bad % ids.size(1));
-  TORCH_CHECK(false, op, ": ", name, " has class id ", value, " at [", where, "] outside ", allowed);
+  TORCH_CHECK(false, op, ": ", name, " has ", what, " ", value, " at [", where, "] outside ", allowed);
 }
 
 // The same from a device flag: one device->host copy (on CUDA a synchronisation with the stream).
 inline void check_no_bad_position(const char* op, const char* name, const at::Tensor& flag, const at::Tensor& ids,
-                                  const std::string& allowed) {
-  check_no_bad_position(op, name, flag.item<int64_t>(), ids, allowed);
+                                  const std::string& allowed, const char* what = "class id") {
+  check_no_bad_position(op, name, flag.item<int64_t>(), ids, allowed, what);
 }
 
 // ---- proposal ops: index views -----------------------------------------------------------------

@@ -23,6 +23,11 @@ def index():
     return s, s1.contiguous(), s2.contiguous()
 
 
+def on(device, args):
+    """args moved to device (None stays None)."""
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def sample_args(index, **over):
     s, s1, s2 = index
     args = dict(s1=s1, s2=s2, log_n=s.log_n, cell_mass=s.cell_mass, log_n_max=s.log_n_max, offsets=s.offsets,
@@ -68,9 +73,11 @@ def _offsets_cases(s):
 
 @pytest.mark.parametrize("case", ["wrong length", "int32", "non-contiguous", "first != 0", "last != N", "decreasing"])
 @pytest.mark.parametrize("seeded", [True, False])
-def test_sample_rejects_bad_offsets(index, case, seeded):
+def test_sample_rejects_bad_offsets(index, case, seeded, device):
     offsets, msg = _offsets_cases(index[0])[case]
-    args = sample_args(index, offsets=offsets)
+    if case == "non-contiguous" and device.type == "cuda":
+        pytest.skip("the CUDA glue makes its inputs contiguous")
+    args = on(device, sample_args(index, offsets=offsets))
     with pytest.raises(BAD, match=msg):
         if seeded:
             ops.midx_sample_seeded(*args, M, 7, 0)
@@ -78,7 +85,7 @@ def test_sample_rejects_bad_offsets(index, case, seeded):
             ops.midx_sample(*args, M, None)
 
 
-def test_sample_rejects_bad_tables(index):
+def test_sample_rejects_bad_tables(index, device):
     s = index[0]
     cases = [
         (dict(alias_pos=None), "given together"),
@@ -96,7 +103,7 @@ def test_sample_rejects_bad_tables(index):
     ]
     for over, msg in cases:
         with pytest.raises(BAD, match=msg):
-            ops.midx_sample_seeded(*sample_args(index, **over), M, 7, 0)
+            ops.midx_sample_seeded(*on(device, sample_args(index, **over)), M, 7, 0)
 
 
 def test_sample_rejects_bad_num_codewords(index):
@@ -112,28 +119,33 @@ def test_sample_rejects_bad_num_codewords(index):
         ops.midx_sample_seeded(*sample_args(index, s2=s2[:, :-1]), M, 7, 0)
 
 
+def test_sample_rejects_output_sizes_that_overflow(index):
+    with pytest.raises(BAD, match="overflow"):
+        ops.midx_sample_seeded(*sample_args(index), 2**62, 7, 0)  # B * M * 8 bytes
+
+
 # ---- midx_log_prob: ids and the codes they read ----------------------------------------------------
 
 @pytest.mark.parametrize("bad_id", [N, -1, -5, 10**12, -(2**63)])
-def test_log_prob_rejects_bad_ids(index, bad_id):
+def test_log_prob_rejects_bad_ids(index, bad_id, device):
     ids = torch.zeros(B, 2, dtype=torch.long)
     ids[1, 1] = bad_id
     with pytest.raises(BAD, match=f"class id {bad_id} at \\[1, 1\\]"):
-        ops.midx_log_prob(*log_prob_args(index, ids))
+        ops.midx_log_prob(*on(device, log_prob_args(index, ids)))
 
 
 @pytest.mark.parametrize("bad_code", [K, -1, 10**12])
-def test_log_prob_rejects_bad_codes_of_the_ids_it_reads(index, bad_code):
+def test_log_prob_rejects_bad_codes_of_the_ids_it_reads(index, bad_code, device):
     s = index[0]
     ids = torch.tensor([[3, 4]] * B)
     for field in ("code1", "code2"):
         codes = getattr(s, field).clone()
         codes[4] = bad_code
         with pytest.raises(BAD, match=f"class 4 .* has codes .*{bad_code}.* outside \\[0, K = {K}\\)"):
-            ops.midx_log_prob(*log_prob_args(index, ids, **{field: codes}))
+            ops.midx_log_prob(*on(device, log_prob_args(index, ids, **{field: codes})))
         # a bad code of a class that is not asked for is never read: no error, exact values
-        ok = ops.midx_log_prob(*log_prob_args(index, torch.tensor([[3, 5]] * B), **{field: codes}))
-        ref = ops.midx_log_prob(*log_prob_args(index, torch.tensor([[3, 5]] * B)))
+        ok = ops.midx_log_prob(*on(device, log_prob_args(index, torch.tensor([[3, 5]] * B), **{field: codes})))
+        ref = ops.midx_log_prob(*on(device, log_prob_args(index, torch.tensor([[3, 5]] * B))))
         assert torch.equal(ok, ref)
 
 
@@ -151,13 +163,13 @@ def test_log_prob_rejects_bad_class_tables(index):
 # ---- build_cells / assign_codewords --------------------------------------------------------------
 
 @pytest.mark.parametrize("bad_code", [4, -1, 10**12, -(2**63)])
-def test_build_cells_rejects_bad_codes(bad_code):
-    c1 = torch.tensor([0, 1, 2, 3])
-    c2 = torch.tensor([0, 1, bad_code, 3])
+def test_build_cells_rejects_bad_codes(bad_code, device):
+    c1 = torch.tensor([0, 1, 2, 3], device=device)
+    c2 = torch.tensor([0, 1, bad_code, 3], device=device)
     with pytest.raises(BAD, match="out of range"):
         ops.build_cells(c1, c2, None, 4)
     with pytest.raises(BAD, match="out of range"):
-        ops.build_cells(c2, c1, torch.zeros(4), 4)
+        ops.build_cells(c2, c1, torch.zeros(4, device=device), 4)
 
 
 @pytest.mark.parametrize("k", [0, -3, 2**32, 2**62])
@@ -186,32 +198,33 @@ def test_assign_codewords_rejects_bad_shapes():
 
 # ---- fused loss: ids, shapes ---------------------------------------------------------------------
 
-def _loss_args(ids, dtype=torch.float32):
+def _loss_args(ids, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(ids.shape[0], D, generator=g, dtype=dtype)
     w = torch.randn(N, D, generator=g, dtype=dtype)
     b = torch.randn(N, generator=g, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return x, w, b, ids, torch.zeros(ids.shape, dtype=acc)
+    return on(device, (x, w, b, ids, torch.zeros(ids.shape, dtype=acc)))
 
 
 @pytest.mark.parametrize("col", [0, 2])
 @pytest.mark.parametrize("bad_id", [N, -5, 10**12, -(2**63)])
-def test_loss_ops_reject_bad_ids(col, bad_id):
+def test_loss_ops_reject_bad_ids(col, bad_id, device):
     ids = torch.randint(0, N, (B, 1 + M), generator=torch.Generator().manual_seed(2))
     ids[2, col] = bad_id
-    x, w, b, ids, lq = _loss_args(ids)
+    x, w, b, ids, lq = _loss_args(ids, device=device)
     msg = f"class id {bad_id} at \\[2, {col}\\] outside \\[0, {N}\\)"
     with pytest.raises(BAD, match=msg):
         ops.sampled_softmax_forward(x, w, b, ids, lq, True, -1, False)
     with pytest.raises(BAD, match=msg):
-        ops.sampled_softmax_backward(torch.ones(B), x, w, b, ids, lq, torch.zeros(B), True, -1)
+        ops.sampled_softmax_backward(torch.ones(B, device=device), x, w, b, ids, lq, torch.zeros(B, device=device),
+                                     True, -1)
 
 
-def test_loss_ignore_marker_only_in_column_0():
+def test_loss_ignore_marker_only_in_column_0(device):
     ids = torch.randint(0, N, (B, 1 + M), generator=torch.Generator().manual_seed(3))
     ids[1, 0] = -100
-    x, w, b, ids, lq = _loss_args(ids)
+    x, w, b, ids, lq = _loss_args(ids, device=device)
     loss, _ = ops.sampled_softmax_forward(x, w, b, ids, lq, True, -100, False)
     assert loss[1] == 0 and bool(torch.isfinite(loss).all())
     with pytest.raises(BAD, match="class id -100 at \\[1, 0\\]"):  # -100 is not this call's marker
@@ -235,25 +248,25 @@ def test_loss_ops_reject_bad_shapes():
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_backward_with_grad_loss_of_another_dtype(grad_dtype):
+def test_backward_with_grad_loss_of_another_dtype(grad_dtype, device):
     """grad_loss / lse of another dtype are converted into named tensors that outlive the kernel
     (the converted temporaries used to be freed before it read them): the result equals the one
     from float32 grad_loss, and a float64 reference of the gradient of x."""
     ids = torch.randint(0, N, (B, 1 + M), generator=torch.Generator().manual_seed(4))
-    x, w, b, ids, lq = _loss_args(ids)
-    lq = torch.randn(lq.shape, generator=torch.Generator().manual_seed(5))
+    x, w, b, ids, lq = _loss_args(ids, device=device)
+    lq = torch.randn(lq.shape, generator=torch.Generator().manual_seed(5)).to(device)
     _, lse = ops.sampled_softmax_forward(x, w, b, ids, lq, True, -1, False)
-    g32 = torch.tensor([0.5, -2.0, 1.25])  # exact in every dtype tested
+    g32 = torch.tensor([0.5, -2.0, 1.25], device=device)  # exact in every dtype tested
     want_gx, want_coef = ops.sampled_softmax_backward(g32, x, w, b, ids, lq, lse, True, -1)
     for _ in range(3):  # allocations in between would reuse freed blocks
-        junk = [torch.full((B,), 1e4, dtype=grad_dtype) for _ in range(8)]
+        junk = [torch.full((B,), 1e4, dtype=grad_dtype, device=device) for _ in range(8)]
         gx, coef = ops.sampled_softmax_backward(g32.to(grad_dtype), x, w, b, ids, lq, lse.double(), True, -1)
         del junk
         assert torch.equal(gx, want_gx) and torch.equal(coef, want_coef)
     # float64 reference: d/dx of sum_b g_b * loss_b with accidental hits masked
     xd = x.double().requires_grad_()
     o = torch.einsum("bd,bmd->bm", xd, w.double()[ids]) + b.double()[ids] - lq.double()
-    hits = torch.cat([torch.zeros(B, 1, dtype=torch.bool), ids[:, 1:] == ids[:, :1]], 1)
+    hits = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=device), ids[:, 1:] == ids[:, :1]], 1)
     u = o.masked_fill(hits, float("-inf"))
     rows = torch.logsumexp(u, 1) - u[:, 0]
     (ref,) = torch.autograd.grad((rows * g32.double()).sum(), xd)
@@ -264,7 +277,7 @@ def test_backward_with_grad_loss_of_another_dtype(grad_dtype):
 
 @pytest.mark.parametrize("op_name", ["dense_weight_grad", "sparse_weight_grad"])
 @pytest.mark.parametrize("bad_id", [N, -5, 10**12, -(2**63)])
-def test_weight_grad_rejects_bad_ids(op_name, bad_id):
+def test_weight_grad_rejects_bad_ids(op_name, bad_id, device):
     op = getattr(ops, op_name)
     g = torch.Generator().manual_seed(6)
     ids = torch.randint(0, N, (B, 1 + M), generator=g)
@@ -272,11 +285,11 @@ def test_weight_grad_rejects_bad_ids(op_name, bad_id):
     x = torch.randn(B, D, generator=g)
     ids[1, 2] = bad_id
     with pytest.raises(BAD, match=f"class id {bad_id} at \\[1, 2\\] outside \\[0, num_classes = {N}\\)"):
-        op(coef, ids, x, N)
+        op(*on(device, (coef, ids, x)), N)
 
 
 @pytest.mark.parametrize("op_name", ["dense_weight_grad", "sparse_weight_grad"])
-def test_weight_grad_skips_marker_and_zero_coef_entries(op_name):
+def test_weight_grad_skips_marker_and_zero_coef_entries(op_name, device):
     """-1 (the loss's ignore marker) and any entry with coef exactly 0 (an ignored row, whatever its
     marker) are skipped; the other entries give the float64 reference."""
     op = getattr(ops, op_name)
@@ -291,7 +304,7 @@ def test_weight_grad_skips_marker_and_zero_coef_entries(op_name):
     ref_w = torch.zeros(N, D, dtype=torch.float64).index_add_(
         0, ids[keep], (coef.double()[:, :, None] * x.double()[:, None, :])[keep])
     ref_b = torch.zeros(N, dtype=torch.float64).index_add_(0, ids[keep], coef.double()[keep])
-    out = op(coef, ids, x, N)
+    out = [t.cpu() for t in op(*on(device, (coef, ids, x)), N)]
     if op_name == "sparse_weight_grad":
         uniq, rows, brows = out
         assert torch.equal(uniq, torch.unique(ids[keep]))

@@ -29,4 +29,13 @@ IMI_HD void record_bad_position(int64_t* first_bad, int64_t pos) {
 #endif
 }
 
+// A position read from a table (alias_pos[p]) before it indexes an array of n entries: returned
+// when in [0, n); otherwise table entry `entry` is recorded and `fallback` (a position already known
+// to be valid, e.g. p itself) is returned, so the loop finishes without an out-of-bounds read.
+IMI_HD int64_t checked_position(int64_t pos, int64_t n, int64_t fallback, int64_t* first_bad, int64_t entry) {
+  if (in_range(pos, n)) return pos;
+  record_bad_position(first_bad, entry);
+  return fallback;
+}
+
 }  // namespace imi
