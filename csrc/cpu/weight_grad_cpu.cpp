@@ -92,7 +92,7 @@ void reduce_groups(const ClassGroups& g, const at::Tensor& coef, const at::Tenso
         const int64_t e = g.order[k];
         const acc_t c = cp[e];
         const scalar_t* xr = xp + (e / M1) * d;
-        for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<acc_t>(xr[i]);
+        for (int64_t i = 0; i < d; ++i) acc[i] += imi::weight_grad_term<scalar_t, acc_t>(c, xr[i]);
         bias += c;
       }
       const int64_t row = row_of(u);

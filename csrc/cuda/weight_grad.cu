@@ -48,7 +48,7 @@ __global__ void wgrad_atomic_kernel(const typename imi::acc_type<scalar_t>::type
     const imi::Entry use = imi::weight_grad_entry(id, c, N);
     if (use == imi::Entry::kBad && blockIdx.y == 0 && threadIdx.x == 0) imi::record_bad_position(first_bad, e);
     if (use != imi::Entry::kUse || c == acc_t(0)) continue;
-    if (i < d) atomicAdd(gw + id * d + i, c * to_acc(x[(e / M1) * d + i]));
+    if (i < d) atomicAdd(gw + id * d + i, imi::weight_grad_term<scalar_t, acc_t>(c, x[(e / M1) * d + i]));
     if (blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(gb + id, c);
   }
 }
@@ -91,7 +91,7 @@ __global__ void segment_reduce_kernel(const typename imi::acc_type<scalar_t>::ty
         const int64_t e = sorted_entries[p];
         const acc_t c = coef[e];
         if (c == acc_t(0)) continue;
-        acc += c * to_acc(x[(e / M1) * d + i]);
+        acc += imi::weight_grad_term<scalar_t, acc_t>(c, x[(e / M1) * d + i]);
       }
       gw[row * d + i] = from_acc<scalar_t>(acc);
     }

@@ -120,6 +120,11 @@ IMI_HD acc_t softmax_coef(acc_t u, acc_t lse, bool is_target, acc_t g) {
 template <typename scalar_t, typename acc_t>
 IMI_HD acc_t grad_x_term(acc_t coef, scalar_t w) { return coef * acc_cast<acc_t>(w); }
 
+// Entry (b, j)'s share of feature i of grad w_id: coef_bj * x_bi, summed per class in entry order
+// (b, then j) on both backends; the bias gradient sums coef_bj alone.
+template <typename scalar_t, typename acc_t>
+IMI_HD acc_t weight_grad_term(acc_t coef, scalar_t x) { return coef * acc_cast<acc_t>(x); }
+
 // ---- host row bodies ---------------------------------------------------------------------------
 
 // Number of columns ahead whose weight rows are prefetched on the host.
