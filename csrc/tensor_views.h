@@ -53,9 +53,10 @@ inline int64_t checked_size_product(const char* op, const char* what, int64_t a,
   return static_cast<int64_t>(out);
 }
 
-// K codewords per codebook: K*K cells, and the sampling ops build K*K tables per query (32-bit
-// indexing inside them), so K is capped well below where K*K overflows.
-constexpr int64_t kMaxCodewords = int64_t(1) << 15;
+// K codewords per codebook: K*K cells, and the sampling ops build two K*K float tables per CPU
+// thread (512 MiB at the cap; 32-bit indexing inside them), so K is capped far below where K*K
+// overflows: 8192^2 = 67M cells is more than any catalogue needs.
+constexpr int64_t kMaxCodewords = int64_t(1) << 13;
 
 inline void check_num_codewords(const char* op, int64_t K) {
   TORCH_CHECK(K >= 1 && K <= kMaxCodewords, op, ": num_codewords (K, the width of s1/s2) must lie in [1, ",
@@ -125,10 +126,19 @@ inline void check_offsets(const char* op, int64_t K, const at::Tensor& offsets, 
                   offsets.numel() == K * K + 1,
               op, ": offsets must be contiguous int64 [K*K+1] = [", K * K + 1, "], got ", offsets.scalar_type(), " ",
               offsets.sizes());
-  const auto first = offsets.narrow(0, 0, 1), last = offsets.narrow(0, K * K, 1);
-  const auto bad = first.ne(0).logical_or(last.ne(n)).logical_or(offsets.diff().lt(0).any());
-  TORCH_CHECK(!bad.item<bool>(), op, ": offsets must start at 0, never decrease and end at len(class_ids) = ", n,
-              " (got offsets[0] = ", first.item<int64_t>(), ", offsets[-1] = ", last.item<int64_t>(), ")");
+  const int64_t KK = K * K;
+  bool ok = true;
+  if (offsets.is_cpu()) {  // a plain loop: no temporaries of K*K entries per call
+    const int64_t* o = offsets.data_ptr<int64_t>();
+    ok = o[0] == 0 && o[KK] == n;
+    for (int64_t c = 0; ok && c < KK; ++c) ok = o[c] <= o[c + 1];
+  } else {
+    const auto bad = offsets.narrow(0, 1, KK).lt(offsets.narrow(0, 0, KK)).any().logical_or(
+        offsets[0].ne(0).logical_or(offsets[KK].ne(n)));
+    ok = !bad.item<bool>();
+  }
+  TORCH_CHECK(ok, op, ": offsets must start at 0, never decrease and end at len(class_ids) = ", n,
+              " (got offsets[0] = ", offsets[0].item<int64_t>(), ", offsets[-1] = ", offsets[KK].item<int64_t>(), ")");
 }
 
 // Every tensor must already be contiguous and on the executing device.

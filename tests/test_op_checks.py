@@ -111,8 +111,8 @@ def test_sample_rejects_bad_num_codewords(index):
     empty = torch.zeros(B, 0)
     with pytest.raises(BAD, match="num_codewords"):
         ops.midx_sample_seeded(*sample_args(index, s1=empty, s2=empty), M, 7, 0)
-    # K = 2^16: K*K tables would be 2^32 entries; refused before anything is allocated or read.
-    wide = torch.zeros(0, 1 << 16)
+    # K = 2^14: the K*K tables would take 2 GiB per thread; refused before anything is allocated.
+    wide = torch.zeros(0, 1 << 14)
     with pytest.raises(BAD, match="num_codewords"):
         ops.midx_sample_seeded(*sample_args(index, s1=wide, s2=wide), M, 7, 0)
     with pytest.raises(BAD, match="s1 and s2"):
@@ -172,7 +172,7 @@ def test_build_cells_rejects_bad_codes(bad_code, device):
         ops.build_cells(c2, c1, torch.zeros(4, device=device), 4)
 
 
-@pytest.mark.parametrize("k", [0, -3, 2**32, 2**62])
+@pytest.mark.parametrize("k", [0, -3, 8193, 2**32, 2**62])
 def test_build_cells_rejects_bad_num_codewords(k):
     c = torch.zeros(3, dtype=torch.long)
     with pytest.raises(BAD, match="num_codewords"):
