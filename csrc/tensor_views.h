@@ -1,24 +1,152 @@
-// Tensor -> raw-pointer views shared by the CPU and CUDA launch code (torch side only).
+// Tensor -> raw-pointer views and the argument checks of every op, shared by the CPU and CUDA
+// launch code (torch side only). Python validates user input first, for good messages; these checks
+// guard what the kernels index with when the ops are called directly (imi_softmax.ops) or under
+// torch.compile, where the Python checks do not run. Each check costs at most O(K^2) or O(size of
+// the per-call inputs): index tensors of length N (class_ids, codes, alias tables) are checked where
+// they are read, with a position flag (imi_softmax/index_check.h, check_no_bad_position).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
+
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 
+#include "imi_softmax/index_check.h"
 #include "imi_softmax/proposal.h"
 
 namespace imi_softmax {
+
+// ---- devices and sizes -------------------------------------------------------------------------
+
+struct NamedTensor {
+  const char* name;
+  const at::Tensor* t;  // null or undefined: absent
+};
+inline NamedTensor named(const char* name, const at::Tensor& t) { return {name, &t}; }
+inline NamedTensor named(const char* name, const std::optional<at::Tensor>& t) {
+  return {name, t.has_value() ? &*t : nullptr};
+}
+
+// Every given tensor on the device of the first one; the error names both.
+inline void check_same_device(const char* op, std::initializer_list<NamedTensor> tensors) {
+  const NamedTensor* first = nullptr;
+  for (const NamedTensor& nt : tensors) {
+    if (nt.t == nullptr || !nt.t->defined()) continue;
+    if (first == nullptr) {
+      first = &nt;
+      continue;
+    }
+    TORCH_CHECK(nt.t->device() == first->t->device(), op, ": ", nt.name, " is on ", nt.t->device(),
+                " but ", first->name, " is on ", first->t->device(), "; move them to one device");
+  }
+}
+
+// a * b for a size computed from arguments (not from an existing tensor), without int64 overflow.
+inline int64_t checked_size_product(const char* op, const char* what, int64_t a, int64_t b) {
+  uint64_t out = 0;
+  TORCH_CHECK(a >= 0 && b >= 0 && !c10::mul_overflows(static_cast<uint64_t>(a), static_cast<uint64_t>(b), &out) &&
+                  out <= static_cast<uint64_t>(INT64_MAX),
+              op, ": ", what, " = ", a, " * ", b, " does not fit in int64");
+  return static_cast<int64_t>(out);
+}
+
+// K codewords per codebook: K*K cells, and the sampling ops build two K*K float tables per CPU
+// thread (512 MiB at the cap; 32-bit indexing inside them), so K is capped far below where K*K
+// overflows: 8192^2 = 67M cells is more than any catalogue needs.
+constexpr int64_t kMaxCodewords = int64_t(1) << 13;
+
+inline void check_num_codewords(const char* op, int64_t K) {
+  TORCH_CHECK(K >= 1 && K <= kMaxCodewords, op, ": num_codewords (K, the width of s1/s2) must lie in [1, ",
+              kMaxCodewords, "], got ", K);
+}
+
+// ---- positions recorded at use -----------------------------------------------------------------
+
+// A one-entry int64 flag for imi::record_bad_position, on the device of `like`.
+inline at::Tensor bad_position_flag(const at::TensorOptions& like) {
+  return at::full({1}, IMI_NO_BAD_POSITION, like.dtype(at::kLong));
+}
+
+// Raises if a loop recorded the flat position of an entry of `ids` (an int64 tensor) it could not
+// use. `allowed` says what the entry may hold, `what` what it is ("class id", "position").
+inline void check_no_bad_position(const char* op, const char* name, int64_t first_bad, const at::Tensor& ids,
+                                  const std::string& allowed, const char* what = "class id") {
+  if (first_bad == IMI_NO_BAD_POSITION) return;
+  const int64_t value = ids.reshape(-1)[first_bad].item<int64_t>();
+  std::string where = std::to_string(first_bad);
+  if (ids.dim() == 2 && ids.size(1) > 0)
+    where = std::to_string(first_bad / ids.size(1)) + ", " + std::to_string(first_bad % ids.size(1));
+  TORCH_CHECK(false, op, ": ", name, " has ", what, " ", value, " at [", where, "] outside ", allowed);
+}
+
+// The same from a device flag: one device->host copy (on CUDA a synchronisation with the stream).
+inline void check_no_bad_position(const char* op, const char* name, const at::Tensor& flag, const at::Tensor& ids,
+                                  const std::string& allowed, const char* what = "class id") {
+  check_no_bad_position(op, name, flag.item<int64_t>(), ids, allowed, what);
+}
+
+// ---- proposal ops: index views -----------------------------------------------------------------
 
 template <typename T>
 inline const T* optional_ptr(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined() && t->numel() > 0) ? t->data_ptr<T>() : nullptr;
 }
 
+inline bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->numel() > 0;
+}
+
+inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
+  TORCH_CHECK(s1.dim() == 2 && s2.dim() == 2 && s1.sizes() == s2.sizes(),
+              "imi_softmax: s1 and s2 must both be [B, K], got ", s1.sizes(), " and ", s2.sizes());
+  TORCH_CHECK(s1.scalar_type() == at::kFloat && s2.scalar_type() == at::kFloat,
+              "imi_softmax: query scores must be float32");
+  check_num_codewords("imi_softmax", s1.size(1));
+}
+
+inline void check_cell_masses(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
+                              const at::Tensor& log_n_max) {
+  check_num_codewords("imi_softmax", K);
+  TORCH_CHECK(log_n.numel() == K * K && cell_mass.numel() == K * K,
+              "imi_softmax: log_n and cell_mass must have K*K = ", K * K, " entries, got ", log_n.numel(),
+              " and ", cell_mass.numel());
+  TORCH_CHECK(log_n.scalar_type() == at::kFloat && cell_mass.scalar_type() == at::kFloat &&
+                  log_n_max.scalar_type() == at::kFloat && log_n_max.numel() == 1,
+              "imi_softmax: index masses must be float32 (log_n_max: one entry)");
+  TORCH_CHECK(log_n.is_contiguous() && cell_mass.is_contiguous(), "imi_softmax: index masses must be contiguous");
+}
+
+// CSR offsets of K*K cells over n classes: [K*K+1], offsets[0] == 0, non-decreasing, last == n.
+// O(K^2); one host read of the verdict (a synchronisation on CUDA).
+inline void check_offsets(const char* op, int64_t K, const at::Tensor& offsets, int64_t n) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous() &&
+                  offsets.numel() == K * K + 1,
+              op, ": offsets must be contiguous int64 [K*K+1] = [", K * K + 1, "], got ", offsets.scalar_type(), " ",
+              offsets.sizes());
+  const int64_t KK = K * K;
+  bool ok = true;
+  if (offsets.is_cpu()) {  // a plain loop: no temporaries of K*K entries per call
+    const int64_t* o = offsets.data_ptr<int64_t>();
+    ok = o[0] == 0 && o[KK] == n;
+    for (int64_t c = 0; ok && c < KK; ++c) ok = o[c] <= o[c + 1];
+  } else {
+    const auto bad = offsets.narrow(0, 1, KK).lt(offsets.narrow(0, 0, KK)).any().logical_or(
+        offsets[0].ne(0).logical_or(offsets[KK].ne(n)));
+    ok = !bad.item<bool>();
+  }
+  TORCH_CHECK(ok, op, ": offsets must start at 0, never decrease and end at len(class_ids) = ", n,
+              " (got offsets[0] = ", offsets[0].item<int64_t>(), ", offsets[-1] = ", offsets[KK].item<int64_t>(), ")");
+}
+
 // Every tensor must already be contiguous and on the executing device.
 // The cell masses every proposal op needs; the sampling and log_prob parts are filled by the
-// two helpers below.
+// two helpers below, which check what they point at.
 inline imi::CellIndex make_cell_index(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
                                       const at::Tensor& log_n_max) {
+  check_cell_masses(K, log_n, cell_mass, log_n_max);
   imi::CellIndex ix{};
   ix.K = K;
   ix.log_n = log_n.data_ptr<float>();
@@ -27,44 +155,118 @@ inline imi::CellIndex make_cell_index(int64_t K, const at::Tensor& log_n, const 
   return ix;
 }
 
+// Sampling tables: offsets (checked in full, O(K^2)), class_ids [N >= 1] and, with a bias, the
+// per-position alias_prob / alias_pos / beta_csr [N]. alias_pos values are positions read at use.
+inline void check_sampling_tables(const char* op, int64_t K, const at::Tensor& offsets, const at::Tensor& class_ids,
+                                  const std::optional<at::Tensor>& alias_prob,
+                                  const std::optional<at::Tensor>& alias_pos,
+                                  const std::optional<at::Tensor>& beta_csr) {
+  TORCH_CHECK(class_ids.scalar_type() == at::kLong && class_ids.dim() == 1 && class_ids.is_contiguous(),
+              op, ": class_ids must be contiguous int64 [N]");
+  const int64_t n = class_ids.numel();
+  TORCH_CHECK(n >= 1, op, ": the index holds no class (class_ids is empty)");
+  check_offsets(op, K, offsets, n);
+  TORCH_CHECK(present(alias_prob) == present(alias_pos) && present(alias_prob) == present(beta_csr),
+              op, ": alias_prob, alias_pos and beta_csr must be given together");
+  if (!present(alias_prob)) return;
+  TORCH_CHECK(alias_prob->scalar_type() == at::kFloat && alias_pos->scalar_type() == at::kLong &&
+                  beta_csr->scalar_type() == at::kFloat,
+              op, ": alias_prob and beta_csr must be float32, alias_pos int64");
+  TORCH_CHECK(alias_prob->is_contiguous() && alias_pos->is_contiguous() && beta_csr->is_contiguous(),
+              op, ": alias tables must be contiguous");
+  TORCH_CHECK(alias_prob->numel() == n && alias_pos->numel() == n && beta_csr->numel() == n, op,
+              ": alias_prob, alias_pos and beta_csr must have len(class_ids) = ", n, " entries, got ",
+              alias_prob->numel(), ", ", alias_pos->numel(), " and ", beta_csr->numel());
+}
+
 inline void set_sampling_tables(imi::CellIndex& ix, const at::Tensor& offsets, const at::Tensor& class_ids,
                                 const std::optional<at::Tensor>& alias_prob,
                                 const std::optional<at::Tensor>& alias_pos,
                                 const std::optional<at::Tensor>& beta_csr) {
+  check_sampling_tables("midx_sample", ix.K, offsets, class_ids, alias_prob, alias_pos, beta_csr);
   ix.offsets = offsets.data_ptr<int64_t>();
   ix.class_ids = class_ids.data_ptr<int64_t>();
   ix.alias_prob = optional_ptr<float>(alias_prob);
   ix.alias_pos = optional_ptr<int64_t>(alias_pos);
   ix.beta_csr = optional_ptr<float>(beta_csr);
-  TORCH_CHECK((ix.alias_prob == nullptr) == (ix.alias_pos == nullptr) &&
-                  (ix.alias_prob == nullptr) == (ix.beta_csr == nullptr),
-              "imi_softmax: alias_prob, alias_pos and beta_csr must be given together");
+}
+
+// code1 / code2 [N] int64 and beta [N] float32 (by class id) or absent. Code values are read at
+// use: check_ids_and_codes checks those of the ids an op is given.
+inline void check_codes(const at::Tensor& code1, const at::Tensor& code2) {
+  TORCH_CHECK(code1.scalar_type() == at::kLong && code2.scalar_type() == at::kLong && code1.dim() == 1 &&
+                  code1.sizes() == code2.sizes() && code1.is_contiguous() && code2.is_contiguous(),
+              "imi_softmax: code1/code2 must be contiguous int64 [N] of equal length");
+}
+
+inline void check_class_codes(const char* op, const std::optional<at::Tensor>& beta, const at::Tensor& code1,
+                              const at::Tensor& code2) {
+  check_codes(code1, code2);
+  if (!present(beta)) return;
+  TORCH_CHECK(beta->scalar_type() == at::kFloat && beta->is_contiguous() && beta->numel() == code1.numel(),
+              op, ": beta must be contiguous float32 [N] = [", code1.numel(), "], got ", beta->scalar_type(), " ",
+              beta->sizes());
 }
 
 inline void set_class_codes(imi::CellIndex& ix, const std::optional<at::Tensor>& beta,
                             const at::Tensor& code1, const at::Tensor& code2) {
+  check_class_codes("midx_log_prob", beta, code1, code2);
   ix.beta = optional_ptr<float>(beta);
   ix.code1 = code1.data_ptr<int64_t>();
   ix.code2 = code2.data_ptr<int64_t>();
 }
 
-// Schema-level checks shared by the backends (Python validates user input before this; these
-// guard direct calls to torch.ops.imi_softmax.*).
-inline void check_cell_masses(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
-                              const at::Tensor& log_n_max) {
-  TORCH_CHECK(log_n.numel() == K * K && cell_mass.numel() == K * K,
-              "imi_softmax: log_n and cell_mass must have K*K = ", K * K, " entries");
-  TORCH_CHECK(log_n.scalar_type() == at::kFloat && cell_mass.scalar_type() == at::kFloat &&
-                  log_n_max.scalar_type() == at::kFloat && log_n_max.numel() == 1,
-              "imi_softmax: index masses must be float32");
-  TORCH_CHECK(log_n.is_contiguous() && cell_mass.is_contiguous(), "imi_softmax: index masses must be contiguous");
+// ids [B, L]: every id in [0, N = len(code1)) and its codes in [0, K) (a negative id is allowed
+// where `negative_marker`: the ignore marker of targets). O(B*L), one host read of the verdict.
+inline void check_ids_and_codes(const char* op, const char* name, const at::Tensor& ids, const at::Tensor& code1,
+                                const at::Tensor& code2, int64_t K, bool negative_marker = false) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ", name, " must be int64");
+  if (ids.numel() == 0) return;
+  const int64_t n = code1.numel();
+  const auto flat = ids.reshape(-1);
+  auto bad = flat.ge(n);
+  if (!negative_marker) bad = bad.logical_or(flat.lt(0));
+  if (n > 0) {
+    const auto safe = flat.clamp(0, n - 1);
+    const auto c1 = code1.index_select(0, safe), c2 = code2.index_select(0, safe);
+    const auto bad_code = c1.lt(0).logical_or(c1.ge(K)).logical_or(c2.lt(0)).logical_or(c2.ge(K));
+    bad = bad.logical_or(bad_code.logical_and(flat.ge(0)));
+  }
+  if (!bad.any().item<bool>()) return;
+  const int64_t pos = bad.nonzero().select(1, 0)[0].item<int64_t>();
+  const int64_t id = flat[pos].item<int64_t>();
+  if (!imi::in_range(id, n))
+    check_no_bad_position(op, name, pos, ids,
+                          "[0, " + std::to_string(n) + ")" + (negative_marker ? " (or negative: ignored)" : ""));
+  TORCH_CHECK(false, op, ": class ", id, " (in ", name, ") has codes (", code1[id].item<int64_t>(), ", ",
+              code2[id].item<int64_t>(), ") outside [0, K = ", K, ")");
 }
 
-inline void check_codes(const at::Tensor& code1, const at::Tensor& code2) {
-  TORCH_CHECK(code1.scalar_type() == at::kLong && code2.scalar_type() == at::kLong &&
-                  code1.numel() == code2.numel() && code1.is_contiguous() && code2.is_contiguous(),
-              "imi_softmax: code1/code2 must be contiguous int64 of equal length");
+// ---- build_cells / assign_codewords ------------------------------------------------------------
+
+// code1 / code2 int64 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and
+// beta (undefined when absent). Code values are checked by the backends (in the counting loop on
+// CPU, one min/max read on CUDA).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const at::Tensor& code1,
+                                                                         const at::Tensor& code2,
+                                                                         const std::optional<at::Tensor>& beta,
+                                                                         int64_t K) {
+  check_num_codewords("build_cells", K);
+  TORCH_CHECK(code1.dim() == 1 && code1.sizes() == code2.sizes() && code1.scalar_type() == at::kLong &&
+                  code2.scalar_type() == at::kLong,
+              "build_cells: code1 and code2 must be int64 [N] of equal length");
+  const bool has_beta = beta.has_value() && beta->defined();
+  check_same_device("build_cells", {named("code1", code1), named("code2", code2), named("beta", beta)});
+  at::Tensor b;
+  if (has_beta) {
+    TORCH_CHECK(beta->dim() == 1 && beta->size(0) == code1.size(0) && beta->scalar_type() == at::kFloat,
+                "build_cells: beta must be float32 [N]");
+    b = beta->contiguous();
+  }
+  return {code1.contiguous(), code2.contiguous(), b};
 }
+
+inline std::string code_range_error(int64_t K) { return "out of range [0, " + std::to_string(K) + ")"; }
 
 inline void check_assign_inputs(const at::Tensor& x, const at::Tensor& centroids) {
   TORCH_CHECK(x.dim() == 2 && centroids.dim() == 2 && x.size(1) == centroids.size(1),
@@ -74,18 +276,20 @@ inline void check_assign_inputs(const at::Tensor& x, const at::Tensor& centroids
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "assign_codewords: float32 or float64 expected, got ", x.scalar_type());
   TORCH_CHECK(centroids.size(0) > 0, "assign_codewords: no centroids");
+  check_same_device("assign_codewords", {named("x", x), named("centroids", centroids)});
 }
 
-inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
-  TORCH_CHECK(s1.dim() == 2 && s2.dim() == 2 && s1.sizes() == s2.sizes(),
-              "imi_softmax: s1 and s2 must both be [B, K], got ", s1.sizes(), " and ", s2.sizes());
-  TORCH_CHECK(s1.scalar_type() == at::kFloat && s2.scalar_type() == at::kFloat,
-              "imi_softmax: query scores must be float32");
-}
+// ---- loss and weight gradients -----------------------------------------------------------------
 
 // Accumulation dtype of the loss ops: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What column j of the loss ops' ids may hold (their ids are checked at use: imi::valid_column_id).
+inline std::string loss_ids_allowed(int64_t num_classes, int64_t ignore_index) {
+  return "[0, " + std::to_string(num_classes) + ") (column 0: or ignore_index = " + std::to_string(ignore_index) +
+         ")";
 }
 
 inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -100,12 +304,30 @@ inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
                     bias->scalar_type() == weight.scalar_type(),
                 "imi_softmax: bias must be [N] with weight's dtype");
   }
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong,
-              "imi_softmax: ids must be int64 [B, 1+M]");
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.size(1) >= 1 && ids.scalar_type() == at::kLong,
+              "imi_softmax: ids must be int64 [B, 1+M] (column 0: the target), got ", ids.scalar_type(), " ",
+              ids.sizes());
   TORCH_CHECK(log_q.sizes() == ids.sizes(), "imi_softmax: log_q must match ids' shape");
   const auto acc = acc_scalar_type(x.scalar_type());
   TORCH_CHECK(log_q.scalar_type() == acc, "imi_softmax: log_q must be ", acc, " for x of ",
               x.scalar_type());
+  check_same_device("sampled_softmax", {named("x", x), named("weight", weight), named("bias", bias),
+                                        named("ids", ids), named("log_q", log_q)});
+}
+
+// sampled_softmax_backward's grad_loss and lse: [B] on x's device, any floating dtype (converted).
+inline void check_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
+  TORCH_CHECK(grad_loss.numel() == x.size(0) && lse.numel() == x.size(0),
+              "sampled_softmax_backward: grad_loss and lse must be [B] = [", x.size(0), "], got ", grad_loss.sizes(),
+              " and ", lse.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()) && at::isFloatingType(lse.scalar_type()),
+              "sampled_softmax_backward: grad_loss and lse must be floating point");
+  check_same_device("sampled_softmax_backward", {named("x", x), named("grad_loss", grad_loss), named("lse", lse)});
+}
+
+// What the weight-gradient ops' ids may hold (checked at use: imi::weight_grad_entry).
+inline std::string weight_grad_ids_allowed(int64_t num_classes) {
+  return "[0, num_classes = " + std::to_string(num_classes) + ") (-1, or any id with coef 0, is skipped)";
 }
 
 // dense_weight_grad / sparse_weight_grad: checks coef [B, 1+M] (in the accumulation dtype of x),
@@ -119,6 +341,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
   TORCH_CHECK(coef.scalar_type() == acc_scalar_type(x.scalar_type()),
               op, ": coef dtype must be the accumulation dtype of x");
   TORCH_CHECK(num_classes >= 0, op, ": num_classes must be >= 0, got ", num_classes);
+  checked_size_product(op, "num_classes * d", num_classes, x.size(1));
+  check_same_device(op, {named("x", x), named("coef", coef), named("ids", ids)});
   return {coef.contiguous(), ids.contiguous(), x.contiguous()};
 }
 

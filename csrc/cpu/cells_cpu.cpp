@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "../tensor_views.h"
 #include "imi_softmax/cells.h"
 
 namespace imi_softmax {
@@ -15,20 +16,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 build_cells_cpu(
     const at::Tensor& code1_in, const at::Tensor& code2_in, const std::optional<at::Tensor>& beta_in,
     int64_t K) {
-  TORCH_CHECK(K >= 1, "build_cells: num_codewords must be >= 1, got ", K);
-  TORCH_CHECK(code1_in.dim() == 1 && code1_in.sizes() == code2_in.sizes() &&
-                  code1_in.scalar_type() == at::kLong && code2_in.scalar_type() == at::kLong,
-              "build_cells: code1 and code2 must be int64 [N] of equal length");
-  const auto code1 = code1_in.contiguous();
-  const auto code2 = code2_in.contiguous();
+  at::Tensor code1, code2, beta;
+  std::tie(code1, code2, beta) = build_cells_inputs(code1_in, code2_in, beta_in, K);
   const int64_t N = code1.size(0), KK = K * K;
-  const bool has_beta = beta_in.has_value() && beta_in->defined();
-  at::Tensor beta;
-  if (has_beta) {
-    TORCH_CHECK(beta_in->dim() == 1 && beta_in->size(0) == N && beta_in->scalar_type() == at::kFloat,
-                "build_cells: beta must be float32 [N]");
-    beta = beta_in->contiguous();
-  }
+  const bool has_beta = beta.defined();
   const int64_t* c1 = code1.data_ptr<int64_t>();
   const int64_t* c2 = code2.data_ptr<int64_t>();
   const auto long_opts = code1.options();
@@ -37,8 +28,8 @@ build_cells_cpu(
   auto offsets = at::zeros({KK + 1}, long_opts);
   int64_t* off = offsets.data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(c1[i] >= 0 && c1[i] < K && c2[i] >= 0 && c2[i] < K, "build_cells: code of class ",
-                i, " out of range [0, ", K, "): (", c1[i], ", ", c2[i], ")");
+    TORCH_CHECK(imi::in_range(c1[i], K) && imi::in_range(c2[i], K), "build_cells: code of class ", i, " ",
+                code_range_error(K), ": (", c1[i], ", ", c2[i], ")");
     ++off[imi::cell_of(c1, c2, i, K) + 1];
   }
   for (int64_t c = 0; c < KK; ++c) off[c + 1] += off[c];

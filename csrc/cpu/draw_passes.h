@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "imi_softmax/proposal.h"
@@ -250,7 +251,8 @@ inline bool use_avx512() {
 // Stage 3 and the outputs. Slots first, with the next reads prefetched, so that the cache misses
 // of the following pass (alias check, class id, bias of random CSR positions) overlap. t1, t2: the
 // shifted scores of the query (ws.t1, ws.t2 after prepare).
-inline void finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M, int64_t* ids,
+// Returns false when a draw met a corrupt index or NaN scores (its id is -1, see resolve_alias).
+inline bool finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M, int64_t* ids,
                    float* log_q) {
   const int64_t K = ix.K;
   for (int64_t j = 0; j < M; ++j) {
@@ -265,23 +267,31 @@ inline void finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M
       IMI_PREFETCH(ix.class_ids + p);
     }
   }
-  if (ix.alias_prob != nullptr) {
-    for (int64_t j = 0; j < M; ++j) {
-      const int64_t p = imi::resolve_alias(ix, imi::SlotDraw{ws.pos[j], ws.u_accept[j]});
-      ws.pos[j] = p;
+  for (int64_t j = 0; j < M; ++j) {
+    const int64_t p = imi::resolve_alias(ix, ws.k1[j] * K + ws.k2[j], imi::SlotDraw{ws.pos[j], ws.u_accept[j]});
+    ws.pos[j] = p;
+    if (ix.alias_prob != nullptr) {
       IMI_PREFETCH(ix.class_ids + p);
       IMI_PREFETCH(ix.beta_csr + p);
     }
   }
+  bool ok = true;
   for (int64_t j = 0; j < M; ++j) {
     const int64_t p = ws.pos[j];
+    if (p < 0) {
+      ids[j] = -1;
+      log_q[j] = std::numeric_limits<float>::quiet_NaN();
+      ok = false;
+      continue;
+    }
     ids[j] = ix.class_ids[p];
     log_q[j] = imi::drawn_log_q(ix, ws.t1.data(), ws.t2.data(), ws.k1[j], ws.k2[j], p, log_z);
   }
+  return ok;
 }
 
 // All M draws of query `query` after ws.prepare (log_z = its result): ids[M] and log_q[M].
-inline void draw_query(const imi::CellIndex& ix, Scratch& ws, bool simd, float log_z, uint64_t seed,
+inline bool draw_query(const imi::CellIndex& ix, Scratch& ws, bool simd, float log_z, uint64_t seed,
                        uint64_t offset, uint64_t query, int64_t M, int64_t* ids, float* log_q) {
   const int64_t K = ix.K;
 #if IMI_HAVE_AVX512_PASSES
@@ -289,15 +299,14 @@ inline void draw_query(const imi::CellIndex& ix, Scratch& ws, bool simd, float l
     avx512::uniforms(seed, offset, query, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
     avx512::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
     avx512::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
-    finish(ix, ws, log_z, M, ids, log_q);
-    return;
+    return finish(ix, ws, log_z, M, ids, log_q);
   }
 #endif
   (void)simd;
   portable::uniforms(seed, offset, query, 0, M, ws.u0.data(), ws.u1.data(), ws.w2.data(), ws.w3.data());
   portable::stage1(ws.cdf1.data(), K, ws.u0.data(), ws.k1.data(), M);
   portable::stage2(ws.cdf_t.data(), K, ws.k1.data(), ws.u1.data(), ws.k2.data(), M);
-  finish(ix, ws, log_z, M, ids, log_q);
+  return finish(ix, ws, log_z, M, ids, log_q);
 }
 
 }  // namespace draw

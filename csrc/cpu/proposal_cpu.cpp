@@ -31,10 +31,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   TORCH_CHECK(offset >= 0 && offset % 4 == 0,
               "midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
               "non-negative multiple of 4, got ", offset);
-  check_cell_masses(K, log_n, cell_mass, log_n_max);
-  TORCH_CHECK(offsets.numel() == K * K + 1 && offsets.scalar_type() == at::kLong &&
-                  class_ids.scalar_type() == at::kLong,
-              "midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]");
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
@@ -70,14 +66,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   float* tlqp = target_log_q.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const bool simd = draw::use_avx512();
-  std::atomic<bool> bad_target{false};
+  std::atomic<bool> bad_target{false}, bad_draw{false};
   if (M > 0 || L > 0) {
     at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
       draw::Scratch ws(ix, M);
       for (int64_t b = b0; b < b1; ++b) {
         const float log_z = ws.prepare(ix, s1p + b * K, s2p + b * K);
-        draw::draw_query(ix, ws, simd, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
-                         lqp + b * M);
+        if (!draw::draw_query(ix, ws, simd, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
+                              lqp + b * M))
+          bad_draw = true;
         for (int64_t l = 0; l < L; ++l) {
           const int64_t t = tp[b * L + l];
           if (t >= N || (t >= 0 && !imi::codes_in_range(ix, t))) bad_target = true;
@@ -86,6 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
       }
     });
   }
+  TORCH_CHECK(!bad_draw, "midx_sample: a draw reached an empty cell or an alias outside its cell: the "
+              "query scores hold NaN or the index tables (offsets, alias_pos) are corrupt; rebuild the index");
   TORCH_CHECK(!bad_target, "midx_sample: targets must lie in [0, ", N,
               ") or be negative (ignored), and their codes in [0, ", K, ")");
   return {ids, log_q, target_log_q};
@@ -117,10 +116,10 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
                              const at::Tensor& ids_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1);
-  check_cell_masses(K, log_n, cell_mass, log_n_max);
-  check_codes(code1, code2);
   TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.scalar_type() == at::kLong,
               "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids_in.sizes());
+  check_codes(code1, code2);
+  check_ids_and_codes("midx_log_prob", "ids", ids_in, code1, code2, K);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   const auto ids = ids_in.contiguous();

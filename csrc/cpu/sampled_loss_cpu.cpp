@@ -1,9 +1,12 @@
-// Fused sampled-softmax loss on CPU: the shared row bodies, one query row per iteration.
+// Fused sampled-softmax loss on CPU: the shared row bodies, one query row per iteration. Each row's
+// ids are checked just before the row reads weight rows with them (imi::first_invalid_column); a
+// bad row is skipped and its position recorded, and the op raises after the loop.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "../tensor_views.h"
@@ -11,6 +14,10 @@
 
 namespace imi_softmax {
 namespace {
+
+at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+}
 
 std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
@@ -21,11 +28,12 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
   const auto weight = weight_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
-  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1);
+  const at::Tensor bias = contiguous_bias(bias_in);
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
   auto lse = at::empty({B}, acc_opts);
+  int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_forward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -36,11 +44,19 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
+        if (bad >= 0) {
+          imi::record_bad_position(&first_bad, b * M1 + bad);
+          lp[b] = sp[b] = std::numeric_limits<acc_t>::quiet_NaN();
+          continue;
+        }
         imi::sampled_row_forward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
                                                   remove_accidental_hits, ignore_index, lp + b, sp + b);
+      }
     });
   });
+  check_no_bad_position("sampled_softmax_forward", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {loss, lse};
 }
 
@@ -49,18 +65,20 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
     const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
     const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
   const auto x = x_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto log_q = log_q_in.contiguous();
-  const auto lse = lse_in.contiguous();
-  const auto grad_loss = grad_loss_in.contiguous();
-  TORCH_CHECK(grad_loss.numel() == x.size(0) && lse.numel() == x.size(0),
-              "sampled_softmax_backward: grad_loss and lse must be [B]");
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
-  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1);
+  const at::Tensor bias = contiguous_bias(bias_in);
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  // Named locals: the kernel reads through their pointers, so they must outlive the loop.
+  const auto grad_loss = grad_loss_in.to(acc).contiguous();
+  const auto lse = lse_in.to(acc).contiguous();
   auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, M1}, x.options().dtype(acc_scalar_type(x.scalar_type())));
+  auto coef = at::empty({B, M1}, x.options().dtype(acc));
+  int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -68,18 +86,27 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const int64_t* idp = ids.data_ptr<int64_t>();
     const acc_t* lqp = log_q.data_ptr<acc_t>();
-    const acc_t* gp = grad_loss.to(coef.scalar_type()).contiguous().data_ptr<acc_t>();
-    const acc_t* sp = lse.to(coef.scalar_type()).contiguous().data_ptr<acc_t>();
+    const acc_t* gp = grad_loss.data_ptr<acc_t>();
+    const acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> gx_acc(d);
-      for (int64_t b = b0; b < b1; ++b)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
+        if (bad >= 0) {
+          imi::record_bad_position(&first_bad, b * M1 + bad);
+          std::fill(cp + b * M1, cp + (b + 1) * M1, acc_t(0));
+          std::fill(gxp + b * d, gxp + (b + 1) * d, scalar_t(0));
+          continue;
+        }
         imi::sampled_row_backward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
                                                    remove_accidental_hits, ignore_index, gp[b], sp[b],
                                                    cp + b * M1, gx_acc.data(), gxp + b * d);
+      }
     });
   });
+  check_no_bad_position("sampled_softmax_backward", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {grad_x, coef};
 }
 

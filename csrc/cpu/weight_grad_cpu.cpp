@@ -11,28 +11,38 @@
 
 #include "../tensor_views.h"
 #include "fresh_zeros.h"
+#include "imi_softmax/sampled_loss.h"
 
 namespace imi_softmax {
 namespace {
 
 // Entries (flat positions in ids) grouped by class: classes[u] is the u-th touched class in
 // ascending order, its entries are order[start[u] .. start[u+1]) in increasing position (so sums
-// run in a fixed order). Negative ids are skipped. An LSD radix sort of the E entries by class id,
-// 11 bits a pass: its memory is O(E), never O(num_classes), so nothing of size N is allocated,
+// run in a fixed order). Entries are used, skipped or rejected by imi::weight_grad_entry (the
+// first rejected position is returned in first_bad). An LSD radix sort of the E entries by class
+// id, 11 bits a pass: its memory is O(E), never O(num_classes), so nothing of size N is allocated,
 // zeroed or page-faulted per step.
 struct ClassGroups {
   std::vector<int64_t> classes, start, order;
+  int64_t first_bad = IMI_NO_BAD_POSITION;
 };
 
-ClassGroups group_by_class(const at::Tensor& ids, int64_t num_classes) {
+template <typename acc_t>
+ClassGroups group_by_class(const at::Tensor& ids, const at::Tensor& coef, int64_t num_classes) {
   const int64_t* idp = ids.data_ptr<int64_t>();
+  const acc_t* cp = coef.data_ptr<acc_t>();
   const int64_t E = ids.numel();
+  ClassGroups g;
   std::vector<int64_t> order, next;
   order.reserve(E);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t id = idp[e];
-    TORCH_CHECK(id < num_classes, "weight_grad: class id ", id, " >= num_classes ", num_classes);
-    if (id >= 0) order.push_back(e);
+    const imi::Entry use = imi::weight_grad_entry(idp[e], cp[e], num_classes);
+    if (use == imi::Entry::kUse) {
+      order.push_back(e);
+    } else if (use == imi::Entry::kBad) {
+      g.first_bad = e;
+      return g;
+    }
   }
   const int64_t n = static_cast<int64_t>(order.size());
   next.resize(n);
@@ -46,7 +56,6 @@ ClassGroups group_by_class(const at::Tensor& ids, int64_t num_classes) {
     for (int64_t k = 0; k < n; ++k) next[count[(idp[order[k]] >> shift) & (kBuckets - 1)]++] = order[k];
     order.swap(next);
   }
-  ClassGroups g;
   for (int64_t k = 0; k < n; ++k) {
     const int64_t id = idp[order[k]];
     if (g.classes.empty() || g.classes.back() != id) {
@@ -56,6 +65,13 @@ ClassGroups group_by_class(const at::Tensor& ids, int64_t num_classes) {
   }
   g.start.push_back(n);
   g.order = std::move(order);
+  return g;
+}
+
+ClassGroups checked_groups(const char* op, const at::Tensor& ids, const at::Tensor& coef, int64_t num_classes) {
+  ClassGroups g;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "weight_grad_groups", [&] { g = group_by_class<scalar_t>(ids, coef, num_classes); });
+  check_no_bad_position(op, "ids", g.first_bad, ids, weight_grad_ids_allowed(num_classes));
   return g;
 }
 
@@ -76,7 +92,7 @@ void reduce_groups(const ClassGroups& g, const at::Tensor& coef, const at::Tenso
         const int64_t e = g.order[k];
         const acc_t c = cp[e];
         const scalar_t* xr = xp + (e / M1) * d;
-        for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<acc_t>(xr[i]);
+        for (int64_t i = 0; i < d; ++i) acc[i] += imi::weight_grad_term<scalar_t, acc_t>(c, xr[i]);
         bias += c;
       }
       const int64_t row = row_of(u);
@@ -92,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cpu(const at::Tensor& coef_
                                                          const at::Tensor& x_in, int64_t num_classes) {
   at::Tensor coef, ids, x;
   std::tie(coef, ids, x) = weight_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in, num_classes);
-  const ClassGroups g = group_by_class(ids, num_classes);
+  const ClassGroups g = checked_groups("dense_weight_grad", ids, coef, num_classes);
   auto grad_w = fresh_zeros({num_classes, x.size(1)}, x.options());  // untouched rows stay zero
   auto grad_b = at::zeros({num_classes}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cpu", [&] {
@@ -110,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::
                                                                       int64_t num_classes) {
   at::Tensor coef, ids, x;
   std::tie(coef, ids, x) = weight_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in, num_classes);
-  const ClassGroups g = group_by_class(ids, num_classes);
+  const ClassGroups g = checked_groups("sparse_weight_grad", ids, coef, num_classes);
   const int64_t U = static_cast<int64_t>(g.classes.size());
   auto unique_ids = at::empty({U}, ids.options());
   std::copy(g.classes.begin(), g.classes.end(), unique_ids.data_ptr<int64_t>());

@@ -81,46 +81,53 @@ cudaError_t launch_midx_log_prob(const imi::CellIndex& ix, const float* s1, cons
 
 // ---- fused sampled softmax (sampled_loss.cu) ---------------------------------------------------
 // scalar_t: float, double, __half, __nv_bfloat16; acc_t = imi::acc_type<scalar_t>::type.
+// weight [N, d]. Rows holding an id outside [0, N) (column 0: other than ignore_index) are skipped
+// and the smallest such flat position of ids is written to *first_bad (atomic min; the caller
+// initialises it to IMI_NO_BAD_POSITION and reads it back).
 template <typename scalar_t>
 cudaError_t launch_sampled_forward(const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
-                                   int64_t B, int64_t d, const int64_t* ids,
+                                   int64_t B, int64_t d, int64_t N, const int64_t* ids,
                                    const typename imi::acc_type<scalar_t>::type* log_q, int64_t M1,
                                    bool remove_accidental_hits, int64_t ignore_index,
                                    typename imi::acc_type<scalar_t>::type* loss,
-                                   typename imi::acc_type<scalar_t>::type* lse,
+                                   typename imi::acc_type<scalar_t>::type* lse, int64_t* first_bad,
                                    cudaStream_t stream);
 
 template <typename scalar_t>
 cudaError_t launch_sampled_backward(const typename imi::acc_type<scalar_t>::type* grad_loss,
                                     const scalar_t* x, const scalar_t* weight,
-                                    const scalar_t* bias, int64_t B, int64_t d, const int64_t* ids,
+                                    const scalar_t* bias, int64_t B, int64_t d, int64_t N, const int64_t* ids,
                                     const typename imi::acc_type<scalar_t>::type* log_q, int64_t M1,
                                     const typename imi::acc_type<scalar_t>::type* lse,
                                     bool remove_accidental_hits, int64_t ignore_index,
                                     scalar_t* grad_x, typename imi::acc_type<scalar_t>::type* coef,
-                                    cudaStream_t stream);
+                                    int64_t* first_bad, cudaStream_t stream);
 
 // ---- weight / bias gradients (weight_grad.cu) --------------------------------------------------
+// Entries e of ids [E = B*M1] are used, skipped or rejected by imi::weight_grad_entry(id, coef[e], N);
+// the smallest rejected e is written to *first_bad (atomic min; the caller initialises it to
+// IMI_NO_BAD_POSITION and reads it back).
 // Atomic scatter: grad_w_acc [N, d] and grad_b_acc [N] (acc_t, zero-initialised by the caller)
-// += coef[e] * x[e / M1] for every entry e of ids [E = B*M1] with 0 <= id < N and coef != 0.
+// += coef[e] * x[e / M1] for every used entry with coef != 0.
 template <typename scalar_t>
 cudaError_t launch_weight_grad_atomic(const typename imi::acc_type<scalar_t>::type* coef,
                                       const int64_t* ids, const scalar_t* x, int64_t E, int64_t M1,
                                       int64_t d, int64_t num_classes,
                                       typename imi::acc_type<scalar_t>::type* grad_w_acc,
                                       typename imi::acc_type<scalar_t>::type* grad_b_acc,
-                                      cudaStream_t stream);
+                                      int64_t* first_bad, cudaStream_t stream);
 
 // Deterministic path, step 1: sort the E entries by class (stable, so entries of a class stay in
-// (b, j) order) and run-length encode. Ids outside [0, num_classes) become key 0, valid ids id+1.
+// (b, j) order) and run-length encode. Entries not used become key 0, used ones id+1.
 // Outputs (all [E] unless noted, caller-allocated): sorted_keys, sorted_entries, run_keys,
-// run_counts, run_offsets (exclusive scan of run_counts), num_runs [1].
+// run_counts, run_offsets (exclusive scan of run_counts), num_runs [1]. acc_t: float or double.
 size_t segment_temp_bytes(int64_t E, int64_t num_classes, cudaError_t* err);
-cudaError_t launch_segment_by_class(const int64_t* ids, int64_t E, int64_t num_classes,
+template <typename acc_t>
+cudaError_t launch_segment_by_class(const int64_t* ids, const acc_t* coef, int64_t E, int64_t num_classes,
                                     int64_t* keys_in, int64_t* vals_in, int64_t* sorted_keys,
                                     int64_t* sorted_entries, int64_t* run_keys,
                                     int64_t* run_counts, int64_t* run_offsets, int64_t* num_runs,
-                                    void* temp, size_t temp_bytes, cudaStream_t stream);
+                                    void* temp, size_t temp_bytes, int64_t* first_bad, cudaStream_t stream);
 
 // Step 2: one block-row per run; sums coef * x over the run's entries in entry order, in acc_t,
 // and writes the casted sums. dense: row = class id (grad_w [N, d], grad_b [N], untouched rows

@@ -1,8 +1,10 @@
-// CUDA backend of the imi_softmax ops: argument checks, allocation (torch's caching allocator,
-// scratch included), device guard and current stream; the kernels live in csrc/cuda/*.cu behind
-// the launchers of launchers.h. Nothing here synchronises with the device except where an output
-// shape depends on device data (sparse_weight_grad) and the code-range check of build_cells
-// (index rebuilds only, not the training hot path).
+// CUDA backend of the imi_softmax ops: argument checks (tensor_views.h, shared with the CPU
+// backend), allocation (torch's caching allocator, scratch included), device guard and current
+// stream; the kernels live in csrc/cuda/*.cu behind the launchers of launchers.h.
+// Host synchronisations, each one device->host read: the output shape of sparse_weight_grad; the
+// index checks, which raise instead of reading out of bounds: the code range of build_cells, the
+// CSR offsets of midx_sample (O(K^2)), the ids and their codes of midx_log_prob (O(B*L)), and the
+// bad-id flag the loss and weight-gradient kernels set at use (one read per call).
 //
 // Environment switches (read at every call):
 //   IMI_CUDA_WGRAD=segmented|atomic  dense_weight_grad strategy (default segmented: deterministic)
@@ -53,15 +55,6 @@ const typename CudaType<scalar_t>::type* cptr_or_null(const at::Tensor& t) {
   return t.defined() ? cptr<scalar_t>(t) : nullptr;
 }
 
-void check_on(const char* op, const at::Device& device,
-              std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
-  for (const auto& [name, t] : tensors) {
-    if (t == nullptr || !t->defined()) continue;
-    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
-                " but the other CUDA inputs are on ", device);
-  }
-}
-
 std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
   return t->contiguous();
@@ -96,7 +89,6 @@ bool wgrad_atomic_from_env() {
 std::tuple<at::Tensor, at::Tensor> assign_codewords_cuda(const at::Tensor& x_in,
                                                          const at::Tensor& centroids_in) {
   check_assign_inputs(x_in, centroids_in);
-  check_on("assign_codewords", x_in.device(), {{"centroids", &centroids_in}});
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto centroids = centroids_in.contiguous();
@@ -127,30 +119,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
            at::Tensor>
 build_cells_cuda(const at::Tensor& code1_in, const at::Tensor& code2_in,
                  const std::optional<at::Tensor>& beta_in, int64_t K) {
-  TORCH_CHECK(K >= 1, "build_cells: num_codewords must be >= 1, got ", K);
-  TORCH_CHECK(code1_in.dim() == 1 && code1_in.sizes() == code2_in.sizes() &&
-                  code1_in.scalar_type() == at::kLong && code2_in.scalar_type() == at::kLong,
-              "build_cells: code1 and code2 must be int64 [N] of equal length");
-  const bool has_beta = beta_in.has_value() && beta_in->defined();
-  check_on("build_cells", code1_in.device(),
-           {{"code2", &code2_in}, {"beta", has_beta ? &*beta_in : nullptr}});
+  at::Tensor code1, code2, beta;
+  std::tie(code1, code2, beta) = build_cells_inputs(code1_in, code2_in, beta_in, K);
+  const bool has_beta = beta.defined();
   const c10::cuda::CUDAGuard guard(code1_in.device());
-  const auto code1 = code1_in.contiguous();
-  const auto code2 = code2_in.contiguous();
   const int64_t N = code1.size(0), KK = K * K;
-  at::Tensor beta;
-  if (has_beta) {
-    TORCH_CHECK(beta_in->dim() == 1 && beta_in->size(0) == N && beta_in->scalar_type() == at::kFloat,
-                "build_cells: beta must be float32 [N]");
-    beta = beta_in->contiguous();
-  }
   if (N > 0) {
     // One small device->host copy: out-of-range codes would index past the cell arrays. Index
     // builds are not on the training hot path.
     const auto range = at::stack({code1.min(), code1.max(), code2.min(), code2.max()}).cpu();
     const int64_t* r = range.data_ptr<int64_t>();
-    TORCH_CHECK(r[0] >= 0 && r[1] < K && r[2] >= 0 && r[3] < K, "build_cells: codes must lie in [0, ",
-                K, "), got code1 in [", r[0], ", ", r[1], "] and code2 in [", r[2], ", ", r[3], "]");
+    TORCH_CHECK(r[0] >= 0 && r[1] < K && r[2] >= 0 && r[3] < K, "build_cells: codes ", code_range_error(K),
+                ": code1 in [", r[0], ", ", r[1], "] and code2 in [", r[2], ", ", r[3], "]");
   }
   const auto long_opts = code1.options();
   const auto float_opts = code1.options().dtype(at::kFloat);
@@ -205,20 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
   TORCH_CHECK(M >= 0, "midx_sample: num_samples must be >= 0, got ", M);
   const auto log_n = log_n_in.contiguous();
   const auto cell_mass = cell_mass_in.contiguous();
-  check_cell_masses(K, log_n, cell_mass, log_n_max_in);
-  TORCH_CHECK(offsets_in.numel() == K * K + 1 && offsets_in.scalar_type() == at::kLong &&
-                  class_ids_in.scalar_type() == at::kLong,
-              "midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]");
-  check_on("midx_sample", s1_in.device(),
-           {{"s2", &s2_in}, {"log_n", &log_n_in}, {"cell_mass", &cell_mass_in},
-            {"log_n_max", &log_n_max_in}, {"offsets", &offsets_in}, {"class_ids", &class_ids_in},
-            {"alias_prob", alias_prob_in.has_value() ? &*alias_prob_in : nullptr},
-            {"alias_pos", alias_pos_in.has_value() ? &*alias_pos_in : nullptr},
-            {"beta_csr", beta_csr_in.has_value() ? &*beta_csr_in : nullptr},
-            {"targets", targets_in.has_value() ? &*targets_in : nullptr},
-            {"beta", beta_in.has_value() ? &*beta_in : nullptr},
-            {"code1", code1_in.has_value() ? &*code1_in : nullptr},
-            {"code2", code2_in.has_value() ? &*code2_in : nullptr}});
+  check_same_device("midx_sample",
+                    {named("s1", s1_in), named("s2", s2_in), named("log_n", log_n_in),
+                     named("cell_mass", cell_mass_in), named("log_n_max", log_n_max_in),
+                     named("offsets", offsets_in), named("class_ids", class_ids_in),
+                     named("alias_prob", alias_prob_in), named("alias_pos", alias_pos_in),
+                     named("beta_csr", beta_csr_in), named("targets", targets_in),
+                     named("beta", beta_in), named("code1", code1_in), named("code2", code2_in)});
   const c10::cuda::CUDAGuard guard(s1_in.device());
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
@@ -243,6 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
     code1 = code1_in->contiguous();
     code2 = code2_in->contiguous();
     check_codes(code1, code2);
+    // Same verdict as the CPU's flag, read on the host (one sync): no NaN for a bad target.
+    check_ids_and_codes("midx_sample", "targets", targets_in.value(), code1, code2, K, /*negative_marker=*/true);
     beta = contiguous_opt(beta_in);
     targets = targets_in->contiguous();
     L = targets.size(1);
@@ -330,17 +305,18 @@ at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const int64_t B = s1_in.size(0), K = s1_in.size(1);
   const auto log_n = log_n_in.contiguous();
   const auto cell_mass = cell_mass_in.contiguous();
-  check_cell_masses(K, log_n, cell_mass, log_n_max_in);
   const auto code1 = code1_in.contiguous();
   const auto code2 = code2_in.contiguous();
   check_codes(code1, code2);
   TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.scalar_type() == at::kLong,
               "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids_in.sizes());
-  check_on("midx_log_prob", s1_in.device(),
-           {{"s2", &s2_in}, {"log_n", &log_n_in}, {"cell_mass", &cell_mass_in},
-            {"log_n_max", &log_n_max_in}, {"code1", &code1_in}, {"code2", &code2_in},
-            {"ids", &ids_in}, {"beta", beta_in.has_value() ? &*beta_in : nullptr}});
+  check_same_device("midx_log_prob",
+                    {named("s1", s1_in), named("s2", s2_in), named("log_n", log_n_in),
+                     named("cell_mass", cell_mass_in), named("log_n_max", log_n_max_in),
+                     named("code1", code1_in), named("code2", code2_in), named("ids", ids_in),
+                     named("beta", beta_in)});
   const c10::cuda::CUDAGuard guard(s1_in.device());
+  check_ids_and_codes("midx_log_prob", "ids", ids_in, code1, code2, K);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   const auto log_n_max = log_n_max_in.contiguous();
@@ -364,27 +340,28 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cuda(
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   const at::Tensor bias_arg = defined_or_empty(bias_in);
-  check_on("sampled_softmax_forward", x_in.device(),
-           {{"weight", &weight_in}, {"bias", &bias_arg}, {"ids", &ids_in}, {"log_q", &log_q_in}});
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto log_q = log_q_in.contiguous();
   const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
-  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1);
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
   auto lse = at::empty({B}, acc_opts);
+  const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_forward_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = typename imi::acc_type<cuda_t>::type;
     C10_CUDA_CHECK(cuda::launch_sampled_forward<cuda_t>(
-        cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d,
+        cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d, N,
         ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), M1, remove_accidental_hits,
-        ignore_index, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), stream));
+        ignore_index, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), first_bad.data_ptr<int64_t>(),
+        stream));
   });
+  check_no_bad_position("sampled_softmax_forward", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {loss, lse};
 }
 
@@ -393,52 +370,46 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
     const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
     const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  TORCH_CHECK(grad_loss_in.numel() == x_in.size(0) && lse_in.numel() == x_in.size(0),
-              "sampled_softmax_backward: grad_loss and lse must be [B]");
+  check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
   const at::Tensor bias_arg = defined_or_empty(bias_in);
-  check_on("sampled_softmax_backward", x_in.device(),
-           {{"grad_loss", &grad_loss_in}, {"weight", &weight_in}, {"bias", &bias_arg},
-            {"ids", &ids_in}, {"log_q", &log_q_in}, {"lse", &lse_in}});
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto log_q = log_q_in.contiguous();
   const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
-  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1);
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc = acc_scalar_type(x.scalar_type());
+  // Named locals: the kernel reads through their pointers after this statement.
   const auto grad_loss = grad_loss_in.to(acc).contiguous();
   const auto lse = lse_in.to(acc).contiguous();
   auto grad_x = at::empty_like(x);
   auto coef = at::empty({B, M1}, x.options().dtype(acc));
+  const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = typename imi::acc_type<cuda_t>::type;
     C10_CUDA_CHECK(cuda::launch_sampled_backward<cuda_t>(
         grad_loss.data_ptr<acc_t>(), cptr<scalar_t>(x), cptr<scalar_t>(weight),
-        cptr_or_null<scalar_t>(bias), B, d, ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), M1,
+        cptr_or_null<scalar_t>(bias), B, d, N, ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), M1,
         lse.data_ptr<acc_t>(), remove_accidental_hits, ignore_index, mptr<scalar_t>(grad_x),
-        coef.data_ptr<acc_t>(), stream));
+        coef.data_ptr<acc_t>(), first_bad.data_ptr<int64_t>(), stream));
   });
+  check_no_bad_position("sampled_softmax_backward", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {grad_x, coef};
 }
 
 // ---- weight / bias gradients -------------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_inputs_cuda(const char* op, const at::Tensor& coef,
-                                                                const at::Tensor& ids, const at::Tensor& x,
-                                                                int64_t num_classes) {
-  check_on(op, x.device(), {{"coef", &coef}, {"ids", &ids}});
-  return weight_grad_inputs(op, coef, ids, x, num_classes);
-}
 
 // Sorted-by-class view of the entries of ids (see launch_segment_by_class).
 struct Segments {
   at::Tensor sorted_entries, run_keys, run_counts, run_offsets, num_runs;
 };
 
-Segments segment_by_class(const at::Tensor& ids, int64_t num_classes, cudaStream_t stream) {
+// Entries rejected by imi::weight_grad_entry are recorded in first_bad.
+Segments segment_by_class(const at::Tensor& ids, const at::Tensor& coef, int64_t num_classes,
+                          const at::Tensor& first_bad, cudaStream_t stream) {
   const int64_t E = ids.numel();
   TORCH_CHECK(E <= INT_MAX, "weight_grad: at most 2^31 - 1 (row, column) entries, got ", E);
   const auto opts = ids.options();
@@ -450,12 +421,15 @@ Segments segment_by_class(const at::Tensor& ids, int64_t num_classes, cudaStream
   const size_t temp_bytes = cuda::segment_temp_bytes(E, num_classes, &err);
   C10_CUDA_CHECK(err);
   auto temp = scratch_bytes(temp_bytes, opts);
-  C10_CUDA_CHECK(cuda::launch_segment_by_class(
-      ids.data_ptr<int64_t>(), E, num_classes, keys_in.data_ptr<int64_t>(),
-      vals_in.data_ptr<int64_t>(), sorted_keys.data_ptr<int64_t>(),
-      s.sorted_entries.data_ptr<int64_t>(), s.run_keys.data_ptr<int64_t>(),
-      s.run_counts.data_ptr<int64_t>(), s.run_offsets.data_ptr<int64_t>(),
-      s.num_runs.data_ptr<int64_t>(), temp.data_ptr(), static_cast<size_t>(temp.numel()), stream));
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "segment_by_class", [&] {
+    C10_CUDA_CHECK(cuda::launch_segment_by_class<scalar_t>(
+        ids.data_ptr<int64_t>(), coef.data_ptr<scalar_t>(), E, num_classes, keys_in.data_ptr<int64_t>(),
+        vals_in.data_ptr<int64_t>(), sorted_keys.data_ptr<int64_t>(),
+        s.sorted_entries.data_ptr<int64_t>(), s.run_keys.data_ptr<int64_t>(),
+        s.run_counts.data_ptr<int64_t>(), s.run_offsets.data_ptr<int64_t>(),
+        s.num_runs.data_ptr<int64_t>(), temp.data_ptr(), static_cast<size_t>(temp.numel()),
+        first_bad.data_ptr<int64_t>(), stream));
+  });
   return s;
 }
 
@@ -464,12 +438,12 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cuda(const at::Tensor& coef
                                                           const at::Tensor& x_in,
                                                           int64_t num_classes) {
   at::Tensor coef, ids, x;
-  std::tie(coef, ids, x) = grad_inputs_cuda("dense_weight_grad", coef_in, ids_in, x_in, num_classes);
+  std::tie(coef, ids, x) = weight_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in, num_classes);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t E = ids.numel(), M1 = ids.size(1), d = x.size(1);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // Ids outside [0, num_classes) are skipped on the device (the Python API validates them; a host
-  // check here would synchronise).
+  const auto first_bad = bad_position_flag(ids.options());
+  const std::string allowed = weight_grad_ids_allowed(num_classes);
   if (wgrad_atomic_from_env()) {
     const auto acc = coef.scalar_type();
     auto gw = at::zeros({num_classes, d}, x.options().dtype(acc));
@@ -479,14 +453,15 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cuda(const at::Tensor& coef
       using acc_t = typename imi::acc_type<cuda_t>::type;
       C10_CUDA_CHECK(cuda::launch_weight_grad_atomic<cuda_t>(
           coef.data_ptr<acc_t>(), ids.data_ptr<int64_t>(), cptr<scalar_t>(x), E, M1, d,
-          num_classes, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(), stream));
+          num_classes, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(), first_bad.data_ptr<int64_t>(), stream));
     });
+    check_no_bad_position("dense_weight_grad", "ids", first_bad, ids, allowed);
     return {gw.to(x.scalar_type()), gb.to(x.scalar_type())};
   }
   auto gw = at::zeros({num_classes, d}, x.options());
   auto gb = at::zeros({num_classes}, x.options());
   if (E == 0) return {gw, gb};
-  const Segments s = segment_by_class(ids, num_classes, stream);
+  const Segments s = segment_by_class(ids, coef, num_classes, first_bad, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = typename imi::acc_type<cuda_t>::type;
@@ -496,6 +471,7 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cuda(const at::Tensor& coef
         s.run_offsets.data_ptr<int64_t>(), s.num_runs.data_ptr<int64_t>(), E, /*dense=*/true,
         mptr<scalar_t>(gw), mptr<scalar_t>(gb), stream));
   });
+  check_no_bad_position("dense_weight_grad", "ids", first_bad, ids, allowed);
   return {gw, gb};
 }
 
@@ -504,13 +480,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at:
                                                                        const at::Tensor& x_in,
                                                                        int64_t num_classes) {
   at::Tensor coef, ids, x;
-  std::tie(coef, ids, x) = grad_inputs_cuda("sparse_weight_grad", coef_in, ids_in, x_in, num_classes);
+  std::tie(coef, ids, x) = weight_grad_inputs("sparse_weight_grad", coef_in, ids_in, x_in, num_classes);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t E = ids.numel(), M1 = ids.size(1), d = x.size(1);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (E == 0)
     return {at::empty({0}, ids.options()), at::empty({0, d}, x.options()), at::empty({0}, x.options())};
-  const Segments s = segment_by_class(ids, num_classes, stream);
+  const auto first_bad = bad_position_flag(ids.options());
+  const Segments s = segment_by_class(ids, coef, num_classes, first_bad, stream);
+  check_no_bad_position("sparse_weight_grad", "ids", first_bad, ids, weight_grad_ids_allowed(num_classes));
   auto info = at::empty({2}, ids.options());
   C10_CUDA_CHECK(cuda::launch_segment_info(s.run_keys.data_ptr<int64_t>(),
                                            s.num_runs.data_ptr<int64_t>(),

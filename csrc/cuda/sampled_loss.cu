@@ -1,13 +1,16 @@
-// Fused sampled softmax on CUDA: one warp per query row. Each column's corrected logit
-//   u_j = x_b . w_{ids[b,j]} + bias[ids[b,j]] - log_q[b,j]
-// is a warp dot product (lanes stride the feature dimension: coalesced reads of the gathered
-// weight row, fp32 accumulation for half/bf16), reduced with a butterfly so every lane holds the
-// same u_j; the row's logsumexp is an online (streaming) logsumexp over the columns, so nothing of
-// size [B, M, d] is ever materialised. The backward recomputes u_j with the same function (the
-// same bits as the forward), takes the shared imi::softmax_coef, and accumulates
-// grad_x[b] = sum_j coef_j w_{ids[b,j]} per feature in column order (the CPU's order).
-// The dot products sum in a different order than the CPU's sequential imi::dot_row, so losses
-// agree with the CPU to rounding, not bitwise.
+// Fused sampled softmax on CUDA: one warp per query row. The formulas are the bodies of
+// imi_softmax/sampled_loss.h that the CPU rows run (id check, ignored rows, accidental-hit mask,
+// corrected logit, online logsumexp, softmax coefficient, grad-x term); only the thread mapping
+// differs:
+//   * each column's dot product x_b . w_id is split across the 32 lanes (imi::dot_partial over
+//     features lane, lane + 32, ...: coalesced reads of the gathered weight row) and reduced with a
+//     butterfly, so every lane holds the same u_j (imi::corrected_logit_from_dot);
+//   * the backward stores the coefficients, then each lane sums grad_x[b, i] over the columns in
+//     column order (the CPU's order per feature) for its features.
+// The dot products sum in another order than the CPU's sequential imi::dot_row, so losses agree with
+// the CPU to rounding, not bitwise.
+// Ids are checked at use, before any weight row is read (imi::valid_column_id): a row holding a bad id
+// is skipped and its smallest bad position recorded in *first_bad, which the launch code reads back.
 #include "device_utils.cuh"
 #include "launchers.h"
 
@@ -20,18 +23,27 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 
-// imi::corrected_logit with the dot product split across the 32 lanes of a warp.
+// u_j of column (id, log_q) with the dot product split across the lanes of a warp.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t warp_corrected_logit(const scalar_t* __restrict__ x_row,
                                                       const scalar_t* __restrict__ weight,
                                                       const scalar_t* __restrict__ bias, int64_t d,
                                                       int64_t id, acc_t log_q, int lane) {
-  const scalar_t* w = weight + id * d;
-  acc_t s = acc_t(0);
-  for (int64_t i = lane; i < d; i += 32) s += to_acc(x_row[i]) * to_acc(w[i]);
-  s = warp_sum(s);
-  if (bias != nullptr) s += to_acc(bias[id]);
-  return s - log_q;
+  const acc_t dot = warp_sum(imi::dot_partial<scalar_t, acc_t>(x_row, weight + id * d, lane, d, 32));
+  return imi::corrected_logit_from_dot<scalar_t, acc_t>(dot, bias, id, log_q);
+}
+
+// Whether the row's ids are all usable (the same verdict on every lane); if not, the lane holding
+// the smallest bad column records it.
+__device__ __forceinline__ bool warp_row_ids_ok(const int64_t* __restrict__ ids_row, int64_t row, int64_t M1,
+                                                int64_t N, int64_t ignore_index, int lane,
+                                                int64_t* __restrict__ first_bad) {
+  int64_t bad = M1;
+  for (int64_t j = lane; j < M1; j += 32)
+    if (!imi::valid_column_id(ids_row[j], j, N, ignore_index)) { bad = j; break; }
+  if (__ballot_sync(kFullMask, bad < M1) == 0u) return true;
+  if (bad < M1) imi::record_bad_position(first_bad, row * M1 + bad);
+  return false;
 }
 
 inline unsigned row_grid(int64_t B) {
@@ -42,12 +54,13 @@ inline unsigned row_grid(int64_t B) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 sampled_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                       const scalar_t* __restrict__ bias, int64_t B, int64_t d,
+                       const scalar_t* __restrict__ bias, int64_t B, int64_t d, int64_t N,
                        const int64_t* __restrict__ ids,
                        const typename imi::acc_type<scalar_t>::type* __restrict__ log_q, int64_t M1,
                        bool remove_accidental_hits, int64_t ignore_index,
                        typename imi::acc_type<scalar_t>::type* __restrict__ loss,
-                       typename imi::acc_type<scalar_t>::type* __restrict__ lse) {
+                       typename imi::acc_type<scalar_t>::type* __restrict__ lse,
+                       int64_t* __restrict__ first_bad) {
   using acc_t = typename imi::acc_type<scalar_t>::type;
   const int lane = threadIdx.x & 31;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -57,8 +70,12 @@ sampled_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
     const int64_t* ids_row = ids + row * M1;
     const acc_t* lq_row = log_q + row * M1;
     const scalar_t* x_row = x + row * d;
-    if (ids_row[0] == ignore_index) {
-      if (lane == 0) { loss[row] = acc_t(0); lse[row] = acc_t(0); }
+    if (!warp_row_ids_ok(ids_row, row, M1, N, ignore_index, lane, first_bad)) {
+      if (lane == 0) loss[row] = lse[row] = acc_t(NAN);
+      continue;
+    }
+    if (imi::is_ignored_row(ids_row, ignore_index)) {
+      if (lane == 0) imi::ignored_row_forward(loss + row, lse + row);
       continue;
     }
     const acc_t u0 = warp_corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[0],
@@ -70,11 +87,7 @@ sampled_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
       state.add(warp_corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[j],
                                                       lq_row[j], lane));
     }
-    if (lane == 0) {
-      const acc_t l = state.value();
-      lse[row] = l;
-      loss[row] = l - u0;
-    }
+    if (lane == 0) imi::finish_row_forward(state, u0, loss + row, lse + row);
   }
 }
 
@@ -82,13 +95,14 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 sampled_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restrict__ grad_loss,
                         const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                        const scalar_t* __restrict__ bias, int64_t B, int64_t d,
+                        const scalar_t* __restrict__ bias, int64_t B, int64_t d, int64_t N,
                         const int64_t* __restrict__ ids,
                         const typename imi::acc_type<scalar_t>::type* __restrict__ log_q,
                         int64_t M1, const typename imi::acc_type<scalar_t>::type* __restrict__ lse,
                         bool remove_accidental_hits, int64_t ignore_index,
                         scalar_t* __restrict__ grad_x,
-                        typename imi::acc_type<scalar_t>::type* __restrict__ coef) {
+                        typename imi::acc_type<scalar_t>::type* __restrict__ coef,
+                        int64_t* __restrict__ first_bad) {
   using acc_t = typename imi::acc_type<scalar_t>::type;
   const int lane = threadIdx.x & 31;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -99,7 +113,8 @@ sampled_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restrict
     const scalar_t* x_row = x + row * d;
     acc_t* coef_row = coef + row * M1;
     scalar_t* gx_row = grad_x + row * d;
-    if (ids_row[0] == ignore_index) {
+    if (!warp_row_ids_ok(ids_row, row, M1, N, ignore_index, lane, first_bad) ||
+        imi::is_ignored_row(ids_row, ignore_index)) {
       for (int64_t j = lane; j < M1; j += 32) coef_row[j] = acc_t(0);
       for (int64_t i = lane; i < d; i += 32) gx_row[i] = from_acc<scalar_t>(acc_t(0));
       continue;
@@ -119,7 +134,7 @@ sampled_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restrict
       acc_t acc = acc_t(0);
       for (int64_t j = 0; j < M1; ++j) {
         if (imi::is_masked_column(ids_row, j, remove_accidental_hits)) continue;
-        acc += coef_row[j] * to_acc(weight[ids_row[j] * d + i]);
+        acc += imi::grad_x_term<scalar_t, acc_t>(coef_row[j], weight[ids_row[j] * d + i]);
       }
       gx_row[i] = from_acc<scalar_t>(acc);
     }
@@ -131,44 +146,45 @@ sampled_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restrict
 
 template <typename scalar_t>
 cudaError_t launch_sampled_forward(const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
-                                   int64_t B, int64_t d, const int64_t* ids,
+                                   int64_t B, int64_t d, int64_t N, const int64_t* ids,
                                    const typename imi::acc_type<scalar_t>::type* log_q, int64_t M1,
                                    bool remove_accidental_hits, int64_t ignore_index,
                                    typename imi::acc_type<scalar_t>::type* loss,
-                                   typename imi::acc_type<scalar_t>::type* lse,
+                                   typename imi::acc_type<scalar_t>::type* lse, int64_t* first_bad,
                                    cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   sampled_forward_kernel<scalar_t><<<row_grid(B), kThreads, 0, stream>>>(
-      x, weight, bias, B, d, ids, log_q, M1, remove_accidental_hits, ignore_index, loss, lse);
+      x, weight, bias, B, d, N, ids, log_q, M1, remove_accidental_hits, ignore_index, loss, lse, first_bad);
   return cudaGetLastError();
 }
 
 template <typename scalar_t>
 cudaError_t launch_sampled_backward(const typename imi::acc_type<scalar_t>::type* grad_loss,
                                     const scalar_t* x, const scalar_t* weight,
-                                    const scalar_t* bias, int64_t B, int64_t d, const int64_t* ids,
+                                    const scalar_t* bias, int64_t B, int64_t d, int64_t N, const int64_t* ids,
                                     const typename imi::acc_type<scalar_t>::type* log_q, int64_t M1,
                                     const typename imi::acc_type<scalar_t>::type* lse,
                                     bool remove_accidental_hits, int64_t ignore_index,
                                     scalar_t* grad_x, typename imi::acc_type<scalar_t>::type* coef,
-                                    cudaStream_t stream) {
+                                    int64_t* first_bad, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   sampled_backward_kernel<scalar_t><<<row_grid(B), kThreads, 0, stream>>>(
-      grad_loss, x, weight, bias, B, d, ids, log_q, M1, lse, remove_accidental_hits, ignore_index,
-      grad_x, coef);
+      grad_loss, x, weight, bias, B, d, N, ids, log_q, M1, lse, remove_accidental_hits, ignore_index,
+      grad_x, coef, first_bad);
   return cudaGetLastError();
 }
 
 #define IMI_INSTANTIATE_LOSS(T)                                                                  \
   template cudaError_t launch_sampled_forward<T>(                                                \
-      const T*, const T*, const T*, int64_t, int64_t, const int64_t*,                            \
+      const T*, const T*, const T*, int64_t, int64_t, int64_t, const int64_t*,                   \
       const typename imi::acc_type<T>::type*, int64_t, bool, int64_t,                            \
-      typename imi::acc_type<T>::type*, typename imi::acc_type<T>::type*, cudaStream_t);         \
+      typename imi::acc_type<T>::type*, typename imi::acc_type<T>::type*, int64_t*,              \
+      cudaStream_t);                                                                             \
   template cudaError_t launch_sampled_backward<T>(                                               \
       const typename imi::acc_type<T>::type*, const T*, const T*, const T*, int64_t, int64_t,    \
-      const int64_t*, const typename imi::acc_type<T>::type*, int64_t,                           \
+      int64_t, const int64_t*, const typename imi::acc_type<T>::type*, int64_t,                  \
       const typename imi::acc_type<T>::type*, bool, int64_t, T*,                                 \
-      typename imi::acc_type<T>::type*, cudaStream_t);
+      typename imi::acc_type<T>::type*, int64_t*, cudaStream_t);
 
 IMI_INSTANTIATE_LOSS(float)
 IMI_INSTANTIATE_LOSS(double)

@@ -12,6 +12,8 @@
 #include "device_utils.cuh"
 #include "launchers.h"
 
+#include "imi_softmax/sampled_loss.h"
+
 namespace imi_softmax {
 namespace cuda {
 namespace {
@@ -36,24 +38,31 @@ __global__ void wgrad_atomic_kernel(const typename imi::acc_type<scalar_t>::type
                                     const int64_t* __restrict__ ids, const scalar_t* __restrict__ x,
                                     int64_t E, int64_t M1, int64_t d, int64_t N,
                                     typename imi::acc_type<scalar_t>::type* __restrict__ gw,
-                                    typename imi::acc_type<scalar_t>::type* __restrict__ gb) {
+                                    typename imi::acc_type<scalar_t>::type* __restrict__ gb,
+                                    int64_t* __restrict__ first_bad) {
   using acc_t = typename imi::acc_type<scalar_t>::type;
   const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   for (int64_t e = blockIdx.x; e < E; e += gridDim.x) {
     const int64_t id = ids[e];
     const acc_t c = coef[e];
-    if (id < 0 || id >= N || c == acc_t(0)) continue;
-    if (i < d) atomicAdd(gw + id * d + i, c * to_acc(x[(e / M1) * d + i]));
+    const imi::Entry use = imi::weight_grad_entry(id, c, N);
+    if (use == imi::Entry::kBad && blockIdx.y == 0 && threadIdx.x == 0) imi::record_bad_position(first_bad, e);
+    if (use != imi::Entry::kUse || c == acc_t(0)) continue;
+    if (i < d) atomicAdd(gw + id * d + i, imi::weight_grad_term<scalar_t, acc_t>(c, x[(e / M1) * d + i]));
     if (blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(gb + id, c);
   }
 }
 
-__global__ void segment_keys_kernel(const int64_t* __restrict__ ids, int64_t E, int64_t N,
-                                    int64_t* __restrict__ keys, int64_t* __restrict__ vals) {
+template <typename acc_t>
+__global__ void segment_keys_kernel(const int64_t* __restrict__ ids, const acc_t* __restrict__ coef, int64_t E,
+                                    int64_t N, int64_t* __restrict__ keys, int64_t* __restrict__ vals,
+                                    int64_t* __restrict__ first_bad) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < E; e += stride) {
     const int64_t id = ids[e];
-    keys[e] = (id < 0 || id >= N) ? 0 : id + 1;  // 0: skipped entries, sorted first
+    const imi::Entry use = imi::weight_grad_entry(id, coef[e], N);
+    if (use == imi::Entry::kBad) imi::record_bad_position(first_bad, e);
+    keys[e] = use == imi::Entry::kUse ? id + 1 : 0;  // 0: skipped entries, sorted first
     vals[e] = e;
   }
 }
@@ -82,7 +91,7 @@ __global__ void segment_reduce_kernel(const typename imi::acc_type<scalar_t>::ty
         const int64_t e = sorted_entries[p];
         const acc_t c = coef[e];
         if (c == acc_t(0)) continue;
-        acc += c * to_acc(x[(e / M1) * d + i]);
+        acc += imi::weight_grad_term<scalar_t, acc_t>(c, x[(e / M1) * d + i]);
       }
       gw[row * d + i] = from_acc<scalar_t>(acc);
     }
@@ -128,14 +137,14 @@ cudaError_t launch_weight_grad_atomic(const typename imi::acc_type<scalar_t>::ty
                                       int64_t d, int64_t num_classes,
                                       typename imi::acc_type<scalar_t>::type* grad_w_acc,
                                       typename imi::acc_type<scalar_t>::type* grad_b_acc,
-                                      cudaStream_t stream) {
+                                      int64_t* first_bad, cudaStream_t stream) {
   if (E == 0) return cudaSuccess;
   const unsigned threads = feature_threads(d);
   const int64_t tiles = d > 0 ? ceil_div(d, threads) : 1;  // bias still needs a block when d == 0
   const dim3 grid(static_cast<unsigned>(E < kMaxGridX ? E : kMaxGridX),
                   static_cast<unsigned>(tiles));
   wgrad_atomic_kernel<scalar_t><<<grid, threads, 0, stream>>>(coef, ids, x, E, M1, d, num_classes,
-                                                              grad_w_acc, grad_b_acc);
+                                                              grad_w_acc, grad_b_acc, first_bad);
   return cudaGetLastError();
 }
 
@@ -158,16 +167,18 @@ size_t segment_temp_bytes(int64_t E, int64_t num_classes, cudaError_t* err) {
   return m > scan_bytes ? m : scan_bytes;
 }
 
-cudaError_t launch_segment_by_class(const int64_t* ids, int64_t E, int64_t num_classes,
+template <typename acc_t>
+cudaError_t launch_segment_by_class(const int64_t* ids, const acc_t* coef, int64_t E, int64_t num_classes,
                                     int64_t* keys_in, int64_t* vals_in, int64_t* sorted_keys,
                                     int64_t* sorted_entries, int64_t* run_keys,
                                     int64_t* run_counts, int64_t* run_offsets, int64_t* num_runs,
-                                    void* temp, size_t temp_bytes, cudaStream_t stream) {
+                                    void* temp, size_t temp_bytes, int64_t* first_bad, cudaStream_t stream) {
   cudaError_t e = cudaMemsetAsync(num_runs, 0, sizeof(int64_t), stream);
   if (e != cudaSuccess || E == 0) return e;
   e = cudaMemsetAsync(run_counts, 0, sizeof(int64_t) * E, stream);
   if (e != cudaSuccess) return e;
-  segment_keys_kernel<<<flat_grid(E), kThreads, 0, stream>>>(ids, E, num_classes, keys_in, vals_in);
+  segment_keys_kernel<acc_t><<<flat_grid(E), kThreads, 0, stream>>>(ids, coef, E, num_classes, keys_in, vals_in,
+                                                                    first_bad);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   size_t bytes = temp_bytes;
@@ -221,7 +232,7 @@ cudaError_t launch_segment_unique_ids(const int64_t* run_keys, int64_t first, in
   template cudaError_t launch_weight_grad_atomic<T>(                                             \
       const typename imi::acc_type<T>::type*, const int64_t*, const T*, int64_t, int64_t,        \
       int64_t, int64_t, typename imi::acc_type<T>::type*, typename imi::acc_type<T>::type*,      \
-      cudaStream_t);                                                                             \
+      int64_t*, cudaStream_t);                                                                   \
   template cudaError_t launch_segment_reduce<T>(                                                 \
       const typename imi::acc_type<T>::type*, const T*, int64_t, int64_t, const int64_t*,        \
       const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t, bool, T*, T*,     \
@@ -232,6 +243,15 @@ IMI_INSTANTIATE_WGRAD(double)
 IMI_INSTANTIATE_WGRAD(__half)
 IMI_INSTANTIATE_WGRAD(__nv_bfloat16)
 #undef IMI_INSTANTIATE_WGRAD
+
+#define IMI_INSTANTIATE_SEGMENT(A)                                                                  \
+  template cudaError_t launch_segment_by_class<A>(const int64_t*, const A*, int64_t, int64_t, int64_t*, \
+                                                  int64_t*, int64_t*, int64_t*, int64_t*, int64_t*,    \
+                                                  int64_t*, int64_t*, void*, size_t, int64_t*,         \
+                                                  cudaStream_t);
+IMI_INSTANTIATE_SEGMENT(float)
+IMI_INSTANTIATE_SEGMENT(double)
+#undef IMI_INSTANTIATE_SEGMENT
 
 }  // namespace cuda
 }  // namespace imi_softmax

@@ -133,7 +133,7 @@ static void check_case(int64_t N, int64_t K, bool bias, float scale, float score
       const int64_t k2 = imi::cdf_search(table.data() + k1 * (K + 1), K, u1);
       const int64_t k2s = imi::stage2_search_streaming(ix, k1, t2.data(), e2.data(), r[k1], u1);
       if (k2s != k2) fail("streaming stage 2", K, b, j);
-      const int64_t p = imi::resolve_alias(ix, imi::cell_slot(ix, k1 * K + k2, imi::random64(w.w[2], w.w[3])));
+      const int64_t p = imi::resolve_alias(ix, k1 * K + k2, imi::cell_slot(ix, k1 * K + k2, imi::random64(w.w[2], w.w[3])));
       if (ix.class_ids[p] != ids[j]) fail("drawn id", K, b, j);
       const float lq = imi::drawn_log_q(ix, t1.data(), t2.data(), k1, k2, p, log_z);
       if (!same(lq, log_q[j])) fail("drawn log Q", K, b, j);

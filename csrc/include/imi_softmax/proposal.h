@@ -225,10 +225,16 @@ IMI_HD SlotDraw cell_slot(const CellIndex& ix, int64_t cell, uint64_t r) {
 }
 
 // Position drawn with probability exp(beta_i) / n[cell] (Walker's alias method: exact, O(1));
-// without a bias the slot is final.
-IMI_HD int64_t resolve_alias(const CellIndex& ix, const SlotDraw& d) {
-  if (ix.alias_prob == nullptr) return d.pos;
-  return d.u_accept < ix.alias_prob[d.pos] ? d.pos : ix.alias_pos[d.pos];
+// without a bias the slot is final. Returns -1 instead of reading out of bounds when the index or
+// the scores are corrupt: an empty cell was drawn (only NaN scores do that) or an alias points out
+// of its cell (the op was handed a bad alias_pos). The CPU op raises on -1; the CUDA kernel writes
+// id -1, which every loss op rejects.
+IMI_HD int64_t resolve_alias(const CellIndex& ix, int64_t cell, const SlotDraw& d) {
+  const int64_t begin = ix.offsets[cell], end = ix.offsets[cell + 1];
+  if (begin >= end) return -1;
+  if (ix.alias_prob == nullptr || d.u_accept < ix.alias_prob[d.pos]) return d.pos;
+  const int64_t a = ix.alias_pos[d.pos];
+  return (a >= begin && a < end) ? a : -1;
 }
 
 // The class term of log Q, shifted: beta_i - log_n_max (beta 0 without a bias).
