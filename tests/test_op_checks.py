@@ -46,7 +46,7 @@ def log_prob_args(index, ids, **over):
 
 def test_valid_index_samples(index):
     """The fixture is valid: both sampling ops and log_prob run (the cases below differ by one field)."""
-    ids, log_q = ops.midx_sample_seeded(*sample_args(index), M, 7, 0)
+    ids, log_q, _ = ops.midx_sample_seeded(*sample_args(index), M, 7, 0)
     assert ids.shape == (B, M) and bool(((ids >= 0) & (ids < N)).all())
     torch.testing.assert_close(ops.midx_log_prob(*log_prob_args(index, ids)), log_q)
 
@@ -356,3 +356,20 @@ def test_ops_reject_mixed_devices(index):
     for call, msg in cases:
         with pytest.raises(BAD, match=msg):
             call()
+
+
+@pytest.mark.parametrize("alias", ["huge", "other_cell"])
+def test_sample_rejects_alias_positions_outside_their_cell(index, alias):
+    """alias_pos is read per draw (no O(N) scan per call): an entry outside its cell, even a valid
+    position of another cell (which would bias the draw silently), raises after the loop."""
+    s, _, _ = index
+    bad_pos = s.alias_pos.clone()
+    if alias == "huge":
+        bad_pos.fill_(10**12)
+    else:
+        bad_pos.copy_(torch.roll(torch.arange(N), 1))  # every alias points at a neighbouring position
+        sizes = s.offsets.diff()
+        assert bool((sizes[sizes > 0] < N).all())  # several non-empty cells: a neighbour may leave its cell
+    always_alias = torch.zeros_like(s.alias_prob)  # u_accept < 0 never holds: every draw takes its alias
+    with pytest.raises(BAD, match="alias outside its cell"):
+        ops.midx_sample_seeded(*sample_args(index, alias_pos=bad_pos, alias_prob=always_alias), 200, 7, 0)

@@ -47,6 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     code1 = code1_in->contiguous();
     code2 = code2_in->contiguous();
     check_codes(code1, code2);
+    // names the first bad target and its [row, column]; the flag in the loop stays as a backstop
+    check_ids_and_codes("midx_sample", "targets", targets_in.value(), code1, code2, K, /*negative_marker=*/true);
     targets = targets_in->contiguous();
     L = targets.size(1);
     N = code1.numel();
