@@ -15,13 +15,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-installed
 BUILT := $(VENV)/.imi-built
-# The set of sources, so that a deleted or added file also triggers a rebuild.
-SOURCE_LIST := $(VENV)/.imi-sources
+# The list of sources, rewritten (at parse time, so `make -n` sees it too) only when a file was added
+# or deleted: that also triggers a rebuild.
+SOURCE_LIST := build/.imi-sources
 CUDA_CHECKED := build/.cuda-checked
 
 SOURCES := $(sort $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \
                                                -o -name '*.hpp' \))) setup.py pyproject.toml
 CUDA_SOURCES := $(filter %.cu %.cuh %.h,$(SOURCES)) scripts/check_cuda_kernels.sh
+$(shell mkdir -p build && { echo '$(SOURCES)' | cmp -s - $(SOURCE_LIST) || echo '$(SOURCES)' > $(SOURCE_LIST); })
 # torch/version.py is rewritten whenever torch is (re)installed into the venv.
 TORCH_STAMP := $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
 # A missing compiled library (e.g. after `make clean`) forces a rebuild whatever the stamps say.
@@ -36,9 +38,6 @@ $(STAMP): requirements-dev.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
-
-$(SOURCE_LIST): FORCE | $(STAMP)
-	@echo '$(SOURCES)' | cmp -s - $@ || echo '$(SOURCES)' > $@
 
 # A regular (non-editable) install left in the venv would shadow the source tree: removed first.
 $(BUILT): $(STAMP) $(SOURCES) $(SOURCE_LIST) $(TORCH_STAMP) $(NEED_SO)
@@ -70,4 +69,4 @@ bench: build
 	$(PY) -m pytest bench --benchmark-only -q
 
 clean:
-	rm -rf build *.egg-info imi_softmax/_C*.so $(BUILT) $(SOURCE_LIST)
+	rm -rf build *.egg-info imi_softmax/_C*.so $(BUILT)
