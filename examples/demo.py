@@ -98,7 +98,7 @@ def main(argv=None):
           "candidates (not comparable); test CE: exact for both.")
     small_speedup = rows[0][5] / rows[1][5]
     print(f"\nSpeed per training step, IMISoftmax vs full softmax: {small_speedup:.2f}x at {split.num_items:,} "
-          "items (the full softmax is a cheap GEMM there)"
+          "items (a small catalogue: the full softmax's GEMM is cheap there)"
           + (f"; {large.speedup:.1f}x at {large.num_items:,} items (below)." if large and large.full_ms else "."))
     if large:
         print(report(large))
