@@ -1,12 +1,35 @@
 # Single entry point. `make demo` and `make test` each create the virtualenv if needed, install
-# what they need, build the extension and run. Override PYTHON to pick the interpreter.
+# what they need, build the extension and run. Override PYTHON to pick the interpreter, VENV to
+# use another virtualenv.
+#
+# Nothing is rebuilt that did not change: `make build` runs only when a file under csrc/, setup.py,
+# pyproject.toml or the venv's torch is newer than the venv's build stamp (or the compiled library
+# is missing), and then recompiles only the changed objects: `setup.py build_ext --inplace` keeps its
+# objects and ninja file in build/ (`pip install -e .` compiles everything again in a fresh temporary
+# directory on every call). The venv sees the source tree through a .pth file, like an editable
+# install, so Python edits need no rebuild. `make check-cuda` reruns nvcc only when a .cu/.cuh/.h
+# changed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-installed
+BUILT := $(VENV)/.imi-built
+# The list of sources, rewritten (at parse time, so `make -n` sees it too) only when a file was added
+# or deleted: that also triggers a rebuild.
+SOURCE_LIST := build/.imi-sources
+CUDA_CHECKED := build/.cuda-checked
 
-.PHONY: demo test venv build check-cuda bench clean
+SOURCES := $(sort $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \
+                                               -o -name '*.hpp' \))) setup.py pyproject.toml
+CUDA_SOURCES := $(filter %.cu %.cuh %.h,$(SOURCES)) scripts/check_cuda_kernels.sh
+$(shell mkdir -p build && { echo '$(SOURCES)' | cmp -s - $(SOURCE_LIST) || echo '$(SOURCES)' > $(SOURCE_LIST); })
+# torch/version.py is rewritten whenever torch is (re)installed into the venv.
+TORCH_STAMP := $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
+# A missing compiled library (e.g. after `make clean`) forces a rebuild whatever the stamps say.
+NEED_SO := $(if $(wildcard imi_softmax/_C*.so),,FORCE)
+
+.PHONY: demo test venv build check-cuda bench clean FORCE
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +39,25 @@ $(STAMP): requirements-dev.txt
 
 venv: $(STAMP)
 
-build: $(STAMP)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --quiet --no-build-isolation --no-deps -e .
+# A regular (non-editable) install left in the venv would shadow the source tree: removed first.
+$(BUILT): $(STAMP) $(SOURCES) $(SOURCE_LIST) $(TORCH_STAMP) $(NEED_SO)
+	@$(PIP) uninstall --quiet --yes imi_softmax >/dev/null 2>&1 || true
+	@mkdir -p build && echo "compiling the imi_softmax extension (changed objects only; log in build/build.log)"
+	@MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py build_ext --inplace > build/build.log 2>&1 \
+	  || { tail -n 60 build/build.log; echo "build failed: full log in build/build.log"; exit 1; }
+	@$(PY) -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "imi_softmax-src.pth").write_text(sys.argv[1] + "\n")' '$(CURDIR)'
+	touch $@
 
-check-cuda:
+build: $(BUILT)
+	@echo "imi_softmax extension up to date ($(VENV))"
+
+# Stamped only where nvcc ran, so a machine that gains nvcc later still checks.
+$(CUDA_CHECKED): $(CUDA_SOURCES)
 	bash scripts/check_cuda_kernels.sh
+	@if command -v $${NVCC:-nvcc} >/dev/null 2>&1; then mkdir -p $(@D) && touch $@; fi
+
+check-cuda: $(CUDA_CHECKED)
+	@echo "CUDA kernels compile-checked (nvcc reruns only when a .cu/.cuh/.h changes)"
 
 demo: build
 	$(PY) examples/demo.py
@@ -32,4 +69,4 @@ bench: build
 	$(PY) -m pytest bench --benchmark-only -q
 
 clean:
-	rm -rf build *.egg-info imi_softmax/_C*.so
+	rm -rf build *.egg-info imi_softmax/_C*.so $(BUILT)

