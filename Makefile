@@ -43,7 +43,7 @@ venv: $(STAMP)
 $(BUILT): $(STAMP) $(SOURCES) $(SOURCE_LIST) $(TORCH_STAMP) $(NEED_SO)
 	@$(PIP) uninstall --quiet --yes imi_softmax >/dev/null 2>&1 || true
 	@mkdir -p build && echo "compiling the imi_softmax extension (changed objects only; log in build/build.log)"
-	@MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py build_ext --inplace > build/build.log 2>&1 \
+	@IMI_STRICT_BUILD=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py build_ext --inplace > build/build.log 2>&1 \
 	  || { tail -n 60 build/build.log; echo "build failed: full log in build/build.log"; exit 1; }
 	@$(PY) -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "imi_softmax-src.pth").write_text(sys.argv[1] + "\n")' '$(CURDIR)'
 	touch $@

@@ -5,7 +5,8 @@ CUDA kernels when nvcc matches a CUDA build of torch (IMI_FORCE_CUDA=1 / IMI_FOR
 override), the CPU kernels otherwise, and nothing when no C++ build works (IMI_NO_EXTENSION=1
 forces that): the package then runs its pure-PyTorch fallback and says so on import. Without a
 visible GPU and without TORCH_CUDA_ARCH_LIST, the CUDA build targets sm_80 and sm_90 (+PTX).
-Each fallback is one line on stderr, never a traceback.
+Each fallback is one line on stderr, never a traceback; IMI_STRICT_BUILD=1 (set by `make build`)
+makes a failed compile fail the build instead, so CI never tests the fallback by accident.
 """
 import glob
 import importlib.util
@@ -77,6 +78,8 @@ def _build_ext_class(plan):
                     super().build_extensions()
                     return
                 except Exception as exc:  # noqa: BLE001 - compiler missing, compile or link error
+                    if os.environ.get("IMI_STRICT_BUILD", "0") not in ("", "0"):
+                        raise  # `make build` / CI: a broken kernel must fail the build, not fall back
                     why = " ".join(str(exc).split())[:300] or type(exc).__name__
                     if mode == "cuda":
                         _say(f"imi_softmax: the CUDA build failed ({why}); building the CPU extension only")

@@ -189,3 +189,13 @@ def test_no_working_compiler_still_installs_and_says_why(tmp_path):
     assert lines[-1].startswith("imi_softmax: the C++ build failed (")
     assert "pip install --no-build-isolation ." in lines[-1]
     assert not list((tmp_path / "imi_softmax").glob("_C*.so"))
+
+
+def test_suite_runs_the_compiled_kernels_in_ci():
+    """`make test` builds the extension strictly; in CI the suite must exercise the kernels, not the
+    pure-PyTorch fallback (which would hide a broken kernel behind passing tests)."""
+    import imi_softmax._loader as loader
+
+    if not os.environ.get("CI") or os.environ.get("IMI_FORCE_FALLBACK"):
+        pytest.skip("only asserted in CI (CI=true), where the compiled library must load")
+    assert not loader.USING_FALLBACK, loader.FALLBACK_REASON
