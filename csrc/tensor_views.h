@@ -242,6 +242,40 @@ inline void check_ids_and_codes(const char* op, const char* name, const at::Tens
               code2[id].item<int64_t>(), ") outside [0, K = ", K, ")");
 }
 
+// The sampling op's optional targets [B, L] (scored with the draws' query preparation) and the class
+// codes / beta they are read with. Checked in full at entry (O(B*L), one host read on CUDA), so the
+// error names the first bad target and its [row, column]. `present` is false without targets.
+struct SampleTargets {
+  bool present = false;
+  at::Tensor targets, code1, code2;
+  std::optional<at::Tensor> beta;
+  int64_t L = 0, N = 0;
+};
+
+inline SampleTargets sample_targets_inputs(const char* op, int64_t B, int64_t K,
+                                           const std::optional<at::Tensor>& targets,
+                                           const std::optional<at::Tensor>& beta,
+                                           const std::optional<at::Tensor>& code1,
+                                           const std::optional<at::Tensor>& code2) {
+  SampleTargets t;
+  if (!targets.has_value() || !targets->defined()) return t;
+  TORCH_CHECK(targets->dim() == 2 && targets->size(0) == B && targets->scalar_type() == at::kLong,
+              op, ": targets must be int64 [B, L] with B = ", B, ", got ", targets->sizes());
+  TORCH_CHECK(code1.has_value() && code1->defined() && code2.has_value() && code2->defined(),
+              op, ": targets need code1 and code2");
+  t.code1 = code1->contiguous();
+  t.code2 = code2->contiguous();
+  check_codes(t.code1, t.code2);
+  check_ids_and_codes(op, "targets", *targets, t.code1, t.code2, K, /*negative_marker=*/true);
+  if (present(beta)) t.beta = beta->contiguous();
+  check_class_codes(op, t.beta, t.code1, t.code2);
+  t.targets = targets->contiguous();
+  t.present = true;
+  t.L = t.targets.size(1);
+  t.N = t.code1.numel();
+  return t;
+}
+
 // ---- build_cells / assign_codewords ------------------------------------------------------------
 
 // code1 / code2 int64 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and

@@ -137,3 +137,21 @@ def cpu_draw_passes(request, monkeypatch):
     else:
         monkeypatch.delenv("IMI_CPU_SIMD", raising=False)
     return request.param
+
+
+def compiled_and_eager_step(head, x, y, **compile_kwargs):
+    """One training step of head (loss and backward) compiled with fullgraph=True and one eager, each
+    from global seed 5 (so both draw the same samples). Returns (compiled step, (loss, x.grad,
+    weight.grad, bias.grad) of the compiled step, the same of the eager step)."""
+    def step(x, y):
+        return head(x, y)
+
+    compiled = torch.compile(step, fullgraph=True, **compile_kwargs)
+    results = []
+    for fn in (compiled, step):
+        torch.manual_seed(5)
+        x.grad = head.weight.grad = head.bias.grad = None
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), x.grad, head.weight.grad, head.bias.grad))
+    return compiled, results[0], results[1]

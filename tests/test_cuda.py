@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import imi_softmax.functional as IF
 from imi_softmax import IMISoftmax, MIDXSampler, ops
-from conftest import (chi_square_p_value, implied_position_mass, make_loss_inputs, random_index, reference_loss,
-                      reference_midx_log_q)
+from conftest import (chi_square_p_value, compiled_and_eager_step, implied_position_mass, make_loss_inputs,
+                      random_index, reference_loss, reference_midx_log_q)
 
 
 def _has_cuda_kernels() -> bool:
@@ -390,18 +390,7 @@ def test_compiled_training_step():
     x = torch.randn(32, 16, device=CUDA, requires_grad=True)
     y = torch.randint(0, 400, (32,), device=CUDA)
 
-    def step(x, y):
-        return head(x, y)
-
-    compiled = torch.compile(step, fullgraph=True)
-    results = []
-    for fn in (compiled, step):
-        torch.manual_seed(5)
-        x.grad = head.weight.grad = head.bias.grad = None
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), x.grad, head.weight.grad, head.bias.grad))
-    (lc, *gc), (le, *ge) = results
+    compiled, (lc, *gc), (le, *ge) = compiled_and_eager_step(head, x, y)
     assert torch.isfinite(lc)
     torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
     for a, b in zip(gc, ge):

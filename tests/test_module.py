@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imi_softmax import IMISoftmax, MIDXSampler, UniformSampler, UnigramSampler
-from conftest import reference_loss
+from conftest import compiled_and_eager_step, reference_loss
 
 
 def make_head(**kw):
@@ -163,18 +163,7 @@ def test_compiled_training_step_fullgraph():
     x = torch.randn(16, 8, generator=g, requires_grad=True)
     y = torch.randint(0, 100, (16,), generator=g)
 
-    def step(x, y):
-        return head(x, y)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, step):
-        torch.manual_seed(5)
-        x.grad = head.weight.grad = head.bias.grad = None
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), x.grad, head.weight.grad, head.bias.grad))
-    (lc, *gc), (le, *ge) = results
+    compiled, (lc, *gc), (le, *ge) = compiled_and_eager_step(head, x, y, backend="aot_eager")
     torch.testing.assert_close(lc, le, atol=1e-6, rtol=1e-6)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

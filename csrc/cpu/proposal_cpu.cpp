@@ -36,27 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
   set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
   // The targets' log Q come from the same query preparation as the draws (one per query).
-  const bool has_targets = targets_in.has_value() && targets_in->defined();
-  at::Tensor targets, code1, code2;
-  int64_t L = 0, N = 0;
-  if (has_targets) {
-    TORCH_CHECK(targets_in->dim() == 2 && targets_in->size(0) == B && targets_in->scalar_type() == at::kLong,
-                "midx_sample: targets must be int64 [B, L] with B = ", B, ", got ", targets_in->sizes());
-    TORCH_CHECK(code1_in.has_value() && code1_in->defined() && code2_in.has_value() && code2_in->defined(),
-                "midx_sample: targets need code1 and code2");
-    code1 = code1_in->contiguous();
-    code2 = code2_in->contiguous();
-    check_codes(code1, code2);
-    // names the first bad target and its [row, column]; the flag in the loop stays as a backstop
-    check_ids_and_codes("midx_sample", "targets", targets_in.value(), code1, code2, K, /*negative_marker=*/true);
-    targets = targets_in->contiguous();
-    L = targets.size(1);
-    N = code1.numel();
-    TORCH_CHECK(!beta.has_value() || !beta->defined() ||
-                    (beta->numel() == N && beta->scalar_type() == at::kFloat && beta->is_contiguous()),
-                "midx_sample: beta must be contiguous float32 [N] with N = ", N, " (the length of code1)");
-    set_class_codes(ix, beta, code1, code2);
-  }
+  const SampleTargets tg = sample_targets_inputs("midx_sample", B, K, targets_in, beta, code1_in, code2_in);
+  const bool has_targets = tg.present;
+  const int64_t L = tg.L, N = tg.N;
+  if (has_targets) set_class_codes(ix, tg.beta, tg.code1, tg.code2);
   auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
   auto log_q = at::empty({B, M}, s1.options());
   auto target_log_q = at::empty({B, L}, s1.options());
@@ -64,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   const float* s2p = s2.data_ptr<float>();
   int64_t* idp = ids.data_ptr<int64_t>();
   float* lqp = log_q.data_ptr<float>();
-  const int64_t* tp = has_targets ? targets.data_ptr<int64_t>() : nullptr;
+  const int64_t* tp = has_targets ? tg.targets.data_ptr<int64_t>() : nullptr;
   float* tlqp = target_log_q.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const bool simd = draw::use_avx512();

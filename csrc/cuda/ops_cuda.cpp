@@ -204,28 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
   set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
   // The targets' log Q come from the same query preparation as the draws (one per query).
-  const bool has_targets = targets_in.has_value() && targets_in->defined();
-  at::Tensor targets, code1, code2;
-  std::optional<at::Tensor> beta;
-  int64_t L = 0, N = 0;
-  if (has_targets) {
-    TORCH_CHECK(targets_in->dim() == 2 && targets_in->size(0) == B && targets_in->scalar_type() == at::kLong,
-                "midx_sample: targets must be int64 [B, L] with B = ", B, ", got ", targets_in->sizes());
-    TORCH_CHECK(code1_in.has_value() && code1_in->defined() && code2_in.has_value() && code2_in->defined(),
-                "midx_sample: targets need code1 and code2");
-    code1 = code1_in->contiguous();
-    code2 = code2_in->contiguous();
-    check_codes(code1, code2);
-    // Same verdict as the CPU's flag, read on the host (one sync): no NaN for a bad target.
-    check_ids_and_codes("midx_sample", "targets", targets_in.value(), code1, code2, K, /*negative_marker=*/true);
-    beta = contiguous_opt(beta_in);
-    targets = targets_in->contiguous();
-    L = targets.size(1);
-    N = code1.numel();
-    TORCH_CHECK(!beta.has_value() || (beta->numel() == N && beta->scalar_type() == at::kFloat),
-                "midx_sample: beta must be float32 [N] with N = ", N, " (the length of code1)");
-    set_class_codes(ix, beta, code1, code2);
-  }
+  const SampleTargets tg = sample_targets_inputs("midx_sample", B, K, targets_in, beta_in, code1_in, code2_in);
+  const bool has_targets = tg.present;
+  const int64_t L = tg.L, N = tg.N;
+  if (has_targets) set_class_codes(ix, tg.beta, tg.code1, tg.code2);
   auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
   auto log_q = at::empty({B, M}, s1.options());
   auto target_log_q = at::empty({B, L}, s1.options());
@@ -257,10 +239,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
   C10_CUDA_CHECK(cuda::launch_midx_sample(
       ix, s1.data_ptr<float>(), s2.data_ptr<float>(), B, M, philox, stage2_mode,
       ids.data_ptr<int64_t>(), log_q.data_ptr<float>(),
-      has_targets ? targets.data_ptr<int64_t>() : nullptr, L, N, target_log_q.data_ptr<float>(),
+      has_targets ? tg.targets.data_ptr<int64_t>() : nullptr, L, N, target_log_q.data_ptr<float>(),
       at::cuda::getCurrentCUDAStream()));
-  // Out-of-range targets come back as NaN: the kernel never reads past code1/code2, and no host
-  // sync is spent here (the op-entry target check raises the clear error).
+  // Bad targets were refused at entry (sample_targets_inputs); the kernel still never reads past
+  // code1/code2 (a bad one would give NaN).
   return {ids, log_q, target_log_q};
 }
 
