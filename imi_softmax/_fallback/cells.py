@@ -1,8 +1,9 @@
 """Index build in pure PyTorch: nearest codewords and the cells CSR with masses and alias tables.
 
 Same algorithm and rounding as csrc/include/imi_softmax/{kmeans,cells}.h: a stable sort by cell
-(ascending id within a cell), log n in float32 from a double sum, and Vose's alias tables built
-in the same order with float32 arithmetic, so that seeded draws pick the same classes.
+(ascending id within a cell), log n in float32 from a double sum (logf of the count without a
+bias), cell_mass summed in float64 per cell, and Vose's alias tables built in the same order with
+float32 arithmetic, so that the tables equal the kernel's bit for bit.
 """
 import math
 from typing import List, Optional, Tuple
@@ -10,6 +11,22 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def _libm_logf():
+    """The C library's logf, which the kernel's log n of a cell without a bias is (log_(float(n))):
+    glibc's is not correctly rounded (e.g. n = 1579 differs from float(math.log(n)) by one ulp)."""
+    try:
+        import ctypes
+        import ctypes.util
+        fn = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").logf
+        fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+        return fn
+    except (OSError, AttributeError):  # no loadable libm: the correctly rounded value
+        return lambda v: float(np.float32(math.log(v)))
+
+
+_LOGF = _libm_logf()
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -110,7 +127,7 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
     cnt = counts.cpu()
     if not has_beta:
         nonempty = cnt > 0
-        log_n[nonempty] = torch.tensor([math.log(c) for c in cnt[nonempty].tolist()], dtype=torch.float64).float()
+        log_n[nonempty] = torch.tensor([_LOGF(float(c)) for c in cnt[nonempty].tolist()], dtype=torch.float32)
     else:
         off = offsets.tolist()
         b_np = beta_csr.numpy()
@@ -120,9 +137,26 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
             log_n_np[c], prob, alias = _cell_log_mass_and_alias(b_np[lo:hi], lo)
             prob_np[lo:hi] = prob
             alias_np[lo:hi] = alias
-    log_n = log_n.view(K, K).to(device)
-    # finite max: empty cells are -inf (the kernel's masked max, then the same torch exp)
+    # finite max: empty cells are -inf (the kernel's masked max)
     log_n_max = log_n.masked_fill(log_n.isneginf(), -torch.finfo(torch.float32).max).max().reshape(1)
-    cell_mass = (log_n - log_n_max).exp()
+    cell_mass = _cell_scaled_mass(cnt.tolist(), offsets.tolist(), beta_csr.numpy() if has_beta else None,
+                                  float(log_n_max))
     return (offsets, class_ids, alias_prob.to(device), alias_pos.to(device), beta_csr.to(device),
-            log_n, cell_mass, log_n_max)
+            log_n.view(K, K).to(device), cell_mass.view(K, K).to(device), log_n_max.to(device))
+
+
+def _cell_scaled_mass(counts: List[int], off: List[int], beta_csr: Optional[np.ndarray], log_n_max: float) -> Tensor:
+    """imi::cell_scaled_mass of every cell: [K*K] float32, each sum_{i in cell} exp(beta_i - log_n_max)
+    summed in float64 in CSR order and rounded once (math.exp is the libm exp the kernel calls)."""
+    out = np.zeros(len(counts), dtype=np.float32)
+    for c, n in enumerate(counts):
+        if n == 0:
+            continue
+        if beta_csr is None:
+            out[c] = n * math.exp(-log_n_max)
+            continue
+        total = 0.0
+        for b in beta_csr[off[c]:off[c + 1]].tolist():
+            total += math.exp(b - log_n_max)
+        out[c] = total
+    return torch.from_numpy(out)

@@ -1,9 +1,10 @@
 """MIDX proposal in pure PyTorch: the per-query preparation, the three-stage draw and log Q.
 
 Mirrors csrc/include/imi_softmax/proposal.h step by step, vectorized over the batch: the same
-polynomial exp/log in float32, the same sequential float32 cumulative sums, the same inverse-CDF
-rule, and the random numbers of CONTRACT.md section 1 (philox.py). Draws therefore agree with the
-kernels except where the two rounding paths straddle a CDF boundary (probability ~1e-7 a draw).
+max-shifted scores, the same polynomial exp/log, every float32 operation in the kernels' order
+(torch never fuses two of its ops into an FMA, and the host kernels are built without contraction),
+the same sequential cumulative sums, the same inverse-CDF rule, and the random numbers of
+CONTRACT.md section 1 (philox.py). Seeded draws and log Q therefore equal the CPU kernels' bit for bit.
 """
 import math
 from typing import Optional, Tuple
@@ -54,18 +55,28 @@ def log_poly(x: Tensor) -> Tensor:
     return (m + y) + _f32(0.693359375) * e
 
 
-def _row_log_mass_exact(s2: Tensor, log_n: Tensor) -> Tensor:
-    """OnlineLSE over k2 of s2[b, k2] + log_n[k1, k2], sequentially: [B, K]."""
-    v = s2[:, None, :] + log_n[None, :, :]
-    m = torch.full(v.shape[:2], -math.inf, dtype=_F32, device=v.device)
-    s = torch.zeros(v.shape[:2], dtype=_F32, device=v.device)
+def _shifted_log_mass(log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> Tensor:
+    """imi::shifted_log_mass of every cell [K, K]: log(cell_mass) while it is a normal float, else
+    log_n - log_n_max (-inf for empty cells)."""
+    normal = cell_mass >= torch.finfo(_F32).tiny
+    return torch.where(normal, log_poly(torch.where(normal, cell_mass, torch.ones_like(cell_mass))),
+                       log_n - log_n_max)
+
+
+def _exact_rows(t2: Tensor, lm: Tensor) -> Tuple[Tensor, Tensor]:
+    """row_log_mass_exact and stage2_cdf_row_exact for every row: (r [B, K], cdf [B, K(k1), K(k2)]).
+
+    v = t2[k2] + lm[k1, k2]; r = mx + log(sum_k2 exp(v - mx)) with the sum in k2 order; the CDF
+    accumulates exp(v - r) in k2 order, 0 for empty cells."""
+    v = t2[:, None, :] + lm[None, :, :]
+    mx = v.max(dim=2).values
+    total = torch.zeros_like(mx)
     for k2 in range(v.shape[2]):
-        x = v[:, :, k2]
-        skip = x == -math.inf
-        up = (x > m) & ~skip
-        s = torch.where(up, s * torch.exp(m - x) + 1.0, torch.where(skip, s, s + torch.exp(x - m)))
-        m = torch.where(up, x, m)
-    return torch.where(m == -math.inf, m, m + torch.log(s))
+        total = total + exp_poly(v[:, :, k2] - mx)
+    empty = mx == -math.inf
+    r = torch.where(empty, mx, mx + log_poly(torch.where(empty, torch.ones_like(total), total)))
+    w = torch.where(lm[None] == -math.inf, torch.zeros_like(v), exp_poly(v - r[:, :, None]))
+    return r, _cumsum_seq(w)
 
 
 def _cumsum_seq(x: Tensor) -> Tensor:
@@ -78,11 +89,14 @@ def _cumsum_seq(x: Tensor) -> Tensor:
     return out
 
 
-def prepare(s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """query_prepare_table for a batch: (cdf1 [B, K], cdf2 [B, K(k1), K(k2)], log_z [B])."""
+def prepare(s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor,
+            log_n_max: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """imi::query_prepare_table for a batch, the same float32 operations in the same order:
+    (t1 [B, K], t2 [B, K], cdf1 [B, K], cdf2 [B, K(k1), K(k2)], log Z' [B]), log_n and cell_mass [K, K]."""
     K = s1.shape[1]
-    m2 = s2.max(dim=1, keepdim=True).values
-    e2 = exp_poly(s2 - m2)
+    t1 = s1 - s1.max(dim=1, keepdim=True).values
+    t2 = s2 - s2.max(dim=1, keepdim=True).values
+    e2 = exp_poly(t2)
     # stage-2 table: cdf2[b, k1, k2] = sum_{k2' <= k2} cell_mass[k1, k2'] * e2[b, k2'], in k2 order
     cdf2 = torch.empty(s1.shape[0], K, K, dtype=_F32, device=s1.device)
     acc = cell_mass[None, :, 0] * e2[:, None, 0]
@@ -91,20 +105,17 @@ def prepare(s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max:
         acc = acc + cell_mass[None, :, k2] * e2[:, None, k2]
         cdf2[:, :, k2] = acc
     last = cdf2[:, :, K - 1]
-    ok = last > ROW_MASS_FLOOR
-    r = torch.where(ok, log_poly(torch.where(ok, last, torch.ones_like(last))) + (m2 + log_n_max),
-                    torch.full_like(last, -math.inf))
+    ok = last > _f32(ROW_MASS_FLOOR)
+    r = torch.where(ok, log_poly(torch.where(ok, last, torch.ones_like(last))), torch.full_like(last, -math.inf))
     if not bool(ok.all()):
-        exact = _row_log_mass_exact(s2, log_n)
-        r = torch.where(ok, r, exact)
-        w = torch.where(log_n[None] == -math.inf, torch.zeros_like(cdf2),
-                        torch.exp(s2[:, None, :] + log_n[None] - exact[:, :, None]))
-        cdf2 = torch.where(ok[:, :, None], cdf2, _cumsum_seq(w))
-    t = s1 + r
+        exact_r, exact_cdf = _exact_rows(t2, _shifted_log_mass(log_n, cell_mass, log_n_max))
+        r = torch.where(ok, r, exact_r)
+        cdf2 = torch.where(ok[:, :, None], cdf2, exact_cdf)
+    t = t1 + r
     l1max = t.max(dim=1, keepdim=True).values
     cdf1 = _cumsum_seq(exp_poly(t - l1max))
-    log_z = l1max[:, 0] + torch.log(cdf1[:, K - 1])
-    return cdf1, cdf2, log_z
+    log_z = l1max[:, 0] + log_poly(cdf1[:, K - 1])
+    return t1, t2, cdf1, cdf2, log_z
 
 
 def cdf_search(cdf: Tensor, u: Tensor) -> Tensor:
@@ -120,12 +131,18 @@ def cdf_search(cdf: Tensor, u: Tensor) -> Tensor:
     return (cdf[..., None, :] < at[..., None]).sum(-1)
 
 
-def _class_log_q(s1, s2, beta, code1, code2, ids, log_z):
+def _log_q(t1: Tensor, t2: Tensor, k1: Tensor, k2: Tensor, beta_by: Optional[Tensor], at: Tensor,
+           log_n_max: Tensor, log_z: Tensor) -> Tensor:
+    """imi::drawn_log_q / class_log_q for [B, L] codes k1, k2 and bias index `at`:
+    ((t1[k1] + t2[k2]) + (beta[at] - log_n_max)) - log Z', in that rounding order."""
+    b = beta_by[at] if beta_by is not None and beta_by.numel() > 0 else torch.zeros(at.shape, dtype=_F32, device=at.device)
+    return ((torch.gather(t1, 1, k1) + torch.gather(t2, 1, k2)) + (b - log_n_max)) - log_z[:, None]
+
+
+def _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z):
     """imi::class_log_q for ids [B, L] (negative ids read class 0; callers mask them)."""
     safe = ids.clamp(min=0)
-    v = torch.gather(s1, 1, code1[safe]) + torch.gather(s2, 1, code2[safe])
-    b = beta[safe] if beta is not None else torch.zeros_like(v)
-    return (v + b) - log_z[:, None]
+    return _log_q(t1, t2, code1[safe], code2[safe], beta, safe, log_n_max, log_z)
 
 
 def _check_scores(op: str, s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> int:
@@ -143,6 +160,33 @@ def _check_ids(op: str, name: str, ids: Tensor, n: int, allow_negative: bool) ->
     bad = (ids >= n) | ((ids < 0) if not allow_negative else torch.zeros_like(ids, dtype=torch.bool))
     if bool(bad.any()):
         raise RuntimeError(f"{op}: {name} holds {int(ids[bad][0])}, outside [0, {n})")
+
+
+def _check_ids_and_codes(op: str, name: str, ids: Tensor, code1: Tensor, code2: Tensor, K: int,
+                         negative_marker: bool = False) -> None:
+    """check_ids_and_codes (csrc/tensor_views.h), with its messages: every id in [0, N) (negative
+    allowed with `negative_marker`) and the codes of those ids in [0, K)."""
+    if ids.numel() == 0:
+        return
+    n = code1.numel()
+    flat = ids.reshape(-1)
+    bad = flat >= n
+    if not negative_marker:
+        bad = bad | (flat < 0)
+    if n > 0:
+        safe = flat.clamp(0, n - 1)
+        c1, c2 = code1[safe], code2[safe]
+        bad = bad | (((c1 < 0) | (c1 >= K) | (c2 < 0) | (c2 >= K)) & (flat >= 0))
+    if not bool(bad.any()):
+        return
+    pos = int(bad.nonzero()[0, 0])
+    v = int(flat[pos])
+    if not 0 <= v < n:
+        where = f"{pos // ids.shape[1]}, {pos % ids.shape[1]}" if ids.dim() == 2 else str(pos)
+        marker = " (or negative: ignored)" if negative_marker else ""
+        raise RuntimeError(f"{op}: {name} has class id {v} at [{where}] outside [0, {n}){marker}")
+    raise RuntimeError(f"{op}: class {v} (in {name}) has codes ({int(code1[v])}, {int(code2[v])}) "
+                       f"outside [0, K = {K})")
 
 
 def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_pos, beta_csr) -> None:
@@ -163,14 +207,17 @@ def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_
         _check_ids("midx_sample", "alias_pos", alias_pos, n, allow_negative=False)
 
 
-def _check_codes(op: str, code1: Tensor, code2: Tensor, beta, K: int) -> None:
+def _check_codes(op: str, code1: Tensor, code2: Tensor, beta) -> None:
+    """check_class_codes: the codes' types and lengths (their values are checked where used)."""
     n = code1.numel()
-    if code2.numel() != n or code1.dtype != torch.int64 or code2.dtype != torch.int64:
-        raise RuntimeError(f"{op}: code1 and code2 must be int64 [N] of equal length")
-    _check_ids(op, "code1", code1, K, allow_negative=False)
-    _check_ids(op, "code2", code2, K, allow_negative=False)
-    if beta is not None and beta.numel() != n:
-        raise RuntimeError(f"{op}: beta must hold N = {n} entries, got {beta.numel()}")
+    if code1.dim() != 1 or code2.shape != code1.shape or code1.dtype != torch.int64 or code2.dtype != torch.int64:
+        raise RuntimeError(f"{op}: code1/code2 must be int64 [N] of equal length")
+    if beta is not None and (beta.numel() != n or beta.dtype != _F32):
+        raise RuntimeError(f"{op}: beta must be float32 [N] = [{n}], got {beta.dtype} {tuple(beta.shape)}")
+
+
+_BAD_DRAW = ("midx_sample: a draw reached an empty cell or an alias outside its cell: the query scores hold NaN "
+             "or the index tables (offsets, alias_pos) are corrupt; rebuild the index")
 
 
 def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) -> Tensor:
@@ -179,10 +226,11 @@ def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) 
     if not (ids.dim() == 2 and ids.shape[0] == s1.shape[0] and ids.dtype == torch.int64):
         raise RuntimeError(f"midx_log_prob: ids must be int64 [B, L] with B = {s1.shape[0]}, got {tuple(ids.shape)}")
     K = s1.shape[1]
-    _check_codes("midx_log_prob", code1, code2, beta, K)
-    _check_ids("midx_log_prob", "ids", ids, code1.shape[0], allow_negative=False)
-    _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max.reshape(1))
-    return _class_log_q(s1, s2, beta, code1, code2, ids, log_z)
+    _check_codes("midx_log_prob", code1, code2, beta)
+    _check_ids_and_codes("midx_log_prob", "ids", ids, code1, code2, K)
+    log_n_max = log_n_max.reshape(1)
+    t1, t2, _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)
+    return _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z)
 
 
 def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
@@ -194,21 +242,23 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
     if M < 0:
         raise RuntimeError(f"midx_sample: num_samples must be >= 0, got {M}")
     if offset % 4 != 0 or offset < 0:
-        raise RuntimeError(f"midx_sample: offset must be a non-negative multiple of 4, got {offset}")
+        raise RuntimeError(f"midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
+                           f"non-negative multiple of 4, got {offset}")
     _check_tables(K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
-    if targets is not None and (code1 is None or code2 is None):
-        raise RuntimeError("midx_sample: targets need code1 and code2")
     if targets is not None and not (targets.dim() == 2 and targets.shape[0] == B and targets.dtype == torch.int64):
         raise RuntimeError(f"midx_sample: targets must be int64 [B, L] with B = {B}, got {tuple(targets.shape)}")
+    if targets is not None and (code1 is None or code2 is None):
+        raise RuntimeError("midx_sample: targets need code1 and code2")
     if targets is not None:
-        _check_codes("midx_sample", code1, code2, beta, K)
-        _check_ids("midx_sample", "targets", targets, code1.shape[0], allow_negative=True)
+        _check_codes("midx_sample", code1, code2, beta)
+        _check_ids_and_codes("midx_sample", "targets", targets, code1, code2, K, negative_marker=True)
     dev = s1.device
-    cdf1, cdf2, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max.reshape(1))
+    log_n_max = log_n_max.reshape(1)
+    t1, t2, cdf1, cdf2, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)
     if targets is None:
         target_log_q = torch.zeros(B, 0, dtype=_F32, device=dev)
     else:
-        lq = _class_log_q(s1, s2, beta, code1, code2, targets, log_z)
+        lq = _class_log_q(t1, t2, beta, code1, code2, targets, log_n_max, log_z)
         target_log_q = torch.where(targets < 0, torch.zeros_like(lq), lq)
     if B == 0 or M == 0:
         return (torch.zeros(B, M, dtype=torch.int64, device=dev), torch.zeros(B, M, dtype=_F32, device=dev),
@@ -218,17 +268,19 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
     rows = torch.gather(cdf2, 1, k1[:, :, None].expand(B, M, K))            # stage-2 CDF of each k1
     k2 = cdf_search(rows, uniform24(w1)[:, :, None])[:, :, 0]
     cell = k1 * K + k2
-    begin = offsets[cell]
-    count = offsets[cell + 1] - begin
-    if bool((count <= 0).any()):
-        raise RuntimeError("midx_sample: drew an empty cell (cell_mass does not match offsets)")
-    slot, u_acc = slot_and_accept(w2, w3, count)
+    begin, end = offsets[cell], offsets[cell + 1]
+    if bool((end <= begin).any()):  # resolve_alias's -1 (only NaN scores or a corrupt index get here)
+        raise RuntimeError(_BAD_DRAW)
+    slot, u_acc = slot_and_accept(w2, w3, end - begin)
     pos = begin + slot
     if alias_prob is not None and alias_pos is not None and alias_prob.numel() > 0:
-        pos = torch.where(u_acc < alias_prob[pos], pos, alias_pos[pos])
+        alias = alias_pos[pos]
+        take = ~(u_acc < alias_prob[pos])
+        if bool((take & ((alias < begin) | (alias >= end))).any()):
+            raise RuntimeError(_BAD_DRAW)
+        pos = torch.where(take, alias, pos)
     ids = class_ids[pos]
-    b = beta_csr[pos] if beta_csr is not None and beta_csr.numel() > 0 else torch.zeros(B, M, dtype=_F32, device=dev)
-    log_q = ((torch.gather(s1, 1, k1) + torch.gather(s2, 1, k2)) + b) - log_z[:, None]
+    log_q = _log_q(t1, t2, k1, k2, beta_csr, pos, log_n_max, log_z)
     return ids, log_q, target_log_q
 
 
