@@ -134,7 +134,7 @@ def run_large(num_items: int = 1_000_000, dim: int = 64, batch: int = 256, num_s
     full_ms: List[float] = []
     if not skip_full:
         full = Model(num_users, dim, nn.Linear(dim, num_items))
-        full.load_state_dict(imi.state_dict())  # IMISoftmax keeps nn.Linear's state_dict keys
+        full.load_state_dict(IMISoftmax.linear_state_dict(imi.state_dict()))  # drop the head's index state
         log(f"  timing {full_steps} full-softmax steps at N = {num_items:,} ...")
         full_ms = time_steps(full, train_batches[:full_steps], lr)
         del full
