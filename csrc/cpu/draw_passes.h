@@ -267,10 +267,10 @@ inline bool finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M
       IMI_PREFETCH(ix.class_ids + p);
     }
   }
-  for (int64_t j = 0; j < M; ++j) {
-    const int64_t p = imi::resolve_alias(ix, ws.k1[j] * K + ws.k2[j], imi::SlotDraw{ws.pos[j], ws.u_accept[j]});
-    ws.pos[j] = p;
-    if (ix.alias_prob != nullptr) {
+  if (ix.alias_prob != nullptr) {
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t p = imi::resolve_alias(ix, ws.k1[j] * K + ws.k2[j], imi::SlotDraw{ws.pos[j], ws.u_accept[j]});
+      ws.pos[j] = p;
       IMI_PREFETCH(ix.class_ids + p);
       IMI_PREFETCH(ix.beta_csr + p);
     }

@@ -219,7 +219,8 @@ IMI_HD SlotDraw cell_slot(const CellIndex& ix, int64_t cell, uint64_t r) {
   const uint64_t hi = static_cast<uint64_t>(p >> 64), lo = static_cast<uint64_t>(p);
 #endif
   SlotDraw d;
-  d.pos = begin + static_cast<int64_t>(hi);
+  // an empty cell is only reached with NaN scores: position -1, never a read past the cell
+  d.pos = count == 0 ? int64_t(-1) : begin + static_cast<int64_t>(hi);
   d.u_accept = static_cast<float>(lo >> 40) * (1.0f / 16777216.0f);
   return d;
 }
@@ -230,11 +231,9 @@ IMI_HD SlotDraw cell_slot(const CellIndex& ix, int64_t cell, uint64_t r) {
 // of its cell (the op was handed a bad alias_pos). The CPU op raises on -1; the CUDA kernel writes
 // id -1, which every loss op rejects.
 IMI_HD int64_t resolve_alias(const CellIndex& ix, int64_t cell, const SlotDraw& d) {
-  const int64_t begin = ix.offsets[cell], end = ix.offsets[cell + 1];
-  if (begin >= end) return -1;
-  if (ix.alias_prob == nullptr || d.u_accept < ix.alias_prob[d.pos]) return d.pos;
+  if (d.pos < 0 || ix.alias_prob == nullptr || d.u_accept < ix.alias_prob[d.pos]) return d.pos;
   const int64_t a = ix.alias_pos[d.pos];
-  return (a >= begin && a < end) ? a : -1;
+  return (a >= ix.offsets[cell] && a < ix.offsets[cell + 1]) ? a : -1;
 }
 
 // The class term of log Q, shifted: beta_i - log_n_max (beta 0 without a bias).
