@@ -3,7 +3,7 @@
 # use another virtualenv.
 #
 # Nothing is rebuilt that did not change: `make build` runs only when a file under csrc/, setup.py,
-# pyproject.toml or the venv's torch is newer than the venv's build stamp (or the compiled library
+# imi_softmax/_build_config.py, pyproject.toml or the venv's torch is newer than the venv's build stamp (or the compiled library
 # is missing), and then recompiles only the changed objects: `setup.py build_ext --inplace` keeps its
 # objects and ninja file in build/ (`pip install -e .` compiles everything again in a fresh temporary
 # directory on every call). The venv sees the source tree through a .pth file, like an editable
@@ -21,8 +21,9 @@ SOURCE_LIST := build/.imi-sources
 CUDA_CHECKED := build/.cuda-checked
 
 SOURCES := $(sort $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \
-                                               -o -name '*.hpp' \))) setup.py pyproject.toml
-CUDA_SOURCES := $(filter %.cu %.cuh %.h,$(SOURCES)) scripts/check_cuda_kernels.sh
+                                               -o -name '*.hpp' \))) setup.py pyproject.toml \
+           imi_softmax/_build_config.py
+CUDA_SOURCES := $(filter %.cu %.cuh %.h csrc/cuda/%.cpp csrc/tensor_views.h,$(SOURCES)) scripts/check_cuda_kernels.sh $(wildcard scripts/cuda_glue_stubs/*.h)
 $(shell mkdir -p build && { echo '$(SOURCES)' | cmp -s - $(SOURCE_LIST) || echo '$(SOURCES)' > $(SOURCE_LIST); })
 # torch/version.py is rewritten whenever torch is (re)installed into the venv.
 TORCH_STAMP := $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)

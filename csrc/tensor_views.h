@@ -107,6 +107,24 @@ inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
   check_num_codewords("imi_softmax", s1.size(1));
 }
 
+// The sampling ops' scalars: draws per query, and the Philox offset (32-bit outputs per query row,
+// 4 per draw, so a multiple of 4: see csrc/include/imi_softmax/philox.h).
+inline void check_num_samples(int64_t num_samples) {
+  TORCH_CHECK(num_samples >= 0, "midx_sample: num_samples must be >= 0, got ", num_samples);
+}
+
+inline void check_philox_offset(int64_t offset) {
+  TORCH_CHECK(offset >= 0 && offset % 4 == 0,
+              "midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
+              "non-negative multiple of 4, got ", offset);
+}
+
+// midx_log_prob's ids: int64 [B, L] for B query rows.
+inline void check_log_prob_ids(const at::Tensor& ids, int64_t B) {
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.scalar_type() == at::kLong,
+              "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids.sizes());
+}
+
 inline void check_cell_masses(int64_t K, const at::Tensor& log_n, const at::Tensor& cell_mass,
                               const at::Tensor& log_n_max) {
   check_num_codewords("imi_softmax", K);

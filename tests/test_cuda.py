@@ -138,6 +138,29 @@ def test_sample_log_q_equals_log_prob():
     torch.testing.assert_close(log_q, s.log_prob(q, ids), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_generator_draws_follow_torchs_philox_contract(bias):
+    """The generator path reserves philox_cuda_state(4 * M): the CUDA generator's offset moves by
+    4 * M per call (torch's contract: 32-bit outputs per thread, our thread being the query row),
+    and two calls of M draws are the draws 0..M-1 and M..2M-1 of one seeded call of 2M draws from
+    the generator's seed and starting offset: no Philox block is used twice."""
+    s, _, _ = make_sampler(bias=bias)
+    q = torch.randn(7, 8, generator=torch.Generator().manual_seed(3)).to(CUDA)
+    s1, s2 = s.scores(q)
+    args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids,
+            *((s.alias_prob, s.alias_pos, s.beta_csr) if bias else (None, None, None)))
+    M = 37
+    g = torch.Generator(device=CUDA).manual_seed(1234)
+    start = g.get_offset()
+    ids_a, lq_a, _ = ops.midx_sample(*args, M, g)
+    assert g.get_offset() == start + 4 * M
+    ids_b, lq_b, _ = ops.midx_sample(*args, M, g)
+    assert g.get_offset() == start + 8 * M
+    ids2, lq2, _ = ops.midx_sample_seeded(*args, 2 * M, g.initial_seed(), start)
+    assert torch.equal(ids_a, ids2[:, :M]) and torch.equal(lq_a, lq2[:, :M])
+    assert torch.equal(ids_b, ids2[:, M:]) and torch.equal(lq_b, lq2[:, M:])
+
+
 def test_single_class_and_large_scores():
     # fewer classes than cells, on every device: test_proposal.py::test_fewer_classes_than_cells_has_empty_cells
     one = MIDXSampler(num_codewords=4).build(torch.randn(1, 6, device=CUDA), torch.randn(1, device=CUDA))

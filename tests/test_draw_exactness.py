@@ -50,7 +50,7 @@ def seeded(s1, s2, idx, num_samples, seed, offset, **kw):
 
 # ---- the within-cell slot: 64-bit multiply-high ------------------------------------------------
 
-def test_slot_law_in_a_cell_of_2_25_classes():
+def test_slot_law_in_a_cell_of_2_25_classes(device):
     """One cell of 2^25 classes, no bias: every class has probability 2^-25, so the high 5 bits and
     the low 8 bits of the drawn ids are uniform. A 24-bit uniform times the cell size (the former
     method) only reaches even slots here: the low-bit histogram rejects it at any sample size."""
@@ -58,9 +58,10 @@ def test_slot_law_in_a_cell_of_2_25_classes():
     idx = one_cell_index(n)
     assert torch.equal(idx[1][:5], torch.arange(5)) and idx[1][-1] == n - 1  # slot == class id
     B, M = 4, 2 ** 18
-    s = torch.zeros(B, 1)
-    ids, log_q, _ = seeded(s, s, idx, M, seed=20250101, offset=0)
+    s = torch.zeros(B, 1, device=device)
+    ids, log_q, _ = seeded(s, s, tuple(t.to(device) for t in idx), M, seed=20250101, offset=0)
     del idx
+    ids, log_q = ids.cpu(), log_q.cpu()
     assert ids.min() >= 0 and ids.max() < n
     torch.testing.assert_close(log_q, torch.full_like(log_q, -25 * math.log(2)), atol=4e-6, rtol=0)
     total = B * M
@@ -116,7 +117,7 @@ def contract_slot(seed, offset, row, draw, count):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_draws_follow_the_contract_bit_for_bit(bias):
+def test_draws_follow_the_contract_bit_for_bit(bias, device):
     """With one cell, stages 1 and 2 are trivial and every id is the contract's stage 3 of the
     Philox words: counter (offset/4 + j, row), 128-bit product of r = (w2 << 32) | w3 and the count,
     alias acceptance from the product's low half. Checked against a Python Philox."""
@@ -125,8 +126,9 @@ def test_draws_follow_the_contract_bit_for_bit(bias):
     idx = one_cell_index(n, beta)
     offsets, class_ids, ap, apos = idx[0], idx[1], idx[2], idx[3]
     seed, offset, B, M = 0x1234_5678_9ABC_DEF0, 4 * (2**32 - 3), 3, 9  # the counter carries at j = 3
-    s = torch.zeros(B, 1)
-    ids, _, _ = seeded(s, s, idx, M, seed=seed, offset=offset)
+    s = torch.zeros(B, 1, device=device)
+    ids, _, _ = seeded(s, s, tuple(t.to(device) for t in idx), M, seed=seed, offset=offset)
+    ids = ids.cpu()
     for row in range(B):
         for j in range(M):
             slot, u = contract_slot(seed, offset, row, j, n)
@@ -179,7 +181,7 @@ def reference_log_q(s1, s2, code1, code2, beta):
 
 @pytest.mark.parametrize("score_center,score_spread", [(1e4, 1.0), (-1e4, 3.0), (0.0, 1e4), (5e3, 30.0)])
 @pytest.mark.parametrize("bias_center", [None, 1e4, -1e4, "mixed"])
-def test_log_q_normalized_for_scores_and_biases_up_to_1e4(score_center, score_spread, bias_center):
+def test_log_q_normalized_for_scores_and_biases_up_to_1e4(score_center, score_spread, bias_center, device):
     """|logsumexp_i log Q(i)| < 1e-5 in fp32 with scores up to 1e4 and biases of +-1e4 (the
     preparation works on scores and biases shifted by their maxima; the cell masses are summed in
     float64), and log Q matches a float64 reference from the same float32 inputs within the fp32
@@ -196,9 +198,11 @@ def test_log_q_normalized_for_scores_and_biases_up_to_1e4(score_center, score_sp
         beta = bias_center + torch.randn(n, generator=g) * 2
     s1 = score_center + torch.randn(B, K, generator=g) * score_spread
     s2 = score_center + torch.randn(B, K, generator=g) * score_spread
-    offsets, class_ids, ap, apos, bcsr, log_n, cell_mass, log_n_max = ops.build_cells(code1, code2, beta, K)
-    lp = ops.midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2,
-                           torch.arange(n).expand(B, n).contiguous())
+    on = (lambda t: None if t is None else t.to(device))
+    cells = ops.build_cells(on(code1), on(code2), on(beta), K)
+    offsets, class_ids, ap, apos, bcsr, log_n, cell_mass, log_n_max = cells
+    lp = ops.midx_log_prob(on(s1), on(s2), log_n, cell_mass, log_n_max, on(beta), on(code1), on(code2),
+                           torch.arange(n, device=device).expand(B, n).contiguous()).cpu()
     lse = torch.logsumexp(lp.double(), 1)
     assert lse.abs().max() < 1e-5, lse
     ref = reference_log_q(s1, s2, code1, code2, beta)
@@ -208,9 +212,11 @@ def test_log_q_normalized_for_scores_and_biases_up_to_1e4(score_center, score_sp
     tol = 8 * F32_EPS * (ref.abs() + math.log(n))
     assert ((lp.double() - ref).abs() <= tol)[keep].all()
     opt = (lambda t: t if beta is not None else None)
-    ids, log_q, tlq = ops.midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids,
+    ids, log_q, tlq = ops.midx_sample_seeded(on(s1), on(s2), log_n, cell_mass, log_n_max, offsets, class_ids,
                                              opt(ap), opt(apos), opt(bcsr), 400, 5, 0,
-                                             targets=ids_first(ref), beta=beta, code1=code1, code2=code2)
+                                             targets=on(ids_first(ref)), beta=on(beta), code1=on(code1),
+                                             code2=on(code2))
+    ids, log_q, tlq = ids.cpu(), log_q.cpu(), tlq.cpu()
     assert (ref.gather(1, ids) > -30).all()
     torch.testing.assert_close(log_q, lp.gather(1, ids), atol=0, rtol=0)
     torch.testing.assert_close(tlq, lp.gather(1, ids_first(ref)), atol=0, rtol=0)

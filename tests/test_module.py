@@ -169,3 +169,27 @@ def test_compiled_training_step_fullgraph():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     torch.manual_seed(6)
     assert not torch.equal(compiled(x, y), lc)  # and a new seed gives new draws under compile too
+
+
+def test_training_step_prepares_each_query_once(monkeypatch):
+    """The targets' log Q come out of the sampling op (one query preparation per row): a training
+    step calls the MIDX sampling op once and never log_prob / midx_log_prob."""
+    head = make_head()
+    head.train()
+    x, y = torch.randn(6, 8), torch.randint(0, 100, (6,))
+    head.refresh_index()
+    calls = []
+    real_sample = MIDXSampler.sample_with_targets
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real_sample(self, *a, **kw)
+
+    def refuse(*a, **kw):
+        raise AssertionError("the training step computed the targets' log Q in a second pass")
+
+    monkeypatch.setattr(MIDXSampler, "sample_with_targets", counted)
+    monkeypatch.setattr(MIDXSampler, "log_prob", refuse)
+    loss = head(x, y)
+    loss.backward()
+    assert len(calls) == 1 and torch.isfinite(loss)

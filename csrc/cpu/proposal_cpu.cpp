@@ -27,10 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     const std::optional<at::Tensor>& code2_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
-  TORCH_CHECK(M >= 0, "midx_sample: num_samples must be >= 0, got ", M);
-  TORCH_CHECK(offset >= 0 && offset % 4 == 0,
-              "midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
-              "non-negative multiple of 4, got ", offset);
+  check_num_samples(M);
+  check_philox_offset(offset);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
@@ -101,8 +99,7 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
                              const at::Tensor& ids_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1);
-  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.scalar_type() == at::kLong,
-              "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids_in.sizes());
+  check_log_prob_ids(ids_in, B);
   check_codes(code1, code2);
   check_ids_and_codes("midx_log_prob", "ids", ids_in, code1, code2, K);
   const auto s1 = s1_in.contiguous();

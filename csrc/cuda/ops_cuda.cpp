@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
     const std::optional<at::Tensor>& code2_in) {
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
-  TORCH_CHECK(M >= 0, "midx_sample: num_samples must be >= 0, got ", M);
+  check_num_samples(M);
   const auto log_n = log_n_in.contiguous();
   const auto cell_mass = cell_mass_in.contiguous();
   check_same_device("midx_sample",
@@ -254,9 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cuda(
     int64_t num_samples, int64_t seed, int64_t offset, const std::optional<at::Tensor>& targets,
     const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& code1,
     const std::optional<at::Tensor>& code2) {
-  TORCH_CHECK(offset >= 0 && offset % 4 == 0,
-              "midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
-              "non-negative multiple of 4, got ", offset);
+  check_philox_offset(offset);
   cuda::PhiloxArgs philox;
   philox.seed = static_cast<uint64_t>(seed);
   philox.offset = static_cast<uint64_t>(offset);
@@ -290,8 +288,7 @@ at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const auto code1 = code1_in.contiguous();
   const auto code2 = code2_in.contiguous();
   check_codes(code1, code2);
-  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.scalar_type() == at::kLong,
-              "midx_log_prob: ids must be int64 [B, L] with B = ", B, ", got ", ids_in.sizes());
+  check_log_prob_ids(ids_in, B);
   check_same_device("midx_log_prob",
                     {named("s1", s1_in), named("s2", s2_in), named("log_n", log_n_in),
                      named("cell_mass", cell_mass_in), named("log_n_max", log_n_max_in),
