@@ -92,9 +92,10 @@ def combine_logsumexp(comm: Collectives, local_lse: Tensor, owner_term: Tensor) 
 
 
 def _gathered_rows(weight: Tensor, bias: Optional[Tensor], ids: Tensor, acc) -> Tuple[Tensor, Optional[Tensor]]:
-    safe = ids.clamp_min(0)  # -1 (no target here) reads row 0; its column is masked
-    w = weight.detach()[safe].to(acc)
-    b = None if bias is None else bias.detach()[safe].to(acc)
+    safe = ids.clamp_min(0).flatten()  # -1 (no target here) reads row 0; its column is masked
+    # index_select: several times faster than advanced indexing with a 2-D index on CPU
+    w = weight.detach().index_select(0, safe).view(ids.shape + (weight.shape[1],)).to(acc)
+    b = None if bias is None else bias.detach().index_select(0, safe).view(ids.shape).to(acc)
     return w, b
 
 
