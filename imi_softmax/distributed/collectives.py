@@ -5,8 +5,11 @@ Every collective the head runs goes through :class:`Collectives`, which adds the
 (all_gather: the gathered output; all_reduce: the tensor; point-to-point: the message), and
 ``ring_bytes``, what a bandwidth-optimal ring implementation sends from this rank for it
 (all_gather: (P-1)/P of the output; all_reduce: 2 (P-1)/P of the tensor; the NCCL/gloo ring
-algorithms), the figure that sets the time on a bandwidth-bound link.
+algorithms), the figure that sets the time on a bandwidth-bound link. ``seconds`` is the wall time
+spent inside the collectives (on an asynchronous device such as CUDA, only the launch time unless
+the caller synchronizes).
 """
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -27,10 +30,12 @@ class CommStats:
     numbers: int = 0
     bytes: int = 0
     ring_bytes: float = 0.0
+    seconds: float = 0.0  # wall time inside the collectives (transfer plus waiting for the slowest rank)
     per_op: Dict[str, int] = field(default_factory=dict)  # op name -> bytes
 
-    def add(self, op: str, t: Tensor, ring_factor: float) -> None:
+    def add(self, op: str, t: Tensor, ring_factor: float, seconds: float = 0.0) -> None:
         nbytes = t.numel() * t.element_size()
+        self.seconds += seconds
         self.calls += 1
         self.numbers += t.numel()
         self.bytes += nbytes
@@ -38,12 +43,12 @@ class CommStats:
         self.per_op[op] = self.per_op.get(op, 0) + nbytes
 
     def reset(self) -> None:
-        self.calls, self.numbers, self.bytes, self.ring_bytes = 0, 0, 0, 0.0
+        self.calls, self.numbers, self.bytes, self.ring_bytes, self.seconds = 0, 0, 0, 0.0, 0.0
         self.per_op = {}
 
     def snapshot(self) -> Dict[str, float]:
         return {"calls": self.calls, "numbers": self.numbers, "bytes": self.bytes,
-                "ring_bytes": self.ring_bytes, **{f"bytes[{k}]": v for k, v in self.per_op.items()}}
+                "ring_bytes": self.ring_bytes, "seconds": self.seconds, **{f"bytes[{k}]": v for k, v in self.per_op.items()}}
 
 
 class Collectives:
@@ -57,18 +62,20 @@ class Collectives:
         """[P * rows, ...]: every rank's ``t`` (same shape on every rank), in rank order."""
         t = t.contiguous()
         out = t.new_empty((self.world * t.shape[0],) + tuple(t.shape[1:]))
+        start = time.perf_counter()
         if self.world == 1:
             out.copy_(t)
         else:
             _all_gather(out, t, group=self.group)
-        self.stats.add(op, out, (self.world - 1) / self.world)
+        self.stats.add(op, out, (self.world - 1) / self.world, time.perf_counter() - start)
         return out
 
     def all_reduce(self, t: Tensor, op: str, reduce_op=None) -> Tensor:
         """In place over the group (sum unless reduce_op says otherwise); returns ``t``."""
+        start = time.perf_counter()
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM if reduce_op is None else reduce_op, group=self.group)
-        self.stats.add(op, t, 2 * (self.world - 1) / self.world)
+        self.stats.add(op, t, 2 * (self.world - 1) / self.world, time.perf_counter() - start)
         return t
 
     def reduce_scatter_rows(self, t: Tensor, op: str) -> Tensor:
@@ -78,8 +85,9 @@ class Collectives:
             self.stats.add(op, t, 0.0)
             return t
         out = t.new_empty((t.shape[0] // self.world,) + tuple(t.shape[1:]))
+        start = time.perf_counter()
         _reduce_scatter(out, t, group=self.group)
-        self.stats.add(op, t, (self.world - 1) / self.world)
+        self.stats.add(op, t, (self.world - 1) / self.world, time.perf_counter() - start)
         return out
 
     def all_gather_objects(self, obj) -> List:
