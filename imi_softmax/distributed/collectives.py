@@ -2,7 +2,7 @@
 
 Every collective the head runs goes through :class:`Collectives`, which adds the payload to
 :class:`CommStats`: ``numbers`` and ``bytes`` this rank hands to the collective or receives from it
-(all_gather: the gathered output; all_reduce: the tensor; point-to-point: the message), and
+(all_gather: the gathered output; all_reduce, all_to_all: the tensor), and
 ``ring_bytes``, what a bandwidth-optimal ring implementation sends from this rank for it
 (all_gather: (P-1)/P of the output; all_reduce: 2 (P-1)/P of the tensor; the NCCL/gloo ring
 algorithms), the figure that sets the time on a bandwidth-bound link. ``seconds`` is the wall time
@@ -87,6 +87,19 @@ class Collectives:
         out = t.new_empty((t.shape[0] // self.world,) + tuple(t.shape[1:]))
         start = time.perf_counter()
         _reduce_scatter(out, t, group=self.group)
+        self.stats.add(op, t, (self.world - 1) / self.world, time.perf_counter() - start)
+        return out
+
+    def all_to_all_rows(self, t: Tensor, op: str) -> Tensor:
+        """``t`` [P * rows, ...]: block q goes to rank q; returns [P * rows, ...] whose block p came
+        from rank p."""
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        start = time.perf_counter()
+        if self.world == 1:
+            out.copy_(t)
+        else:
+            dist.all_to_all_single(out, t, group=self.group)
         self.stats.add(op, t, (self.world - 1) / self.world, time.perf_counter() - start)
         return out
 

@@ -51,7 +51,8 @@ def exact_row_losses(comm: Collectives, batch: GatheredBatch, weight: Tensor, bi
 def sharded_topk(comm: Collectives, batch: GatheredBatch, weight: Tensor, bias: Optional[Tensor],
                  class_start: int, k: int, chunk: int) -> Tuple[Tensor, Tensor]:
     """(values, global class ids) [B_r, k] of this rank's rows: each rank's top-k over its classes
-    (in chunks), all-gathered (P * R * k values and ids), merged per row."""
+    (in chunks) for every gathered row, sent to the rows' ranks (all-to-all: P * B_r * k values and
+    ids per rank), merged per row."""
     n = weight.shape[0]
     x = batch.x.to(weight.dtype)
     best_v = x.new_full((x.shape[0], 0), -math.inf)
@@ -67,10 +68,10 @@ def sharded_topk(comm: Collectives, batch: GatheredBatch, weight: Tensor, bias: 
         pad = k - best_v.shape[1]
         best_v = torch.cat([best_v, best_v.new_full((x.shape[0], pad), -math.inf)], 1)
         best_i = torch.cat([best_i, best_i.new_full((x.shape[0], pad), -1 - class_start)], 1)
-    all_v = comm.all_gather(best_v.contiguous(), "topk_values").view(comm.world, -1, k)
-    all_i = comm.all_gather((best_i + class_start).contiguous(), "topk_ids").view(comm.world, -1, k)
-    start = comm.rank * batch.rows_per_rank
-    mine = slice(start, start + batch.local_rows)
+    # each rank's candidates for rank q's rows go to rank q only: P * B_r * k values and ids arrive
+    all_v = comm.all_to_all_rows(best_v, "topk_values").view(comm.world, batch.rows_per_rank, k)
+    all_i = comm.all_to_all_rows(best_i + class_start, "topk_ids").view(comm.world, batch.rows_per_rank, k)
+    mine = slice(0, batch.local_rows)
     v = all_v[:, mine].permute(1, 0, 2).reshape(batch.local_rows, comm.world * k)
     i = all_i[:, mine].permute(1, 0, 2).reshape(batch.local_rows, comm.world * k)
     values, pos = v.topk(k, dim=1)
