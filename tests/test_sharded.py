@@ -208,6 +208,14 @@ def _case_errors(rank, world, group):
     # only rank 0's target is bad: it raises its IndexError, the others learn of it in the first collective
     out["one_bad"] = _catch(lambda: head(torch.randn(3, D), torch.tensor([0, N if rank == 0 else 1, 1])))
     out["after_one_bad"] = float(head(torch.randn(3, D), torch.tensor([0, 1, 2])))  # the group still works
+    # a failure after the gather (here: rank 0's injected draws have an id outside its shard)
+    x, t = torch.randn(3, D), torch.tensor([0, 1, 2])
+    gx, gt = torch.randn(3 * world, D), torch.tensor([0, 1, 2] * world)
+    draws = head.draw(gx, gt)
+    if rank == 0:
+        draws = draws._replace(ids=draws.ids.clone().fill_(N))
+    out["one_bad_draw"] = _catch(lambda: head.loss(x, t, draws=draws))
+    out["after_one_bad_draw"] = float(head(x, t))
     return out
 
 
@@ -432,6 +440,11 @@ def test_bad_input_gets_clear_errors_on_every_rank(pool, world):
         else:
             assert res["one_bad"].startswith("RuntimeError") and "rank(s) [0]" in res["one_bad"]
         assert math.isfinite(res["after_one_bad"])
+        if r == 0:
+            assert res["one_bad_draw"].startswith("IndexError") and "draws.ids" in res["one_bad_draw"]
+        else:
+            assert res["one_bad_draw"].startswith("RuntimeError") and "another rank" in res["one_bad_draw"]
+        assert math.isfinite(res["after_one_bad_draw"])
     for r in range(2, POOL):
         assert "does not contain this process" in pool[r]["not_member"]
 

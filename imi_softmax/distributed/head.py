@@ -13,7 +13,8 @@ from ..samplers.base import no_autocast
 from .checkpoint import gather_full_state_dict, scatter_full_state_dict
 from .collectives import Collectives, CommStats
 from .eval import default_chunk, exact_row_losses, sharded_topk
-from .loss import GatheredBatch, ShardedSampledSoftmax, StepDraws, gather_batch
+from .._ops import acc_dtype
+from .loss import GatheredBatch, ShardedSampledSoftmax, StepDraws, gather_batch, signal_failure
 from .sharding import resolve_group, shard_bounds, split_samples
 
 SAMPLERS = ("midx", "uniform", "unigram", "exact")
@@ -330,12 +331,18 @@ class ShardedIMISoftmax(nn.Module):
         x = x.to(self.weight.dtype)
         with no_autocast(x.device):
             flat_x, flat_t, batch = self._gather(x, target)
-            if draws is None:
-                self._maybe_refresh()
-                draws = self.draw(batch.x, batch.target, generator)
-            else:
-                self._check_draws(draws, batch.x.shape[0])
-                self._training_calls += 1
+            try:
+                if draws is None:
+                    self._maybe_refresh()
+                    draws = self.draw(batch.x, batch.target, generator)
+                else:
+                    self._check_draws(draws, batch.x.shape[0])
+                    self._training_calls += 1
+            except Exception:
+                # the other ranks are on their way to the first all-reduce: meet them there with the
+                # failure signal, so that they raise instead of waiting for this rank forever
+                signal_failure(self._comm, batch, acc_dtype(self.weight.dtype))
+                raise
             scale = 1.0 / self.world_size if self.grad_reduction == "mean" else 1.0
             rows = ShardedSampledSoftmax.apply(flat_x, self.weight, self.bias, self._comm, batch, draws,
                                                self.class_start, self.local_num_samples,

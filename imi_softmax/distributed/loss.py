@@ -85,10 +85,21 @@ def combine_logsumexp(comm: Collectives, local_lse: Tensor, owner_term: Tensor) 
     logit or corrected logit). Two all-reduces: the max, then the sum of exponentials together
     with owner_term."""
     m = comm.all_reduce(local_lse.clone(), "lse_max", torch.distributed.ReduceOp.MAX)
+    if bool(torch.isposinf(m).any()):  # finite logits never give +inf: a rank failed (signal_failure)
+        raise RuntimeError("another rank of the process group failed after the queries were gathered (its own "
+                           "error says why, e.g. while drawing its negatives); this rank stops too, so that no "
+                           "rank waits in a collective")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no term at all
     packed = torch.stack([torch.exp(local_lse - m), owner_term])
     comm.all_reduce(packed, "lse_sum")
     return m + torch.log(packed[0]), packed[1]
+
+
+def signal_failure(comm: Collectives, batch: GatheredBatch, dtype: torch.dtype) -> None:
+    """A rank that fails between gathering the batch and combining the logsumexp joins the max
+    all-reduce with +inf rows: every other rank raises there (combine_logsumexp) instead of waiting."""
+    comm.all_reduce(torch.full((batch.x.shape[0],), math.inf, dtype=dtype, device=batch.x.device), "lse_max",
+                    torch.distributed.ReduceOp.MAX)
 
 
 def _gathered_rows(weight: Tensor, bias: Optional[Tensor], ids: Tensor, acc) -> Tuple[Tensor, Optional[Tensor]]:
