@@ -215,6 +215,19 @@ def _case_errors(rank, world, group):
     if rank == 0:
         draws = draws._replace(ids=draws.ids.clone().fill_(N))
     out["one_bad_draw"] = _catch(lambda: head.loss(x, t, draws=draws))
+    if world > 1:  # inside DDP: DDP would broadcast rank 0's shard over the others'
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Linear(D, D)
+                self.head = ShardedIMISoftmax(D, N, process_group=group, num_samples=M, num_codewords=2)
+
+            def forward(self, x, t):
+                return self.head(self.body(x), t)
+
+        out["inside_ddp"] = _catch(lambda: DDP(Model(), process_group=group)(x, t))
     out["after_one_bad_draw"] = float(head(x, t))
     return out
 
@@ -445,6 +458,8 @@ def test_bad_input_gets_clear_errors_on_every_rank(pool, world):
         else:
             assert res["one_bad_draw"].startswith("RuntimeError") and "another rank" in res["one_bad_draw"]
         assert math.isfinite(res["after_one_bad_draw"])
+        if world > 1:
+            assert res["inside_ddp"].startswith("RuntimeError") and "Wrap only the body" in res["inside_ddp"]
     for r in range(2, POOL):
         assert "does not contain this process" in pool[r]["not_member"]
 
