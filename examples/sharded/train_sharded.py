@@ -22,7 +22,6 @@ size), with the machine's load (uptime) before and after.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import resource

@@ -26,8 +26,12 @@ convergence to the full-softmax gradient keep the hits). With an exact per-shard
 
 Gradients: d loss / d u_c = softmax_c(u) - [c = 0], a per-entry coefficient each rank computes for
 its own columns from the combined logsumexp; grad x sums coef * w over every rank's columns (a
-reduce-scatter of the gathered rows' partial grads back to the query's rank), grad w and grad b
-are local to the owner of the row (the fused weight-gradient kernels, dense or sparse).
+reduce-scatter of the gathered rows' partial grads back to each query's rank); grad w and grad b of
+a class are computed on the rank that owns it and stay there (the fused weight-gradient kernels,
+dense or sparse).
+
+The per-row partial statistics are a Python composition over the gathered [R, 1 + M_p, d] weight
+rows (index_select, bmm): the fused loss op assumes every row's target is local.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
