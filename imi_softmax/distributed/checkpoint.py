@@ -22,7 +22,9 @@ def _check_rank(name: str, value: int, world: int) -> int:
 def gather_full_state_dict(head, dst: int = 0) -> Optional[Dict[str, Tensor]]:
     """On rank ``dst`` (of the head's group): ``{"weight": [num_classes, in_features], "bias":
     [num_classes]}``, the keys and layout of ``nn.Linear(in_features, num_classes)``; None on the
-    other ranks. Every rank of the group must call it (the rows move point to point)."""
+    other ranks. Every rank of the group must call it (the rows move point to point). The full
+    matrix is allocated on ``dst``'s device (num_classes x in_features: on a GPU it must fit there;
+    move the head to CPU with gloo for catalogues that do not)."""
     _check_rank("dst", dst, head.world_size)
     params = {"weight": head.weight}
     if head.bias is not None:
