@@ -477,6 +477,7 @@ def test_the_sharded_example_trains_and_reports(tmp_path):
     """examples/sharded/train_sharded.py under torchrun, 2 processes, tiny sizes: it runs, reports
     what it promises, and the head's bytes per step match the formula 2 R d + 5 R + P numbers."""
     import json
+    import signal
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -486,8 +487,16 @@ def test_the_sharded_example_trains_and_reports(tmp_path):
            "--batch", "16", "--num-samples", "8", "--num-codewords", "4", "--num-users", "50", "--clusters", "10",
            "--steps", "3", "--warmup", "1", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # its own session: on a timeout the whole group (torchrun and its workers) is killed, no orphans
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the sharded example did not finish in 120 s")
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["world"] == 2 and len(report["ranks"]) == 2
     rows, d = 2 * 16, 8
