@@ -5,8 +5,9 @@ A drop-in replacement for ``nn.Linear`` + softmax cross-entropy over huge output
 from . import functional
 from ._ops import ops
 from .module import IMISoftmax
+from .distributed import ShardedIMISoftmax
 from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
 
 __version__ = "0.1.0"
-__all__ = ["IMISoftmax", "MIDXSampler", "UniformSampler", "UnigramSampler", "ExactSampler",
+__all__ = ["IMISoftmax", "ShardedIMISoftmax", "MIDXSampler", "UniformSampler", "UnigramSampler", "ExactSampler",
            "Sampler", "functional", "ops"]
