@@ -25,26 +25,27 @@ void dispatch_weight(at::ScalarType t, F&& f) {
   }
 }
 
-// GCC keeps sqrtf scalar under math-errno (the errno path for negative inputs); v and G are sums of
-// squares, never negative, so the vector square root is exact and equal to the scalar one.
-#if defined(__GNUC__) && !defined(__clang__)
-#define IMI_VECTOR_SQRT __attribute__((optimize("no-math-errno")))
-#else
-#define IMI_VECTOR_SQRT
-#endif
+// The listed rows are scattered over [N, d]: the loop is DRAM-latency bound unless the rows a few
+// iterations ahead are requested early (every cache line of them).
+constexpr int64_t kPrefetchAhead = 4;
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t d) {
+  for (int64_t i = 0; i < d; i += 64 / static_cast<int64_t>(sizeof(T))) IMI_PREFETCH(p + i);
+}
 
 // Rows [u0, u1) of one update (rows == nullptr: row u itself). Separate functions rather than the
-// parallel_for lambdas, which would not inherit the optimize attributes.
+// parallel_for lambdas, which would not inherit the optimize attribute.
 template <typename w_t>
-IMI_VECTOR_SQRT IMI_NO_FP_CONTRACT void adam_range(w_t* w, float* m, float* v, const int64_t* rows, const w_t* g,
-                                                   int64_t u0, int64_t u1, int64_t d, const imi::AdamCoef& c) {
+IMI_NO_FP_CONTRACT void adam_range(w_t* w, float* m, float* v, const int64_t* rows, const w_t* g, int64_t u0,
+                                   int64_t u1, int64_t d, const imi::AdamCoef& c) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t off = (rows != nullptr ? rows[u] : u) * d;
-    if (rows != nullptr && u + 4 < u1) {  // the rows are scattered over [N, d]: DRAM-latency bound
-      const int64_t next = rows[u + 4] * d;
-      IMI_PREFETCH(w + next);
-      IMI_PREFETCH(m + next);
-      IMI_PREFETCH(v + next);
+    if (rows != nullptr && u + kPrefetchAhead < u1) {
+      const int64_t next = rows[u + kPrefetchAhead] * d;
+      prefetch_row(w + next, d);
+      prefetch_row(m + next, d);
+      prefetch_row(v + next, d);
     }
     w_t* wr = w + off;
     float* mr = m + off;
@@ -59,13 +60,13 @@ IMI_VECTOR_SQRT IMI_NO_FP_CONTRACT void adam_range(w_t* w, float* m, float* v, c
 }
 
 template <typename w_t>
-IMI_VECTOR_SQRT IMI_NO_FP_CONTRACT void adagrad_range(w_t* w, float* G, const int64_t* rows, const w_t* g,
-                                                      int64_t u0, int64_t u1, int64_t d, const imi::AdagradCoef& c) {
+IMI_NO_FP_CONTRACT void adagrad_range(w_t* w, float* G, const int64_t* rows, const w_t* g, int64_t u0, int64_t u1,
+                                      int64_t d, const imi::AdagradCoef& c) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t r = rows != nullptr ? rows[u] : u;
-    if (rows != nullptr && u + 4 < u1) {
-      IMI_PREFETCH(w + rows[u + 4] * d);
-      IMI_PREFETCH(G + rows[u + 4]);
+    if (rows != nullptr && u + kPrefetchAhead < u1) {
+      prefetch_row(w + rows[u + kPrefetchAhead] * d, d);
+      IMI_PREFETCH(G + rows[u + kPrefetchAhead]);
     }
     w_t* wr = w + r * d;
     const w_t* gr = g + u * d;
