@@ -44,8 +44,8 @@ def _grads(seed=1):
 
 def _set_sparse_grads(w, b, rows, gw, gb, coalesced):
     """Sparse COO grads as autograd leaves them: coalesced (the head) or not (accumulated)."""
-    wg = torch.sparse_coo_tensor(rows.unsqueeze(0), gw.to(w.dtype), w.shape)
-    bg = torch.sparse_coo_tensor(rows.unsqueeze(0), gb.to(b.dtype), b.shape)
+    wg = torch.sparse_coo_tensor(rows.unsqueeze(0), gw.to(w.dtype), w.shape, check_invariants=True)
+    bg = torch.sparse_coo_tensor(rows.unsqueeze(0), gb.to(b.dtype), b.shape, check_invariants=True)
     w.grad, b.grad = (wg.coalesce(), bg.coalesce()) if coalesced else (wg, bg)
 
 
@@ -325,6 +325,17 @@ def test_fallback_equals_compiled_bit_for_bit(dtype, two_d, rows):
         ops.row_wise_adagrad_(k[0], k[3], k[4], k[5], 0.1, 1e-8, 0.05)
         assert torch.equal(a[0], k[0]) and torch.equal(a[3], k[3])
         assert not torch.equal(a[0], args[0])
+
+
+@pytest.mark.parametrize("impl", ["ops", "fallback"])
+def test_no_rows_is_a_no_op(impl):
+    lib = ops if impl == "ops" else fb
+    p, m, v, s, _, _ = _op_args("cpu", torch.float32)
+    before = [t.clone() for t in (p, m, v, s)]
+    empty, grad = torch.empty(0, dtype=torch.int64), torch.empty(0, 7)
+    lib.row_sparse_adam_(p, m, v, empty, grad, 0.1, 0.9, 0.99, 1e-8, 0.1, 1)
+    lib.row_wise_adagrad_(p, s, empty, grad, 0.1, 1e-8, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip((p, m, v, s), before))
 
 
 @needs_cuda

@@ -14,20 +14,28 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_float(owner: str, name: str, value: Any, low: float = 0.0, high: Optional[float] = None,
-                high_open: bool = False) -> float:
-    """A Python number in [low, high] (or [low, high) when high_open); ValueError/TypeError naming it."""
+                high_open: bool = False, positive: bool = False) -> float:
+    """A finite Python number in [low, high] (or [low, high) when high_open; > 0 when positive);
+    ValueError/TypeError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a Python float, got {type(value).__name__} ({value!r})")
     value = float(value)
-    if name == "eps" and value == 0.0:
-        # a touched row whose gradient and state are zero would divide 0 by 0 (NaN weights)
-        raise ValueError(f"{owner}: eps must be > 0 (with eps = 0 a row with a zero gradient and zero state "
-                         f"becomes NaN), got 0.0; the default is 1e-8")
+    if positive and value == 0.0:
+        raise ValueError(f"{owner}: {name} must be > 0, got 0.0")
     if not math.isfinite(value) or value < low or (high is not None and (value >= high if high_open else value > high)):
         right = "" if high is None else (f", {high})" if high_open else f", {high}]")
         span = f"[{low}{right}" if high is not None else f">= {low}"
         raise ValueError(f"{owner}: {name} must be {'in ' if high is not None else ''}{span}, got {value}")
     return value
+
+
+def check_eps(owner: str, value: Any) -> float:
+    # eps = 0 divides 0 by 0 on a touched row whose gradient and state are zero (NaN weights)
+    try:
+        return check_float(owner, "eps", value, positive=True)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (a row with a zero gradient and zero state would become NaN; "
+                         f"the default is 1e-8)") from None
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
-from ._base import RowSparseOptimizer, check_float
+from ._base import RowSparseOptimizer, check_eps, check_float
 
 
 class RowWiseAdagrad(RowSparseOptimizer):
@@ -51,8 +51,9 @@ class RowWiseAdagrad(RowSparseOptimizer):
                                       initial_accumulator_value=initial_accumulator_value))
 
     def _check_group(self, group: Dict[str, Any]) -> None:
-        for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):
+        for name in ("lr", "weight_decay", "initial_accumulator_value"):
             group[name] = check_float("RowWiseAdagrad", name, group[name])
+        group["eps"] = check_eps("RowWiseAdagrad", group["eps"])
 
     def _init_state(self, p: Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         return {"step": 0, "sum": torch.full((p.shape[0],), group["initial_accumulator_value"],

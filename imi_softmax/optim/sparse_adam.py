@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
-from ._base import RowSparseOptimizer, check_float
+from ._base import RowSparseOptimizer, check_eps, check_float
 
 
 class SparseAdam(RowSparseOptimizer):
@@ -77,7 +77,7 @@ class SparseAdam(RowSparseOptimizer):
             raise ValueError(f"SparseAdam: betas must be a pair (beta1, beta2), got {betas!r}")
         group["betas"] = (check_float("SparseAdam", "betas[0]", betas[0], 0.0, 1.0, high_open=True),
                           check_float("SparseAdam", "betas[1]", betas[1], 0.0, 1.0, high_open=True))
-        group["eps"] = check_float("SparseAdam", "eps", group["eps"])
+        group["eps"] = check_eps("SparseAdam", group["eps"])
         group["weight_decay"] = check_float("SparseAdam", "weight_decay", group["weight_decay"])
 
     def _init_state(self, p: Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
