@@ -60,4 +60,15 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def(
       "sparse_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
       "(Tensor unique_ids, Tensor grad_weight_rows, Tensor grad_bias_rows)");
+  // Row-sparse optimizer steps (imi_softmax.optim), in place on the listed rows of param and of its
+  // float32 state, nothing else: rows [U] int64 strictly increasing in [0, N) (a coalesced sparse
+  // gradient's indices; None: every row, grad dense), grad [U, d] ([U] for a bias [N]) of param's
+  // dtype. Lazy Adam with the step count `step` (after this update) for bias correction:
+  m.def(
+      "row_sparse_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? rows, "
+      "Tensor grad, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // ... and FBGEMM's row-wise Adagrad, sum [N] float32 (one accumulator per row).
+  m.def(
+      "row_wise_adagrad_(Tensor(a!) param, Tensor(b!) sum, Tensor? rows, Tensor grad, float lr, float eps, "
+      "float weight_decay) -> ()");
 }

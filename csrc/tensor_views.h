@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "imi_softmax/index_check.h"
 #include "imi_softmax/proposal.h"
@@ -396,6 +397,82 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
   checked_size_product(op, "num_classes * d", num_classes, x.size(1));
   check_same_device(op, {named("x", x), named("coef", coef), named("ids", ids)});
   return {coef.contiguous(), ids.contiguous(), x.contiguous()};
+}
+
+
+// ---- row-sparse optimizer steps (row_sparse_adam_, row_wise_adagrad_) ----------------------------
+
+// Shapes of one row-sparse optimizer step: param [N, d] (or [N], d = 1), U updated rows.
+struct RowOptimShape {
+  int64_t N = 0, d = 1, U = 0;
+  bool all_rows = false;  // rows absent: grad covers every row (a dense gradient)
+};
+
+// Checks what the row-sparse optimizer ops index with and write to: param (float32, bfloat16 or
+// float16, contiguous: it is updated in place), float32 contiguous state tensors of shape
+// state_shape, grad [U, d] ([U] for a 1-D param) of param's dtype, rows int64 [U] strictly
+// increasing in [0, N) (absent: grad has param's shape). O(U), one host read of the verdict on
+// CUDA. Returns the shape; grad and rows are only read, so callers make them contiguous.
+inline RowOptimShape row_optim_inputs(const char* op, const at::Tensor& param,
+                                      std::initializer_list<NamedTensor> state, at::IntArrayRef state_shape,
+                                      const std::optional<at::Tensor>& rows, const at::Tensor& grad) {
+  TORCH_CHECK(param.dim() == 1 || param.dim() == 2, op, ": param must be a weight [N, d] or a bias [N], got ",
+              param.sizes());
+  const auto dt = param.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": param must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous (it is updated in place)");
+  RowOptimShape s;
+  s.N = param.size(0);
+  s.d = param.dim() == 2 ? param.size(1) : 1;
+  for (const NamedTensor& nt : state) {
+    TORCH_CHECK(nt.t != nullptr && nt.t->defined(), op, ": ", nt.name, " is missing");
+    TORCH_CHECK(nt.t->scalar_type() == at::kFloat && nt.t->is_contiguous() && nt.t->sizes() == state_shape, op,
+                ": ", nt.name, " must be contiguous float32 ", state_shape, ", got ", nt.t->scalar_type(), " ",
+                nt.t->sizes(), (nt.t->is_contiguous() ? "" : " (not contiguous)"));
+  }
+  TORCH_CHECK(grad.scalar_type() == dt, op, ": grad must have param's dtype ", dt, ", got ", grad.scalar_type());
+  std::vector<NamedTensor> all = {named("param", param), named("grad", grad), named("rows", rows)};
+  all.insert(all.end(), state.begin(), state.end());
+  for (const NamedTensor& nt : all) check_same_device(op, {all.front(), nt});
+  s.all_rows = !(rows.has_value() && rows->defined());
+  if (s.all_rows) {
+    TORCH_CHECK(grad.sizes() == param.sizes(), op, ": without rows, grad must have param's shape ", param.sizes(),
+                ", got ", grad.sizes());
+    s.U = s.N;
+    return s;
+  }
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1, op, ": rows must be int64 [U], got ",
+              rows->scalar_type(), " ", rows->sizes());
+  s.U = rows->size(0);
+  const bool shape_ok = param.dim() == 2 ? (grad.dim() == 2 && grad.size(0) == s.U && grad.size(1) == s.d)
+                                         : (grad.dim() == 1 && grad.size(0) == s.U);
+  TORCH_CHECK(shape_ok, op, ": grad must hold one row per entry of rows: ",
+              (param.dim() == 2 ? "[U, d] = [" + std::to_string(s.U) + ", " + std::to_string(s.d) + "]"
+                                : "[U] = [" + std::to_string(s.U) + "]"),
+              ", got ", grad.sizes());
+  if (s.U == 0) return s;
+  // Each row is updated by one thread without atomics: the rows must be distinct, and sorted rows
+  // (a coalesced COO gradient's indices) make that an O(U) check.
+  int64_t bad = -1;
+  if (rows->is_cpu()) {
+    const auto r = rows->contiguous();
+    const int64_t* p = r.data_ptr<int64_t>();
+    for (int64_t u = 0; u < s.U && bad < 0; ++u)
+      if (!imi::in_range(p[u], s.N) || (u > 0 && p[u] <= p[u - 1])) bad = u;
+  } else {
+    auto flags = rows->lt(0).logical_or(rows->ge(s.N));
+    if (s.U > 1) flags.narrow(0, 1, s.U - 1).logical_or_(rows->narrow(0, 1, s.U - 1).le(rows->narrow(0, 0, s.U - 1)));
+    if (flags.any().item<bool>()) bad = flags.nonzero().select(1, 0)[0].item<int64_t>();
+  }
+  if (bad >= 0) {
+    const int64_t value = (*rows)[bad].item<int64_t>();
+    TORCH_CHECK(imi::in_range(value, s.N), op, ": rows has ", value, " at [", bad, "] outside [0, N = ", s.N, ")");
+    TORCH_CHECK(false, op, ": rows must be strictly increasing (distinct rows, as the indices of a coalesced sparse "
+                "gradient are; call grad.coalesce()), but rows[", bad, "] = ", value, " <= rows[", bad - 1,
+                "] = ", (*rows)[bad - 1].item<int64_t>());
+  }
+  return s;
 }
 
 }  // namespace imi_softmax

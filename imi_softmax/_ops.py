@@ -85,6 +85,16 @@ def _sparse_grad_fake(coef, ids, x, num_classes):
     return x.new_empty(u, dtype=torch.int64), x.new_empty((u, x.shape[1])), x.new_empty(u)
 
 
+@torch.library.register_fake(_lib + "row_sparse_adam_")
+def _row_sparse_adam_fake(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step):
+    return None  # in place on param and its state: no outputs
+
+
+@torch.library.register_fake(_lib + "row_wise_adagrad_")
+def _row_wise_adagrad_fake(param, sum, rows, grad, lr, eps, weight_decay):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad = inputs
     _, lse = output

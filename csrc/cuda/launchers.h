@@ -17,6 +17,7 @@
 
 #include "imi_softmax/common.h"
 #include "imi_softmax/proposal.h"
+#include "imi_softmax/row_optim.h"
 
 namespace imi_softmax {
 namespace cuda {
@@ -147,6 +148,18 @@ cudaError_t launch_segment_info(const int64_t* run_keys, const int64_t* num_runs
 // unique_ids[u] = run_keys[first + u] - 1 for u < U.
 cudaError_t launch_segment_unique_ids(const int64_t* run_keys, int64_t first, int64_t U,
                                       int64_t* unique_ids, cudaStream_t stream);
+
+// ---- row-sparse optimizer steps (row_optim.cu) -------------------------------------------------
+// w_t: float, __half, __nv_bfloat16. param [N, d] (d = 1 for a bias), state float32; rows [U]
+// distinct ids in [0, N) (checked by the caller) or nullptr (row u = u, U = N); grad [U, d].
+// Lazy Adam: exp_avg / exp_avg_sq [N, d].
+template <typename w_t>
+cudaError_t launch_row_sparse_adam(w_t* param, float* exp_avg, float* exp_avg_sq, const int64_t* rows,
+                                   const w_t* grad, int64_t U, int64_t d, imi::AdamCoef coef, cudaStream_t stream);
+// Row-wise Adagrad: sum [N] (one accumulator per row).
+template <typename w_t>
+cudaError_t launch_row_wise_adagrad(w_t* param, float* sum, const int64_t* rows, const w_t* grad, int64_t U,
+                                    int64_t d, imi::AdagradCoef coef, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace imi_softmax

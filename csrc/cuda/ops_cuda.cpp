@@ -493,6 +493,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at:
   return {unique_ids, rows, bias_rows};
 }
 
+// ---- row-sparse optimizer steps -----------------------------------------------------------------
+
+// Storage type of the weight: float32, bfloat16 or float16 (checked before).
+template <typename F>
+void dispatch_weight(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    default: TORCH_CHECK(false, "row optimizer: unsupported weight dtype ", t);
+  }
+}
+
+void row_sparse_adam_cuda(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                          const std::optional<at::Tensor>& rows_in, const at::Tensor& grad_in, double lr, double beta1,
+                          double beta2, double eps, double weight_decay, int64_t step) {
+  const RowOptimShape s = row_optim_inputs("row_sparse_adam_", param,
+                                           {named("exp_avg", exp_avg), named("exp_avg_sq", exp_avg_sq)},
+                                           param.sizes(), rows_in, grad_in);
+  TORCH_CHECK(step >= 1, "row_sparse_adam_: step must be >= 1 (the step count after this update), got ", step);
+  if (s.U == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor rows = s.all_rows ? at::Tensor() : rows_in->contiguous();
+  const imi::AdamCoef c = imi::make_adam_coef(lr, beta1, beta2, eps, weight_decay, step);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_weight(param.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    C10_CUDA_CHECK(cuda::launch_row_sparse_adam<typename CudaType<scalar_t>::type>(
+        mptr<scalar_t>(param), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
+        s.all_rows ? nullptr : rows.data_ptr<int64_t>(), cptr<scalar_t>(grad), s.U, s.d, c, stream));
+  });
+}
+
+void row_wise_adagrad_cuda(const at::Tensor& param, const at::Tensor& sum, const std::optional<at::Tensor>& rows_in,
+                           const at::Tensor& grad_in, double lr, double eps, double weight_decay) {
+  const RowOptimShape s =
+      row_optim_inputs("row_wise_adagrad_", param, {named("sum", sum)}, {param.size(0)}, rows_in, grad_in);
+  if (s.U == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor rows = s.all_rows ? at::Tensor() : rows_in->contiguous();
+  const imi::AdagradCoef c = imi::make_adagrad_coef(lr, eps, weight_decay);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_weight(param.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    C10_CUDA_CHECK(cuda::launch_row_wise_adagrad<typename CudaType<scalar_t>::type>(
+        mptr<scalar_t>(param), sum.data_ptr<float>(), s.all_rows ? nullptr : rows.data_ptr<int64_t>(),
+        cptr<scalar_t>(grad), s.U, s.d, c, stream));
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
@@ -505,6 +557,8 @@ TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("sampled_softmax_backward", &sampled_softmax_backward_cuda);
   m.impl("dense_weight_grad", &dense_weight_grad_cuda);
   m.impl("sparse_weight_grad", &sparse_weight_grad_cuda);
+  m.impl("row_sparse_adam_", &row_sparse_adam_cuda);
+  m.impl("row_wise_adagrad_", &row_wise_adagrad_cuda);
 }
 
 }  // namespace imi_softmax

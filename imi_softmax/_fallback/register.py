@@ -5,7 +5,7 @@ of the package (torch.ops.imi_softmax.*, the fakes and autograd of _ops.py) runs
 """
 import torch
 
-from . import cells, loss, proposal
+from . import cells, loss, optim, proposal
 
 _SAMPLE_TAIL = ("Tensor? targets=None, Tensor? beta=None, Tensor? code1=None, Tensor? code2=None) -> "
                 "(Tensor ids, Tensor log_q, Tensor target_log_q)")
@@ -34,6 +34,11 @@ SCHEMAS = {
     "sparse_weight_grad": ("sparse_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
                            "(Tensor unique_ids, Tensor grad_weight_rows, Tensor grad_bias_rows)",
                            loss.sparse_weight_grad),
+    "row_sparse_adam_": ("row_sparse_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? rows, "
+                         "Tensor grad, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()",
+                         optim.row_sparse_adam_),
+    "row_wise_adagrad_": ("row_wise_adagrad_(Tensor(a!) param, Tensor(b!) sum, Tensor? rows, Tensor grad, float lr, "
+                          "float eps, float weight_decay) -> ()", optim.row_wise_adagrad_),
 }
 
 _LIBRARY = None  # the registrations live as long as this object
