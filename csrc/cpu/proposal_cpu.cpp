@@ -12,6 +12,7 @@
 
 #include "../tensor_views.h"
 #include "draw_passes.h"
+#include "parallel_chunks.h"
 #include "imi_softmax/proposal.h"
 
 namespace imi_softmax {
@@ -62,8 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   const draw::Simd level = draw_level();
   std::atomic<bool> bad_target{false}, bad_draw{false};
   if (M > 0 || L > 0) {
-    at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    // ~5 us a query: chunks of 8 queries, claimed as the threads come (parallel_chunks.h)
+    parallel_chunks(B, 8, [&](ChunkQueue& queue) {
       draw::Scratch ws(ix, M, level);
+      for (int64_t b0, b1; queue.next(b0, b1);)
       for (int64_t b = b0; b < b1; ++b) {
         const float log_z = ws.prepare(ix, s1p + b * K, s2p + b * K);
         if (!draw::draw_query(ix, ws, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
@@ -126,8 +129,9 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const int64_t* idp = ids.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const draw::Simd level = draw_level();
-  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+  parallel_chunks(B, 16, [&](ChunkQueue& queue) {
     draw::Scratch ws(ix, 0, level);  // the same preparation as sampling: log Q agree exactly
+    for (int64_t b0, b1; queue.next(b0, b1);)
     for (int64_t b = b0; b < b1; ++b) {
       const float* q1 = s1p + b * K;
       const float* q2 = s2p + b * K;
