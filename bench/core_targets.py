@@ -17,6 +17,12 @@ Default configuration: N = 1,000,000 classes, d = 128, B = 512, M = 256 negative
 Writes ``bench/results/core_targets_<machine>.csv`` and ``.json`` (machine, torch, commit, rows).
 Use ``--N 100000`` for a quick run. Timings on a shared machine are contended: look at the load
 average recorded in the JSON.
+
+``--busy 1`` also times (a), (b) and (c) again with one spinning process beside them (bench/busy.py:
+a data-loader worker or a second job on one of the cores) and reports each slowdown against the full
+softmax's slowdown under the same load (target: no worse). ``IMI_CPU_SIMD=avx2`` (or ``portable``)
+runs the draw passes a CPU without AVX-512 runs; the level is recorded and named in the file name.
+``--parts ab`` runs only (a) and (b).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from busy import busy_processes  # noqa: E402
 from memory import (RESULTS, build_step, machine_info, machine_tag, make_inputs, peak_step_memory,  # noqa: E402
                     time_fn, time_interleaved)
 from peers import MIDXTorchSampler, zipf_counts  # noqa: E402
@@ -51,6 +58,10 @@ def main(argv=None):
                    help="torch.set_num_threads for this run and the memory subprocesses (default: torch's). "
                         "On a shared, oversubscribed machine use 1: with 2+ threads every parallel region "
                         "waits for a descheduled thread and tiny ops take ~10 ms")
+    p.add_argument("--busy", type=int, default=0,
+                   help="also time (a)-(c) with this many spinning processes beside them (e.g. 1 of 2 cores busy) "
+                        "and report the slowdowns against the full softmax's")
+    p.add_argument("--parts", default="abcd", help="which parts to run (letters of a, b, c, d)")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
     import imi_softmax
@@ -61,9 +72,11 @@ def main(argv=None):
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the memory subprocesses
     os.makedirs(a.out, exist_ok=True)
     info = machine_info(device)
-    info.update(N=a.N, d=a.d, B=a.B, M=a.M, K=a.K, dtype="fp32")
+    simd = os.environ.get("IMI_CPU_SIMD", "auto") or "auto"
+    info.update(N=a.N, d=a.d, B=a.B, M=a.M, K=a.K, dtype="fp32", simd=simd, busy=a.busy)
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']}, "
-          f"commit {info['git_commit']}, {info['torch_threads']} torch threads, load avg {info.get('load_avg_1m')}")
+          f"commit {info['git_commit']}, {info['torch_threads']} torch threads, load avg {info.get('load_avg_1m')}, "
+          f"IMI_CPU_SIMD={simd}, busy processes {a.busy}")
     rows = []
 
     def row(metric, imi, peer, unit, ratio, target, passed, note="", ratio_of_min=None):
@@ -76,70 +89,109 @@ def main(argv=None):
               f"target {target:<8} {status}" + ("" if ratio_of_min is None else f"  (ratio of min times {ratio_of_min:.3g})"),
               flush=True)
 
-    # (a) training step ---------------------------------------------------------------------------
-    print("(a) training step", flush=True)
-    t = {}
-    for method in ("full", "imi_dense", "imi_sparse"):
-        head, step = build_step(method, a.N, a.d, a.B, a.M, device, dtype, a.K)
-        reps = a.full_repeats if method == "full" else a.repeats
-        t[method] = time_fn(step, device, warmup=1 if method == "full" else 2, repeats=reps)
-        print(f"   {method}: {t[method]['median_ms']:.1f} ms (median of {t[method]['n']}, "
-              f"min {t[method]['min_ms']:.1f})", flush=True)
-        if method == "imi_dense":
-            imi_head = head  # kept for (b) and (c)
-        del step
-    full_ms = t["full"]["median_ms"]
-    for method, target in (("imi_dense", 20.0), ("imi_sparse", 100.0)):
-        ms = t[method]["median_ms"]
-        sp = full_ms / ms
-        row(f"step speedup vs full softmax ({method})", ms, full_ms, "ms", sp, f">= {target:g}x", sp >= target,
-            f"median of {t[method]['n']} vs {t['full']['n']}", t["full"]["min_ms"] / t[method]["min_ms"])
+    def slowdown_row(what, quiet, busy, peer_quiet, peer_busy):
+        """The slowdown of `what` under the busy processes against the full softmax's (same run)."""
+        mine, peer = busy / quiet, peer_busy / peer_quiet
+        row(f"slowdown with {a.busy} busy: {what}", mine, peer, "x", mine / peer, "<= 1 (vs full)", mine <= peer,
+            f"{quiet:.4g} -> {busy:.4g} ms; full softmax {peer_quiet:.4g} -> {peer_busy:.4g} ms")
 
-    # (b) sampling --------------------------------------------------------------------------------
-    print("(b) sampling", flush=True)
-    x, _ = make_inputs(a.N, a.d, a.B, device, dtype, zipf_counts(a.N))
-    x = x.detach()
-    w = imi_head.weight.detach()
-    same_q = imi_softmax.MIDXSampler(a.K, "rq").build(w)              # no bias: the port's proposal
-    port = MIDXTorchSampler.from_imi(same_q)
-    # a few ms each: many repeats, taken in turns so that the machine's phases hit all three alike
-    ts = time_interleaved({"port": lambda: port.sample(x, a.M), "imi": lambda: same_q.sample(x, a.M),
-                          "head": lambda: imi_head.sampler.sample(x, a.M)}, device, repeats=max(30, a.repeats))
-    t_port, t_imi, t_head = ts["port"], ts["imi"], ts["head"]
-    sp = t_port["median_ms"] / t_imi["median_ms"]
-    row("sampling speedup vs torch MIDX port (same Q)", t_imi["median_ms"], t_port["median_ms"], "ms", sp,
-        ">= 10x", sp >= 10.0, f"IMI MIDXSampler without bias vs port on the same codebooks, {t_imi['n']} turns",
-        t_port["min_ms"] / t_imi["min_ms"])
-    sp2 = t_port["median_ms"] / t_head["median_ms"]
-    row("  (info) head sampler with bias vs port", t_head["median_ms"], t_port["median_ms"], "ms", sp2,
-        "info", None, "head.sampler (within-cell bias alias tables) vs port without bias",
-        t_port["min_ms"] / t_head["min_ms"])
-    # sanity: both compute the same proposal
-    probe = torch.randint(0, a.N, (8, 64))
-    diff = (same_q.log_prob(x[:8], probe) - port.log_prob(x[:8], probe)).abs().max().item()
-    print(f"   |log Q_imi - log Q_port| max over a probe = {diff:.2e}", flush=True)
-    del same_q, port
+    imi_head = None
+    t, tb = {}, {}
+    if "a" in a.parts or (a.busy and ("b" in a.parts or "c" in a.parts)):
+        print("(a) training step", flush=True)
+        methods = ("full", "imi_dense", "imi_sparse") if "a" in a.parts else ("full", "imi_dense")
+        for method in methods:
+            head, step = build_step(method, a.N, a.d, a.B, a.M, device, dtype, a.K)
+            reps = a.full_repeats if method == "full" else a.repeats
+            t[method] = time_fn(step, device, warmup=1 if method == "full" else 2, repeats=reps)
+            print(f"   {method}: {t[method]['median_ms']:.1f} ms (median of {t[method]['n']}, "
+                  f"min {t[method]['min_ms']:.1f})", flush=True)
+            if a.busy:
+                with busy_processes(a.busy):
+                    tb[method] = time_fn(step, device, warmup=1, repeats=reps)
+                print(f"   {method} beside {a.busy} busy process(es): {tb[method]['median_ms']:.1f} ms "
+                      f"(median of {tb[method]['n']}, min {tb[method]['min_ms']:.1f})", flush=True)
+            if method == "imi_dense":
+                imi_head = head  # kept for (b) and (c)
+            del step
+        full_ms = t["full"]["median_ms"]
+        for method, target in (("imi_dense", 20.0), ("imi_sparse", 100.0)):
+            if method not in t:
+                continue
+            ms = t[method]["median_ms"]
+            sp = full_ms / ms
+            row(f"step speedup vs full softmax ({method})", ms, full_ms, "ms", sp, f">= {target:g}x", sp >= target,
+                f"median of {t[method]['n']} vs {t['full']['n']}", t["full"]["min_ms"] / t[method]["min_ms"])
+        if a.busy:
+            for method in ("imi_dense", "imi_sparse"):
+                if method in t:
+                    slowdown_row(f"step ({method})", t[method]["median_ms"], tb[method]["median_ms"],
+                                 t["full"]["median_ms"], tb["full"]["median_ms"])
+    if imi_head is None:
+        imi_head, _ = build_step("imi_dense", a.N, a.d, a.B, a.M, device, dtype, a.K)
+
+    # (b) sampling ---------------------------------------------------------------------------------
+    if "b" in a.parts:
+        print("(b) sampling", flush=True)
+        x, _ = make_inputs(a.N, a.d, a.B, device, dtype, zipf_counts(a.N))
+        x = x.detach()
+        w = imi_head.weight.detach()
+        same_q = imi_softmax.MIDXSampler(a.K, "rq").build(w)              # no bias: the port's proposal
+        port = MIDXTorchSampler.from_imi(same_q)
+        # a few ms each: many repeats, taken in turns so that the machine's phases hit all three alike
+        ts = time_interleaved({"port": lambda: port.sample(x, a.M), "imi": lambda: same_q.sample(x, a.M),
+                              "head": lambda: imi_head.sampler.sample(x, a.M)}, device, repeats=max(30, a.repeats))
+        t_port, t_imi, t_head = ts["port"], ts["imi"], ts["head"]
+        sp = t_port["median_ms"] / t_imi["median_ms"]
+        row("sampling speedup vs torch MIDX port (same Q)", t_imi["median_ms"], t_port["median_ms"], "ms", sp,
+            ">= 10x", sp >= 10.0, f"IMI MIDXSampler without bias vs port on the same codebooks, {t_imi['n']} turns",
+            t_port["min_ms"] / t_imi["min_ms"])
+        sp2 = t_port["median_ms"] / t_head["median_ms"]
+        row("  (info) head sampler with bias vs port", t_head["median_ms"], t_port["median_ms"], "ms", sp2,
+            "info", None, "head.sampler (within-cell bias alias tables) vs port without bias",
+            t_port["min_ms"] / t_head["min_ms"])
+        # sanity: both compute the same proposal
+        probe = torch.randint(0, a.N, (8, 64))
+        diff = (same_q.log_prob(x[:8], probe) - port.log_prob(x[:8], probe)).abs().max().item()
+        print(f"   |log Q_imi - log Q_port| max over a probe = {diff:.2e}", flush=True)
+        if a.busy:
+            with busy_processes(a.busy):
+                tsb = time_interleaved({"port": lambda: port.sample(x, a.M), "imi": lambda: same_q.sample(x, a.M)},
+                                       device, repeats=max(30, a.repeats))
+            slowdown_row("sampling (same Q)", t_imi["median_ms"], tsb["imi"]["median_ms"], t["full"]["median_ms"],
+                         tb["full"]["median_ms"])
+            print(f"   beside {a.busy} busy process(es): imi {tsb['imi']['median_ms']:.3f} ms, port "
+                  f"{tsb['port']['median_ms']:.3f} ms (port slowdown {tsb['port']['median_ms'] / t_port['median_ms']:.2f}x)",
+                  flush=True)
+        del same_q, port
 
     # (c) refresh ---------------------------------------------------------------------------------
-    print("(c) refresh_index", flush=True)
-    cold = imi_softmax.IMISoftmax(a.d, a.N, num_samples=a.M, num_codewords=a.K, refresh_every=0)
-    with torch.no_grad():
-        cold.weight.copy_(imi_head.weight)
-        cold.bias.copy_(imi_head.bias)
-    t0 = time.perf_counter()
-    cold.refresh_index()
-    cold_s = time.perf_counter() - t0
-    del cold
-    t_ref = time_fn(imi_head.refresh_index, device, warmup=0, repeats=3)
-    warm_s = t_ref["median_ms"] / 1e3
-    row("refresh_index() wall time (warm-started)", warm_s, None, "s", None, "<= 2 s", warm_s <= 2.0,
-        f"median of {t_ref['n']}")
-    row("refresh_index() wall time (cold first build)", cold_s, None, "s", None, "<= 2 s", cold_s <= 2.0,
-        "k-means++ init, single run")
+    if "c" in a.parts:
+        print("(c) refresh_index", flush=True)
+        cold = imi_softmax.IMISoftmax(a.d, a.N, num_samples=a.M, num_codewords=a.K, refresh_every=0)
+        with torch.no_grad():
+            cold.weight.copy_(imi_head.weight)
+            cold.bias.copy_(imi_head.bias)
+        t0 = time.perf_counter()
+        cold.refresh_index()
+        cold_s = time.perf_counter() - t0
+        del cold
+        t_ref = time_fn(imi_head.refresh_index, device, warmup=0, repeats=3)
+        warm_s = t_ref["median_ms"] / 1e3
+        row("refresh_index() wall time (warm-started)", warm_s, None, "s", None, "<= 2 s", warm_s <= 2.0,
+            f"median of {t_ref['n']}")
+        row("refresh_index() wall time (cold first build)", cold_s, None, "s", None, "<= 2 s", cold_s <= 2.0,
+            "k-means++ init, single run")
+        if a.busy:
+            with busy_processes(a.busy):
+                t_refb = time_fn(imi_head.refresh_index, device, warmup=0, repeats=3)
+            slowdown_row("refresh_index() (warm)", t_ref["median_ms"], t_refb["median_ms"], t["full"]["median_ms"],
+                         tb["full"]["median_ms"])
+
     del imi_head
 
     # (d) memory ----------------------------------------------------------------------------------
-    if not a.skip_memory:
+    if not a.skip_memory and "d" in a.parts:
         print("(d) peak step memory (subprocesses)", flush=True)
         mem = {}
         for method in ("full", "imi_dense", "imi_sparse"):
@@ -155,17 +207,17 @@ def main(argv=None):
     info["load_avg_1m_end"] = os.getloadavg()[0]
     print(f"load average at start {info.get('load_avg_1m')}, at end {info['load_avg_1m_end']} "
           f"({info['cpu_cores']} cores): timings above that are contended")
-    tag = machine_tag(device)
+    tag = machine_tag(device) + ("" if simd == "auto" else f"_simd-{simd}") + (f"_busy{a.busy}" if a.busy else "")
     csv_path = os.path.join(a.out, f"core_targets_{tag}.csv")
     with open(csv_path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["cpu_model", "cores", "threads", "torch_version", "git_commit", "N", "d", "B",
-                                           "M", "K", "metric", "imi", "peer", "unit", "ratio", "target",
-                                           "passed", "ratio_of_min", "note"])
+        wr = csv.DictWriter(f, fieldnames=["cpu_model", "cores", "threads", "torch_version", "git_commit", "simd",
+                                           "load_avg_1m", "N", "d", "B", "M", "K", "metric", "imi", "peer", "unit",
+                                           "ratio", "target", "passed", "ratio_of_min", "note"])
         wr.writeheader()
         for r in rows:
             wr.writerow(dict(cpu_model=info["cpu_model"], cores=info["cpu_cores"], threads=info["torch_threads"],
-                             torch_version=info["torch_version"], git_commit=info["git_commit"],
-                             N=a.N, d=a.d, B=a.B, M=a.M, K=a.K, **r))
+                             torch_version=info["torch_version"], git_commit=info["git_commit"], simd=simd,
+                             load_avg_1m=info.get("load_avg_1m"), N=a.N, d=a.d, B=a.B, M=a.M, K=a.K, **r))
     with open(os.path.join(a.out, f"core_targets_{tag}.json"), "w") as f:
         json.dump({"machine": info, "rows": rows}, f, indent=1)
     print(f"wrote {csv_path} (+ .json)")

@@ -77,6 +77,12 @@ def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: Opti
         raise TypeError(f"{name} must be int64 (torch.long), got {ids.dtype}")
     if _compiling() or ids.numel() == 0:
         return
+    # One pass (one parallel region) for the usual all-valid case: every elementwise op below is a
+    # region of its own, and each region waits for all threads, which on a busy machine costs more
+    # than the check itself.
+    low, high = torch.aminmax(ids)
+    if int(low) >= 0 and int(high) < num_classes:
+        return
     bad = (ids < 0) | (ids >= num_classes)
     if ignore_index is not None:
         bad &= ids != ignore_index

@@ -70,7 +70,20 @@ def sampled_softmax_loss(
     check_class_ids("target", target, n, ignore_index=ignore_index)
     check_class_ids("sample_ids", sample_ids, n)
     check_finite("x", x)
+    return _sampled_softmax_loss(x, weight, bias, target, sample_ids, sample_log_q, target_log_q,
+                                 remove_accidental_hits=remove_accidental_hits, ignore_index=ignore_index,
+                                 reduction=reduction, sparse_grad=sparse_grad)
 
+
+def _sampled_softmax_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, sample_ids: Tensor,
+                          sample_log_q: Tensor, target_log_q: Tensor, *, remove_accidental_hits: bool,
+                          ignore_index: int, reduction: str, sparse_grad: bool) -> Tensor:
+    """sampled_softmax_loss after its checks. IMISoftmax calls it directly: it has checked x and the
+    targets itself and its sampler made the samples, so the checks are not paid twice per step (each
+    one is a parallel region, which waits for every thread on a busy machine). The kernels still
+    check every id they read with."""
+    n, d = weight.shape
+    batch_shape = x.shape[:-1]
     m = sample_ids.shape[-1]
     acc = acc_dtype(x.dtype)
     flat_target = target.reshape(-1)

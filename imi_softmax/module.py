@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
-from .functional import sampled_softmax_loss
+from .functional import _sampled_softmax_loss
 from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
 from .samplers.base import no_autocast
 
@@ -307,9 +307,11 @@ class IMISoftmax(nn.Module):
         x = x.to(self.weight.dtype)
         with no_autocast(x.device):
             flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target)
-            return sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
-                                        remove_accidental_hits=self.remove_accidental_hits,
-                                        ignore_index=self.ignore_index, sparse_grad=self.sparse_grad)
+            # x and target were checked by forward and _draw, the samples come from the sampler
+            return _sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
+                                         remove_accidental_hits=self.remove_accidental_hits,
+                                         ignore_index=self.ignore_index, reduction="mean",
+                                         sparse_grad=self.sparse_grad)
 
     def sampled_logits(self, x: Tensor, target: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Bias-corrected logits [B, 1+M] (column 0 = target; accidental hits -inf when removed)

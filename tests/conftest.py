@@ -127,15 +127,34 @@ def implied_position_mass(offsets, alias_prob, alias_pos):
     return mass / counts[cell_of_pos][:n]
 
 
-@pytest.fixture(params=["auto", "portable"])
+def cpu_simd_levels() -> set:
+    """The draw-pass levels this CPU runs (csrc/cpu/draw_passes.h): portable always, avx2 and avx512
+    where /proc/cpuinfo lists the flags (x86-64 Linux)."""
+    levels = {"portable"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx2" in flags:
+        levels.add("avx2")
+    if "avx512f" in flags:
+        levels.add("avx512")
+    return levels
+
+
+@pytest.fixture(params=["auto", "avx2", "portable"])
 def cpu_draw_passes(request, monkeypatch):
-    """Runs a CPU sampling test with the AVX-512 draw passes (where the CPU has them) and with the
-    portable passes that call the shared header bodies. csrc/cpu/draw_passes.h reads IMI_CPU_SIMD
-    on every call, so setting it in-process is enough."""
-    if request.param == "portable":
-        monkeypatch.setenv("IMI_CPU_SIMD", "0")
-    else:
+    """Runs a CPU sampling test with the widest draw passes the CPU has ("auto": AVX-512 or AVX2),
+    with the AVX2 passes where the CPU also has AVX-512 (elsewhere "auto" already runs them), and
+    with the portable passes that call the shared header bodies. csrc/cpu/draw_passes.h reads
+    IMI_CPU_SIMD on every call, so setting it in-process is enough."""
+    if request.param == "avx2" and not {"avx2", "avx512"} <= cpu_simd_levels():
+        pytest.skip("the AVX2 passes run as 'auto' on this CPU (or it lacks AVX2)")
+    if request.param == "auto":
         monkeypatch.delenv("IMI_CPU_SIMD", raising=False)
+    else:
+        monkeypatch.setenv("IMI_CPU_SIMD", request.param)
     return request.param
 
 

@@ -1,10 +1,13 @@
 """MIDX proposal: normalisation, exactness of sampling, log_q consistency, reproducibility."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from imi_softmax import MIDXSampler
-from conftest import chi_square_p_value, reference_midx_log_q
+from conftest import chi_square_p_value, cpu_simd_levels, reference_midx_log_q
 
 
 def make_sampler(n=300, d=8, k=6, quantizer="rq", bias=True, seed=0, device="cpu", scale=1.0):
@@ -31,8 +34,8 @@ def test_log_prob_normalizes_and_matches_reference(device, quantizer, bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_sample_frequencies_match_log_prob(device, quantizer, bias, cpu_draw_passes):
     """Chi-square goodness of fit of the empirical frequencies against exp(log_prob), on a k-means
-    index (both CPU draw passes; K = 64 / 100 and random indexes: test_sampling_law.py)."""
-    if device.type != "cpu" and cpu_draw_passes == "portable":
+    index (every CPU draw-pass level; K = 64 / 100 and random indexes: test_sampling_law.py)."""
+    if device.type != "cpu" and cpu_draw_passes != "auto":
         pytest.skip("IMI_CPU_SIMD only selects between CPU draw passes")
     s, _, _ = make_sampler(n=120, quantizer=quantizer, bias=bias, device=device)
     q = torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).to(device)
@@ -156,30 +159,88 @@ def test_large_magnitude_scores_do_not_overflow(device):
     assert (ref.gather(1, ids) > -30).all()
 
 
-def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
+def _seeded_with(monkeypatch, level, args):
+    monkeypatch.setenv("IMI_CPU_SIMD", level)
+    return torch.ops.imi_softmax.midx_sample_seeded(*args)
 
 
-@pytest.mark.skipif(not _cpu_has_avx512(), reason="the AVX-512 draw passes need an AVX-512 CPU")
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
 @pytest.mark.parametrize("k,n,m,bias,scale", [(6, 300, 37, True, 1.0), (16, 5000, 64, False, 3.0),
                                               (64, 20000, 250, True, 2.0), (23, 4000, 16, True, 8.0),
-                                              (100, 30000, 48, True, 2.0)])
-def test_avx512_draw_passes_equal_portable_passes(monkeypatch, k, n, m, bias, scale):
-    """The vectorized CPU passes (16 draws at a time, tails included) compute the same draws as the
-    portable ones that call the shared header bodies: same (seed, offset) -> identical ids and log Q.
-    K = 100 takes the gather search for stage 1 (above 64 the CDF no longer fits four registers)."""
+                                              (100, 30000, 48, True, 2.0), (64, 20000, 7, False, 1.0),
+                                              (33, 8000, 24, True, 1.0)])
+def test_vector_draw_passes_equal_portable_passes(monkeypatch, level, k, n, m, bias, scale):
+    """The vectorized CPU passes (AVX-512: 16 draws at a time; AVX2: 8 and 16, tails included)
+    compute the same draws as the portable ones that call the shared header bodies: same (seed,
+    offset) -> identical ids and log Q, biased cells (alias path) and not. The offset makes the
+    64-bit draw counter carry into its high word inside the first vector. Stage 1 reads its CDF from
+    registers for K <= 64 (K = 6, 16, 23, 33, 64: different halving lengths) and gathers above
+    (K = 100); M = 7 is all tail."""
+    if level not in cpu_simd_levels():
+        pytest.skip(f"the {level} draw passes need a CPU with {level}")
     s, _, _ = make_sampler(n=n, d=16, k=k, bias=bias, scale=scale)
     g = torch.Generator().manual_seed(5)
     s1, s2 = s.scores(torch.randn(9, 16, generator=g) * scale)
-    args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids, s.alias_prob, s.alias_pos,
-            s.beta_csr, m, 1234, 4 * (2**32 - 5))  # draw counter offset/4 + j carries into the high word
-    simd = torch.ops.imi_softmax.midx_sample_seeded(*args)
-    monkeypatch.setenv("IMI_CPU_SIMD", "0")
-    portable = torch.ops.imi_softmax.midx_sample_seeded(*args)
-    assert torch.equal(simd[0], portable[0])
-    assert torch.equal(simd[1], portable[1])
+    for offset in (4 * (2**32 - 5), 4 * (2**32 - 13), 0):
+        args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids, s.alias_prob, s.alias_pos,
+                s.beta_csr, m, 1234, offset)
+        simd = _seeded_with(monkeypatch, level, args)
+        portable = _seeded_with(monkeypatch, "portable", args)
+        assert torch.equal(simd[0], portable[0])
+        assert torch.equal(simd[1], portable[1])
     assert s.num_classes > 0 and portable[0].unique().numel() > 1
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
+def test_vector_draw_passes_equal_portable_passes_on_nan_scores(monkeypatch, level):
+    """NaN query scores (only reachable through the ops) take the same path at every level: the
+    halving compares as the scalar `>` does (a NaN entry moves the search), so the draws, or the
+    error, are the portable passes' ones."""
+    if level not in cpu_simd_levels():
+        pytest.skip(f"the {level} draw passes need a CPU with {level}")
+    s, _, _ = make_sampler(n=3000, d=16, k=16, bias=True)
+    s1, s2 = s.scores(torch.randn(4, 16, generator=torch.Generator().manual_seed(6)))
+    s1[1, 3] = float("nan")
+    s2[2] = float("nan")
+    args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids, s.alias_prob, s.alias_pos,
+            s.beta_csr, 40, 99, 0)
+    outcomes = []
+    for lv in (level, "portable"):
+        try:
+            outcomes.append(_seeded_with(monkeypatch, lv, args)[:2])
+        except RuntimeError as e:
+            outcomes.append(str(e))
+    if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+        assert outcomes[0] == outcomes[1]
+    else:
+        assert torch.equal(outcomes[0][0], outcomes[1][0])
+        torch.testing.assert_close(outcomes[0][1], outcomes[1][1], atol=0, rtol=0, equal_nan=True)
+
+
+_SIMD_PROBE = """
+import torch
+from imi_softmax import MIDXSampler
+g = torch.Generator().manual_seed(0)
+s = MIDXSampler(num_codewords=8).build(torch.randn(500, 8, generator=g), torch.randn(500, generator=g))
+q = torch.randn(3, 8, generator=g)
+for _ in range(3):
+    ids, _ = s.sample(q, 20, generator=torch.Generator().manual_seed(1))
+print(ids.sum().item())
+"""
+
+
+@pytest.mark.parametrize("value", ["sse9", "portable", "0", "avx2", "avx512", "auto", "1"])
+def test_imi_cpu_simd_values(value):
+    """IMI_CPU_SIMD takes auto (or 1), portable (or 0), avx2, avx512; anything else, or a level the
+    CPU lacks, warns once per process and runs the widest passes the CPU has (never an illegal
+    instruction). Every level draws the same samples. Fresh processes: the warning (torch's warning
+    log on stderr) is once per process."""
+    warns = value not in {"portable", "0", "auto", "1"} and value not in cpu_simd_levels()
+    results = {}
+    for v in (value, "portable"):
+        run = subprocess.run([sys.executable, "-c", _SIMD_PROBE], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "IMI_CPU_SIMD": v})
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[v] = (run.stdout.strip(), run.stderr.count("IMI_CPU_SIMD"))
+    assert results[value][1] == (1 if warns else 0), results
+    assert results[value][0] == results["portable"][0]

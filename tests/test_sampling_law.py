@@ -18,7 +18,7 @@ P_MIN = 1e-4
 
 
 def _skip_portable_off_cpu(device, cpu_draw_passes):
-    if device.type != "cpu" and cpu_draw_passes == "portable":
+    if device.type != "cpu" and cpu_draw_passes != "auto":
         pytest.skip("IMI_CPU_SIMD only selects between CPU draw passes")
 
 

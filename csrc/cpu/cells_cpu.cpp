@@ -8,6 +8,7 @@
 
 #include "../tensor_views.h"
 #include "imi_softmax/cells.h"
+#include "parallel_chunks.h"
 
 namespace imi_softmax {
 namespace {
@@ -50,17 +51,20 @@ build_cells_cpu(
   float* bcsr = has_beta ? beta_csr.data_ptr<float>() : nullptr;
   int64_t* work = has_beta ? scratch.data_ptr<int64_t>() : nullptr;
   float* ln = log_n.data_ptr<float>();
-  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c)
-      ln[c] = imi::cell_log_mass_and_alias(ids, off[c], off[c + 1], bp, bcsr, prob, alias, work);
+  // cells differ in size by orders of magnitude: small chunks claimed as the threads come
+  parallel_chunks(KK, 16, [&](ChunkQueue& queue) {
+    for (int64_t b, e; queue.next(b, e);)
+      for (int64_t c = b; c < e; ++c)
+        ln[c] = imi::cell_log_mass_and_alias(ids, off[c], off[c + 1], bp, bcsr, prob, alias, work);
   });
   // Finite max: empty cells are -inf and N >= 1 guarantees one finite entry.
   auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
   auto cell_mass = at::empty({K, K}, float_opts);
   float* cm = cell_mass.data_ptr<float>();
   const float lmax = log_n_max.item<float>();
-  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) cm[c] = imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
+  parallel_chunks(KK, 16, [&](ChunkQueue& queue) {
+    for (int64_t b, e; queue.next(b, e);)
+      for (int64_t c = b; c < e; ++c) cm[c] = imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
   });
   return {offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max};
 }

@@ -5,6 +5,7 @@
 
 #include "../tensor_views.h"
 #include "imi_softmax/kmeans.h"
+#include "parallel_chunks.h"
 
 namespace imi_softmax {
 namespace {
@@ -30,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> assign_codewords_cpu(const at::Tensor& x_in,
       const scalar_t* cn = c_sqnorm.data_ptr<scalar_t>();
       int64_t* cp = codes.data_ptr<int64_t>() + start;
       scalar_t* sp = sqdist.data_ptr<scalar_t>() + start;
-      at::parallel_for(0, len, 1024, [&](int64_t b, int64_t e) {
+      parallel_chunks(len, 1024, [&](ChunkQueue& queue) {
+        for (int64_t b, e; queue.next(b, e);)
         for (int64_t i = b; i < e; ++i) {
           const scalar_t* row = xp + i * d;
           scalar_t norm = 0;

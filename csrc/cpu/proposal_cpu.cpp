@@ -12,10 +12,20 @@
 
 #include "../tensor_views.h"
 #include "draw_passes.h"
+#include "parallel_chunks.h"
 #include "imi_softmax/proposal.h"
 
 namespace imi_softmax {
 namespace {
+
+// The draw passes of this call (draw_passes.h); an IMI_CPU_SIMD the CPU cannot honour is said once.
+draw::Simd draw_level() {
+  const draw::SimdChoice c = draw::simd_choice();
+  if (c.problem != nullptr) {
+    TORCH_WARN_ONCE("imi_softmax: ", c.problem);
+  }
+  return c.level;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n,
@@ -48,14 +58,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   const int64_t* tp = has_targets ? tg.targets.data_ptr<int64_t>() : nullptr;
   float* tlqp = target_log_q.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
-  const bool simd = draw::use_avx512();
+  const draw::Simd level = draw_level();
   std::atomic<bool> bad_target{false}, bad_draw{false};
   if (M > 0 || L > 0) {
-    at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-      draw::Scratch ws(ix, M);
+    // ~5 us a query: chunks of 8 queries, claimed as the threads come (parallel_chunks.h)
+    parallel_chunks(B, 8, [&](ChunkQueue& queue) {
+      draw::Scratch ws(ix, M, level);
+      for (int64_t b0, b1; queue.next(b0, b1);)
       for (int64_t b = b0; b < b1; ++b) {
         const float log_z = ws.prepare(ix, s1p + b * K, s2p + b * K);
-        if (!draw::draw_query(ix, ws, simd, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
+        if (!draw::draw_query(ix, ws, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
                               lqp + b * M))
           bad_draw = true;
         for (int64_t l = 0; l < L; ++l) {
@@ -113,8 +125,10 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const float* s2p = s2.data_ptr<float>();
   const int64_t* idp = ids.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-    draw::Scratch ws(ix, 0);  // the same preparation as sampling: log Q agree exactly
+  const draw::Simd level = draw_level();
+  parallel_chunks(B, 16, [&](ChunkQueue& queue) {
+    draw::Scratch ws(ix, 0, level);  // the same preparation as sampling: log Q agree exactly
+    for (int64_t b0, b1; queue.next(b0, b1);)
     for (int64_t b = b0; b < b1; ++b) {
       const float* q1 = s1p + b * K;
       const float* q2 = s2p + b * K;

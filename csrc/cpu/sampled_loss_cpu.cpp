@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../tensor_views.h"
+#include "parallel_chunks.h"
 #include "imi_softmax/sampled_loss.h"
 
 namespace imi_softmax {
@@ -43,7 +44,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
     const acc_t* lqp = log_q.data_ptr<acc_t>();
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
-    at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    // tens of us a row (M + 1 random weight rows): chunks of 4 rows (parallel_chunks.h)
+    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
+      for (int64_t b0, b1; queue.next(b0, b1);)
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
         if (bad >= 0) {
@@ -90,8 +93,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
     const acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
       std::vector<acc_t> gx_acc(d);
+      for (int64_t b0, b1; queue.next(b0, b1);)
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
         if (bad >= 0) {

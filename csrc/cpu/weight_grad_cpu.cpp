@@ -7,10 +7,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "../tensor_views.h"
 #include "fresh_zeros.h"
+#include "parallel_chunks.h"
 #include "imi_softmax/sampled_loss.h"
 
 namespace imi_softmax {
@@ -83,8 +85,9 @@ void reduce_groups(const ClassGroups& g, const at::Tensor& coef, const at::Tenso
   const int64_t d = x.size(1), U = static_cast<int64_t>(g.classes.size());
   const acc_t* cp = coef.data_ptr<acc_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(U, 256, [&](ChunkQueue& queue) {
     std::vector<acc_t> acc(d);
+    for (int64_t u0, u1; queue.next(u0, u1);)
     for (int64_t u = u0; u < u1; ++u) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t bias = acc_t(0);
@@ -110,7 +113,9 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad_cpu(const at::Tensor& coef_
   std::tie(coef, ids, x) = weight_grad_inputs("dense_weight_grad", coef_in, ids_in, x_in, num_classes);
   const ClassGroups g = checked_groups("dense_weight_grad", ids, coef, num_classes);
   auto grad_w = fresh_zeros({num_classes, x.size(1)}, x.options());  // untouched rows stay zero
-  auto grad_b = at::zeros({num_classes}, x.options());
+  // zeroed by this thread: at::zeros would fill N entries in a parallel region of its own
+  auto grad_b = at::empty({num_classes}, x.options());
+  std::memset(grad_b.data_ptr(), 0, grad_b.nbytes());  // all-zero bits are +0 in every float type
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_weight_grad_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
     const int64_t* classes = g.classes.data();

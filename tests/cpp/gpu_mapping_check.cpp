@@ -2,7 +2,7 @@
 // block preparation (one stage-2 row per "thread" with imi::stage2_row, maxima and stage-1 weights
 // per entry, one sequential imi::stage1_cumulate), the table and the streaming stage 2, and the
 // per-draw stage 3, run here with the threads as loops. Everything must equal the CPU passes
-// (draw_passes.h: the transposed, vectorized table, AVX-512 or portable passes) bit for bit: the
+// (draw_passes.h: the transposed, vectorized table, AVX-512, AVX2 or portable passes, IMI_CPU_SIMD) bit for bit: the
 // only evidence for the GPU math while no GPU runs the tests. Built and run by
 // tests/test_draw_exactness.py with the extension's host flags. Prints "ok" or the first mismatches.
 #include <algorithm>
@@ -89,7 +89,7 @@ static void check_case(int64_t N, int64_t K, bool bias, float scale, float score
   for (auto& v : s1) v = score_center + static_cast<float>(normal(rng) * scale);
   for (auto& v : s2) v = score_center + static_cast<float>(normal(rng) * scale);
   const uint64_t seed = rng(), offset = 4 * (rng() % 1000000);
-  draw::Scratch ws(ix, M);
+  draw::Scratch ws(ix, M, draw::simd_level());
   std::vector<int64_t> ids(M);
   std::vector<float> log_q(M);
   // the kernel's shared arrays
@@ -98,7 +98,7 @@ static void check_case(int64_t N, int64_t K, bool bias, float scale, float score
     const float* q1 = s1.data() + b * K;
     const float* q2 = s2.data() + b * K;
     const float log_z_cpu = ws.prepare(ix, q1, q2);
-    draw::draw_query(ix, ws, draw::use_avx512(), log_z_cpu, seed, offset, static_cast<uint64_t>(b), M,
+    draw::draw_query(ix, ws, log_z_cpu, seed, offset, static_cast<uint64_t>(b), M,
                      ids.data(), log_q.data());
     // block_query_prepare, threads as loops
     float m1 = -INFINITY, m2 = -INFINITY;
