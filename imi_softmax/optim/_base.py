@@ -84,8 +84,15 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 f"{owner}: expected a row-sparse gradient of shape {tuple(p.shape)} with sparse_dim 1 (whole rows, "
                 f"as IMISoftmax(sparse_grad=True) and nn.Embedding(sparse=True) give), got shape {tuple(g.shape)} "
                 f"with sparse_dim {g.sparse_dim()}")
-        if not g.is_coalesced():  # e.g. gradients accumulated over several backward calls
-            g = g.coalesce()
+        if not g.is_coalesced():
+            # autograd's accumulation into .grad drops the coalesced flag of the head's gradient
+            # (already unique, ascending rows): an O(U) check instead of coalesce()'s sort. Gradients
+            # summed over several backward calls do repeat rows and are coalesced.
+            rows = g._indices()[0]
+            if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+                g = g.coalesce()
+            else:
+                return rows, g._values().to(p.dtype).contiguous()
         return g.indices()[0], g.values().to(p.dtype).contiguous()
 
     # ---- step -----------------------------------------------------------------------------------
