@@ -62,14 +62,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             logits = _chunk_logits(x, weight, bias, start, stop, lin, acc)
-            new_max = torch.maximum(run_max, logits.amax(1))
-            # a row whose max is still -inf has sum 0: exp(-inf - -inf) would be NaN
-            shift = torch.where(new_max.isneginf(), torch.zeros_like(new_max), new_max)
-            run_sum = run_sum * torch.exp(run_max - shift) + torch.exp(logits - shift.unsqueeze(1)).sum(1)
-            run_max = new_max
             inside = (target >= start) & (target < stop)
             local = (target - start).clamp(0, stop - start - 1).unsqueeze(1)
             tgt = torch.where(inside, logits.gather(1, local).squeeze(1), tgt)
+            new_max = torch.maximum(run_max, logits.amax(1))
+            # a row whose max is still -inf has sum 0: exp(-inf - -inf) would be NaN
+            shift = torch.where(new_max.isneginf(), torch.zeros_like(new_max), new_max)
+            # in place: one [B, chunk] buffer per chunk
+            run_sum = run_sum * torch.exp(run_max - shift) + logits.sub_(shift.unsqueeze(1)).exp_().sum(1)
+            run_max = new_max
         lse = run_max + torch.log(run_sum)
         count = valid.sum()
         loss = torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum() / count.to(acc)
@@ -95,7 +96,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for start in range(0, n, ctx.chunk):
                 stop = min(start + ctx.chunk, n)
                 logits = _chunk_logits(x, weight, bias, start, stop, ctx.lin, acc)
-                coef = torch.exp(logits - lse.unsqueeze(1))
+                coef = logits.sub_(lse.unsqueeze(1)).exp_()
                 inside = (target >= start) & (target < stop)
                 local = (target - start).clamp(0, stop - start - 1).unsqueeze(1)
                 coef.scatter_add_(1, local, -inside.to(acc).unsqueeze(1))

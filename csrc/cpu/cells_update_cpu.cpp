@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../tensor_views.h"
+#include "fresh_zeros.h"
 #include "imi_softmax/cells.h"
 
 namespace imi_softmax {
@@ -51,9 +52,12 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   }
 
   // The new per-class arrays: the old ones with the changed rows overwritten.
-  auto out_code1 = code1.clone();
-  auto out_code2 = code2.clone();
-  auto out_beta = has_beta ? beta->clone() : at::empty({0}, code1.options().dtype(at::kFloat));
+  // Every large output comes from fresh_zeros: 2 MiB pages, so first touch is not ~250k page
+  // faults at N = 20M (a measurable part of an incremental refresh).
+  auto out_code1 = fresh_zeros({N}, code1.options()).copy_(code1);
+  auto out_code2 = fresh_zeros({N}, code2.options()).copy_(code2);
+  auto out_beta = has_beta ? fresh_zeros({N}, beta->options()).copy_(*beta)
+                           : at::empty({0}, code1.options().dtype(at::kFloat));
   {
     int64_t* o1 = out_code1.data_ptr<int64_t>();
     int64_t* o2 = out_code2.data_ptr<int64_t>();
@@ -101,10 +105,10 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   const auto long_opts = code1.options();
   const auto float_opts = code1.options().dtype(at::kFloat);
   const int64_t per_class = has_beta ? N : 0;
-  auto out_ids = at::empty({N}, long_opts);
-  auto out_prob = at::empty({per_class}, float_opts);
-  auto out_alias = at::empty({per_class}, long_opts);
-  auto out_bcsr = at::empty({per_class}, float_opts);
+  auto out_ids = fresh_zeros({N}, long_opts);
+  auto out_prob = fresh_zeros({per_class}, float_opts);
+  auto out_alias = fresh_zeros({per_class}, long_opts);
+  auto out_bcsr = fresh_zeros({per_class}, float_opts);
   auto scratch = at::empty({per_class}, long_opts);  // touched only in rebuilt cells
   auto out_log_n = at::empty({K, K}, float_opts);
   const int64_t* old_ids = class_ids.data_ptr<int64_t>();
@@ -124,6 +128,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   std::atomic<int64_t> bad_cell{-1};
 
   at::parallel_for(0, KK, 16, [&](int64_t b, int64_t e) {
+    std::vector<double> exps;  // each exp once per class
     for (int64_t c = b; c < e; ++c) {
       const int64_t ob = old_off[c], oe = old_off[c + 1], nb = off[c], ne = off[c + 1];
       if (!affected[c]) {
@@ -157,7 +162,8 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
         ln[c] = imi::neg_inf<float>();
         continue;
       }
-      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work);
+      if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) exps.resize(ne - nb);
+      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work, exps.data());
     }
   });
   const int64_t bad = bad_cell.load();

@@ -166,8 +166,11 @@ class MIDXSampler(Sampler):
         if changed.device != weight.device:
             raise ValueError(f"changed is on {changed.device} but weight is on {weight.device}")
         check_class_ids("changed", changed, index.num_classes)
+        changed = changed.reshape(-1)
+        if changed.numel() > 1 and not bool((changed[1:] > changed[:-1]).all()):
+            changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
         with no_autocast(weight.device):
-            self._index = self._update_index(index, weight, bias, torch.unique(changed.reshape(-1)))
+            self._index = self._update_index(index, weight, bias, changed)
         return self
 
     def _update_index(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor], changed: Tensor) -> MIDXIndex:
