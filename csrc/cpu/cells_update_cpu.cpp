@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cfloat>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -70,28 +71,37 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
     }
   }
 
-  // Cells that lose or gain a class, or whose class changed its bias: rebuilt. Arrivals bucketed
-  // by their new cell, ascending ids within a bucket (changed is ascending).
+  // Cells that lose or gain a class, or whose class changed its bias: rebuilt. The changed rows
+  // are bucketed by the cell they leave and by the cell they join, ascending within a bucket
+  // (changed is ascending), so a rebuilt cell is one sequential merge of its old slice, its
+  // leavers and its arrivals: no random reads over the N classes.
   const int64_t* old_off = offsets.data_ptr<int64_t>();
   std::vector<int64_t> count(KK);
   for (int64_t c = 0; c < KK; ++c) count[c] = old_off[c + 1] - old_off[c];
   std::vector<uint8_t> affected(KK, 0);
-  std::vector<int64_t> arrive_off(KK + 1, 0);
+  std::vector<int64_t> arrive_off(KK + 1, 0), leave_off(KK + 1, 0);
   for (int64_t j = 0; j < C; ++j) {
     const int64_t from = imi::cell_of(oc1, oc2, ch[j], K), to = nc1[j] * K + nc2[j];
     --count[from];
     ++count[to];
     affected[from] = affected[to] = 1;
     ++arrive_off[to + 1];
+    ++leave_off[from + 1];
   }
-  for (int64_t c = 0; c < KK; ++c) arrive_off[c + 1] += arrive_off[c];
-  std::vector<int64_t> arrivals(C);
+  for (int64_t c = 0; c < KK; ++c) {
+    arrive_off[c + 1] += arrive_off[c];
+    leave_off[c + 1] += leave_off[c];
+  }
+  std::vector<int64_t> arrivals(C), leavers(C);  // arrivals: positions j in changed; leavers: ids
   {
-    std::vector<int64_t> cursor(arrive_off.begin(), arrive_off.end() - 1);
-    for (int64_t j = 0; j < C; ++j) arrivals[cursor[nc1[j] * K + nc2[j]]++] = ch[j];
+    std::vector<int64_t> to_cursor(arrive_off.begin(), arrive_off.end() - 1);
+    std::vector<int64_t> from_cursor(leave_off.begin(), leave_off.end() - 1);
+    for (int64_t j = 0; j < C; ++j) {
+      arrivals[to_cursor[nc1[j] * K + nc2[j]]++] = j;
+      leavers[from_cursor[imi::cell_of(oc1, oc2, ch[j], K)]++] = ch[j];
+    }
   }
-  std::vector<uint8_t> is_changed(N, 0);
-  for (int64_t j = 0; j < C; ++j) is_changed[ch[j]] = 1;
+  const float* nbeta = has_beta ? new_beta->data_ptr<float>() : nullptr;
 
   auto out_offsets = at::empty({KK + 1}, offsets.options());
   int64_t* off = out_offsets.data_ptr<int64_t>();
@@ -109,7 +119,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   auto out_prob = fresh_zeros({per_class}, float_opts);
   auto out_alias = fresh_zeros({per_class}, long_opts);
   auto out_bcsr = fresh_zeros({per_class}, float_opts);
-  auto scratch = at::empty({per_class}, long_opts);  // touched only in rebuilt cells
+  auto scratch = fresh_zeros({per_class}, long_opts);  // touched only in rebuilt cells
   auto out_log_n = at::empty({K, K}, float_opts);
   const int64_t* old_ids = class_ids.data_ptr<int64_t>();
   const float* old_prob = has_beta ? alias_prob->data_ptr<float>() : nullptr;
@@ -123,8 +133,8 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   int64_t* work = has_beta ? scratch.data_ptr<int64_t>() : nullptr;
   const float* bp = has_beta ? out_beta.data_ptr<float>() : nullptr;
   float* ln = out_log_n.data_ptr<float>();
-  // A cell whose staying classes and arrivals do not add up to its count, or that lists a class
-  // id out of range, comes from an inconsistent old index: recorded here, raised after the loop.
+  // A cell whose old slice, leavers and arrivals do not add up (a leaver missing from its old
+  // slice, a count off) comes from an inconsistent old index: recorded here, raised after the loop.
   std::atomic<int64_t> bad_cell{-1};
 
   at::parallel_for(0, KK, 16, [&](int64_t b, int64_t e) {
@@ -143,32 +153,48 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
         ln[c] = old_ln[c];
         continue;
       }
-      // Merge (both ascending): the old classes that did not change, and the arrivals.
-      int64_t p = nb, a = arrive_off[c];
-      const int64_t ae = arrive_off[c + 1];
+      // Merge (all ascending): the old classes minus the leavers, and the arrivals; with a bias
+      // the beta of each position is written here too (old beta_csr or the new snapshot).
+      int64_t p = nb, a = arrive_off[c], l = leave_off[c];
+      const int64_t ae = arrive_off[c + 1], le = leave_off[c + 1];
+      auto put_arrivals_before = [&](int64_t limit) {
+        for (; a < ae && ch[arrivals[a]] < limit && p < ne; ++a, ++p) {
+          ids[p] = ch[arrivals[a]];
+          if (has_beta) bcsr[p] = nbeta[arrivals[a]];
+        }
+      };
       bool ok = true;
-      for (int64_t q = ob; q < oe && ok; ++q) {
+      for (int64_t q = ob; q < oe; ++q) {
         const int64_t i = old_ids[q];
-        if (!imi::in_range(i, N)) { ok = false; break; }
-        if (is_changed[i]) continue;
-        while (a < ae && arrivals[a] < i && p < ne) ids[p++] = arrivals[a++];
-        if (p >= ne) { ok = false; break; }
-        ids[p++] = i;
+        if (l < le && leavers[l] == i) {
+          ++l;
+          continue;
+        }
+        put_arrivals_before(i);
+        if (p >= ne) {
+          ok = false;
+          break;
+        }
+        ids[p] = i;
+        if (has_beta) bcsr[p] = old_bcsr[q];
+        ++p;
       }
-      while (ok && a < ae && p < ne) ids[p++] = arrivals[a++];
-      if (!ok || p != ne || a != ae) {
+      if (ok) put_arrivals_before(INT64_MAX);
+      if (!ok || p != ne || a != ae || l != le) {
         int64_t expected = -1;
         bad_cell.compare_exchange_strong(expected, c);
         ln[c] = imi::neg_inf<float>();
         continue;
       }
       if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) exps.resize(ne - nb);
-      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work, exps.data());
+      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work, exps.data(),
+                                           /*beta_csr_filled=*/true);
     }
   });
   const int64_t bad = bad_cell.load();
-  TORCH_CHECK(bad < 0, kOp, ": cell ", bad, " of the old index does not match its codes (a class id out of ",
-              "range or a class listed in the wrong cell): pass the index's own offsets/class_ids/code1/code2");
+  TORCH_CHECK(bad < 0, kOp, ": cell ", bad, " of the old index does not match its codes (a changed class ",
+              "missing from the cell of its old code, or ids not ascending within a cell): pass the index's own ",
+              "offsets/class_ids/code1/code2");
 
   // Finite max, as build_cells; the scaled masses of untouched cells stay valid while it is unchanged.
   auto out_log_n_max = out_log_n.masked_fill(out_log_n.isneginf(), -FLT_MAX).max().reshape({1});

@@ -14,15 +14,18 @@ IMI_HD int64_t cell_of(const int64_t* code1, const int64_t* code2, int64_t i, in
 // over exp(beta): slot p is kept with probability prob[p], else position alias[p] is taken.
 // scratch: an int64 work area indexed by CSR position (same size as the CSR arrays).
 // exps: optional room for end - begin doubles, so each exp is computed once (same values).
+// beta_csr_filled: the caller already wrote beta_csr[begin, end) (sequentially, from an old index),
+// so the random reads beta[class_ids[p]] are skipped (same values).
 IMI_HD float cell_log_mass_and_alias(const int64_t* class_ids, int64_t begin, int64_t end,
                                      const float* beta, float* beta_csr, float* prob,
-                                     int64_t* alias, int64_t* scratch, double* exps = nullptr) {
+                                     int64_t* alias, int64_t* scratch, double* exps = nullptr,
+                                     bool beta_csr_filled = false) {
   if (end == begin) return neg_inf<float>();
   const int64_t n = end - begin;
   if (beta == nullptr) return log_(static_cast<float>(n));
   float m = neg_inf<float>();
   for (int64_t p = begin; p < end; ++p) {
-    beta_csr[p] = beta[class_ids[p]];
+    if (!beta_csr_filled) beta_csr[p] = beta[class_ids[p]];
     m = max_(m, beta_csr[p]);
   }
   double total = 0.0;
