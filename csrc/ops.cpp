@@ -23,6 +23,15 @@ TORCH_LIBRARY(imi_softmax, m) {
       "build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
       "(Tensor offsets, Tensor class_ids, Tensor alias_prob, Tensor alias_pos, Tensor beta_csr, "
       "Tensor log_n, Tensor cell_mass, Tensor log_n_max)");
+  // Incremental index update: the classes `changed` [C] (strictly ascending) get new codes and a
+  // new bias snapshot [C]; returns the new (code1, code2, beta ([0] without bias)) followed by what
+  // build_cells returns for them, equal to build_cells(new code1, new code2, new beta) bit for bit.
+  m.def(
+      "update_cells(Tensor offsets, Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, "
+      "Tensor? beta_csr, Tensor log_n, Tensor cell_mass, Tensor log_n_max, Tensor code1, Tensor code2, "
+      "Tensor? beta, Tensor changed, Tensor new_code1, Tensor new_code2, Tensor? new_beta, "
+      "int num_codewords) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
   // Three-stage draw from the MIDX proposal. s1, s2: [B, K] float32 query scores per codebook.
   m.def(
       "midx_sample(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "

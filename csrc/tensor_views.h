@@ -319,6 +319,56 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const a
   return {code1.contiguous(), code2.contiguous(), b};
 }
 
+// update_cells: an index built by build_cells (or update_cells) for code1/code2/beta, the rows
+// `changed` [C] (strictly ascending, checked at use) and their new codes and new beta [C]. Returns
+// whether the index has a bias. Shapes, dtypes, contiguity, devices and offsets are checked here
+// (O(K^2)); ids and codes are checked where they are read.
+inline bool update_cells_inputs(const char* op, int64_t K, const at::Tensor& offsets, const at::Tensor& class_ids,
+                                const std::optional<at::Tensor>& alias_prob,
+                                const std::optional<at::Tensor>& alias_pos,
+                                const std::optional<at::Tensor>& beta_csr, const at::Tensor& log_n,
+                                const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& code1,
+                                const at::Tensor& code2, const std::optional<at::Tensor>& beta,
+                                const at::Tensor& changed, const at::Tensor& new_code1, const at::Tensor& new_code2,
+                                const std::optional<at::Tensor>& new_beta) {
+  check_num_codewords(op, K);
+  check_same_device(op, {named("offsets", offsets), named("class_ids", class_ids), named("alias_prob", alias_prob),
+                         named("alias_pos", alias_pos), named("beta_csr", beta_csr), named("log_n", log_n),
+                         named("cell_mass", cell_mass), named("log_n_max", log_n_max), named("code1", code1),
+                         named("code2", code2), named("beta", beta), named("changed", changed),
+                         named("new_code1", new_code1), named("new_code2", new_code2), named("new_beta", new_beta)});
+  check_cell_masses(K, log_n, cell_mass, log_n_max);
+  check_codes(code1, code2);
+  const int64_t N = code1.numel();
+  TORCH_CHECK(class_ids.dim() == 1 && class_ids.numel() == N, op, ": class_ids must be [N] = [", N,
+              "] (one entry per class of code1), got ", class_ids.sizes());
+  check_sampling_tables(op, K, offsets, class_ids, alias_prob, alias_pos, beta_csr);
+  const bool has_beta = beta.has_value() && beta->defined();
+  TORCH_CHECK(has_beta == present(alias_prob), op,
+              ": beta and the alias tables (alias_prob, alias_pos, beta_csr) must be given together: an index "
+              "built with a bias has all four, one built without has none");
+  if (has_beta)
+    TORCH_CHECK(beta->scalar_type() == at::kFloat && beta->dim() == 1 && beta->numel() == N && beta->is_contiguous(),
+                op, ": beta must be contiguous float32 [N] = [", N, "], got ", beta->scalar_type(), " ", beta->sizes());
+  TORCH_CHECK(changed.scalar_type() == at::kLong && changed.dim() == 1 && changed.is_contiguous(), op,
+              ": changed must be contiguous int64 [C] (the re-assigned class ids, ascending), got ",
+              changed.scalar_type(), " ", changed.sizes());
+  const int64_t C = changed.numel();
+  TORCH_CHECK(new_code1.scalar_type() == at::kLong && new_code2.scalar_type() == at::kLong && new_code1.dim() == 1 &&
+                  new_code2.dim() == 1 && new_code1.numel() == C && new_code2.numel() == C &&
+                  new_code1.is_contiguous() && new_code2.is_contiguous(),
+              op, ": new_code1 and new_code2 must be contiguous int64 [C] = [", C, "] like changed, got ",
+              new_code1.sizes(), " and ", new_code2.sizes());
+  const bool has_new_beta = new_beta.has_value() && new_beta->defined();
+  TORCH_CHECK(has_new_beta == has_beta, op, ": new_beta must be given exactly when the index has a bias (beta)");
+  if (has_beta)
+    TORCH_CHECK(new_beta->scalar_type() == at::kFloat && new_beta->dim() == 1 && new_beta->numel() == C &&
+                    new_beta->is_contiguous(),
+                op, ": new_beta must be contiguous float32 [C] = [", C, "] like changed, got ",
+                new_beta->scalar_type(), " ", new_beta->sizes());
+  return has_beta;
+}
+
 inline std::string code_range_error(int64_t K) { return "out of range [0, " + std::to_string(K) + ")"; }
 
 inline void check_assign_inputs(const at::Tensor& x, const at::Tensor& centroids) {

@@ -38,6 +38,16 @@ def _build_cells_fake(code1, code2, beta, num_codewords):
     )
 
 
+@torch.library.register_fake(_lib + "update_cells")
+def _update_cells_fake(offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max,
+                       code1, code2, beta, changed, new_code1, new_code2, new_beta, num_codewords):
+    n = code1.shape[0]
+    f32 = dict(dtype=torch.float32)
+    per_class = n if beta is not None else 0
+    return (code1.new_empty(n), code1.new_empty(n), code1.new_empty(per_class, **f32)) + tuple(
+        _build_cells_fake(code1, code2, beta, num_codewords))
+
+
 def _sample_outputs(s1, num_samples, targets):
     """(ids [B, M] int64, log_q [B, M] float32, target_log_q [B, L] float32; L = 0 without targets)."""
     shape = (s1.shape[0], num_samples)

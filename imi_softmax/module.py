@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
+from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_topk
 from .functional import _sampled_softmax_loss
 from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
 from .samplers.base import no_autocast
@@ -40,6 +41,12 @@ class IMISoftmax(nn.Module):
         sampler: "midx" | "uniform" | "unigram" | "exact", or a :class:`Sampler` instance.
         refresh_every: training forward calls between index rebuilds (0 = only manual
             :meth:`refresh_index`). The first training forward always builds the index.
+        full_refresh_every: with ``sampler="midx"``, one refresh in this many is a full rebuild
+            (k-means + assignment of every class); the others are incremental: only the classes
+            that were a target or a sample since the last build are re-assigned against the frozen
+            codebooks (0 or 1 = every refresh is full). See :meth:`refresh_index`.
+        eval_chunk_size: classes per chunk of the eval-mode exact cross-entropy and of
+            :meth:`topk` (None: chosen so that a [B, chunk] float32 block is about 32 MiB).
         remove_accidental_hits: drop samples equal to the row's target.
         sparse_grad: weight.grad / bias.grad as sparse COO tensors over the touched rows.
         class_counts: [num_classes] frequencies, required by ``sampler="unigram"``.
@@ -76,7 +83,8 @@ class IMISoftmax(nn.Module):
                  sampler: Union[str, Sampler] = "midx", refresh_every: int = 1000,
                  remove_accidental_hits: bool = True, sparse_grad: bool = False,
                  class_counts: Optional[Tensor] = None, kmeans_iters: int = 10,
-                 ignore_index: int = -100, device=None, dtype=None):
+                 ignore_index: int = -100, full_refresh_every: int = 10,
+                 eval_chunk_size: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
@@ -86,6 +94,10 @@ class IMISoftmax(nn.Module):
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.sparse_grad = bool(sparse_grad)
         self.ignore_index = ignore_index
+        self.full_refresh_every = full_refresh_every
+        self.eval_chunk_size = eval_chunk_size
+        self._touched: Optional[Tensor] = None  # [N] bool: classes that may have changed since the last build
+        self._refreshes_since_full = 0
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
@@ -147,18 +159,91 @@ class IMISoftmax(nn.Module):
             head.bias = linear.bias
         return head
 
-    # -- index ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def refresh_index(self) -> None:
-        """Rebuild the proposal from the current weight and bias (warm-started k-means).
+    # -- settings -----------------------------------------------------------------------------
+    @property
+    def full_refresh_every(self) -> int:
+        """One refresh in this many is a full rebuild; the others are incremental (0 or 1: all full)."""
+        return self._full_refresh_every
 
-        Never autocast. The sampler builds a new index and swaps it in at the end, so a thread
-        sampling meanwhile uses either the old or the new index, never a mix."""
+    @full_refresh_every.setter
+    def full_refresh_every(self, value: int) -> None:
+        self._full_refresh_every = check_positive_int("full_refresh_every", value, minimum=0)
+
+    @property
+    def eval_chunk_size(self) -> Optional[int]:
+        """Classes per chunk of the eval loss and topk (None: about 32 MiB of float32 logits)."""
+        return self._eval_chunk_size
+
+    @eval_chunk_size.setter
+    def eval_chunk_size(self, value: Optional[int]) -> None:
+        self._eval_chunk_size = None if value is None else check_positive_int("eval_chunk_size", value)
+
+    # -- index ------------------------------------------------------------------------------
+    def _tracks_touched(self) -> bool:
+        return isinstance(self.sampler, MIDXSampler) and self.full_refresh_every > 1
+
+    @torch.no_grad()
+    def refresh_index(self, full: bool = False) -> None:
+        """Rebuild the proposal from the current weight and bias.
+
+        Incremental (``sampler="midx"``, the default between full rebuilds): the classes that were a
+        target or a sample of a training forward since the last build (the only rows a row-sparse
+        optimizer changed) are re-assigned against the current codebooks, kept frozen, and only the
+        cells they leave or join are rebuilt, with their new bias snapshot. Full (``full=True``, one
+        refresh in ``full_refresh_every``, the first build, after a device change or a load without
+        the index, and in a multi-process run outside a DDP forward): warm-started k-means and
+        assignment of every class. Either way log Q is exact for the index built, and the sampler
+        swaps the new index in with one assignment, so a thread sampling meanwhile uses either the
+        old or the new index, never a mix. Rows changed by something other than their gradient
+        (dense optimizers' momentum or weight decay) keep their old codes until the next full
+        rebuild: still an exact proposal, only a less adapted one. Never autocast."""
+        self._refresh(full, sync=False)
+
+    @torch.no_grad()
+    def mark_changed(self, ids: Tensor) -> None:
+        """Record classes (int64 ids, any shape) whose weight or bias changed other than through a
+        training forward of this head (e.g. edited rows), so the next incremental
+        :meth:`refresh_index` re-assigns them. Targets and samples are recorded automatically."""
+        check_tensor("ids", ids)
+        check_class_ids("ids", ids, self.num_classes)
+        touched = self._touched
+        if touched is not None:
+            touched.index_fill_(0, ids.reshape(-1).to(touched.device), True)
+
+    @torch.no_grad()
+    def _refresh(self, full: bool, sync: bool) -> None:
         check_tensor("weight", self.weight)  # a meta head: names the fix
+        # the new mask first: marks made while this refresh runs belong to the next one
+        touched = self._touched
+        self._touched = (torch.zeros(self.num_classes, dtype=torch.bool, device=self.weight.device)
+                         if self._tracks_touched() else None)
+        if not full and touched is not None and self._can_update(touched, sync):
+            if sync:
+                touched = _union_over_ranks(touched)
+            with no_autocast(self.weight.device):
+                self.sampler.update(self.weight, self.bias, touched.nonzero().flatten())
+            self._refreshes_since_full += 1
+            return
         self.sampler = self.sampler.to(self.weight.device)
         with no_autocast(self.weight.device):
             self.sampler.build(self.weight, self.bias)
         self._index_stale = False
+        self._refreshes_since_full = 0
+
+    def _can_update(self, touched: Tensor, sync: bool) -> bool:
+        """An incremental refresh is possible and due: the sampler holds an index of this head's
+        classes on this device, built from the same bias presence, and no full rebuild is due.
+        In a multi-process run the ranks' touched sets differ: they are merged inside a DDP forward
+        (every rank refreshes there at the same step), and a refresh elsewhere is full."""
+        index = getattr(self.sampler, "index", None)
+        if (not self._tracks_touched() or self._index_stale or index is None
+                or self._refreshes_since_full + 1 >= self.full_refresh_every):
+            return False
+        if (index.codebook1.device != self.weight.device or touched.device != self.weight.device
+                or index.num_classes != self.num_classes or index.in_features != self.in_features
+                or (index.beta is None) != (self.bias is None) or touched.numel() != self.num_classes):
+            return False
+        return sync or not _multi_process()
 
     def _maybe_refresh(self) -> None:
         if torch.compiler.is_compiling():
@@ -169,7 +254,7 @@ class IMISoftmax(nn.Module):
         sampler_device = getattr(self.sampler, "device", None)
         moved = sampler_device is not None and sampler_device != self.weight.device
         if self._index_stale or due or moved:
-            self.refresh_index()
+            self._refresh(full=moved, sync=_in_ddp_forward())
         self._training_calls += 1
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -177,7 +262,8 @@ class IMISoftmax(nn.Module):
         """The index, the k-means generator and the training-call counter: what a run needs to
         continue bit for bit after a reload (tensors and plain values: weights_only-loadable)."""
         return {_EXTRA_STATE_MARK: 1, "training_calls": self._training_calls,
-                "index_stale": self._index_stale, "sampler": self.sampler.state_dict()}
+                "index_stale": self._index_stale, "sampler": self.sampler.state_dict(),
+                "touched": self._touched, "refreshes_since_full": self._refreshes_since_full}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or _EXTRA_STATE_MARK not in state:
@@ -185,6 +271,13 @@ class IMISoftmax(nn.Module):
         restored = self.sampler.load_state_dict(state["sampler"], device=self.weight.device)
         self._training_calls = int(state["training_calls"])
         self._index_stale = bool(state["index_stale"]) or not restored
+        # checkpoints from before incremental refreshes have no touched set: the next refresh is full
+        touched = state.get("touched")
+        if touched is not None and (touched.dtype != torch.bool or tuple(touched.shape) != (self.num_classes,)):
+            raise ValueError(f"_extra_state's touched set must be bool [{self.num_classes}], got "
+                             f"{touched.dtype} {tuple(touched.shape)}: was it saved by a head with another num_classes?")
+        self._touched = None if touched is None else touched.to(self.weight.device, copy=True)
+        self._refreshes_since_full = int(state.get("refreshes_since_full", 0))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -228,9 +321,9 @@ class IMISoftmax(nn.Module):
         if target is None:
             return F.linear(x, self.weight, self.bias)
         if not self.training:
-            logits = F.linear(x, self.weight, self.bias)
-            return F.cross_entropy(logits.reshape(-1, self.num_classes), target.reshape(-1),
-                                   ignore_index=self.ignore_index)
+            return chunked_cross_entropy(x.reshape(-1, self.in_features), self.weight, self.bias,
+                                         target.reshape(-1), ignore_index=self.ignore_index,
+                                         chunk_size=self.eval_chunk_size)
         return self._sampled_loss(x, target)
 
     def _check_ddp(self) -> None:
@@ -299,6 +392,10 @@ class IMISoftmax(nn.Module):
         ids, log_q, target_log_q = self.sampler.sample_with_targets(
             flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator)
         target_log_q = target_log_q.squeeze(1)
+        touched = self._touched
+        if touched is not None:  # the rows this step's gradient reaches: O(B * M)
+            # one index built from the draws' output: ordered after the op that checks the targets
+            touched.index_fill_(0, torch.cat([ids.reshape(-1), safe_t]), True)
         return flat_x, flat_t, ids, log_q, target_log_q
 
     def _sampled_loss(self, x: Tensor, target: Tensor) -> Tensor:
@@ -333,33 +430,54 @@ class IMISoftmax(nn.Module):
         return logits, ids
 
     @torch.no_grad()
-    def topk(self, x: Tensor, k: int, chunk_size: int = 65536) -> Tuple[Tensor, Tensor]:
+    def topk(self, x: Tensor, k: int, chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """(values, indices) [*, k] of the k largest logits, computed over class chunks so the full
-        [*, num_classes] logit matrix never exists at once."""
+        [*, num_classes] logit matrix never exists at once (memory O(B * (chunk_size + k))).
+        chunk_size: classes per chunk; None takes ``eval_chunk_size`` (automatic when that is None)."""
         self._check_input(x, None)
         check_positive_int("k", k)
-        check_positive_int("chunk_size", chunk_size)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
         if k > self.num_classes:
             raise ValueError(f"k must be <= num_classes ({self.num_classes}), got {k}")
         flat = x.reshape(-1, self.in_features)
-        best_v = best_i = None
-        for start in range(0, self.num_classes, chunk_size):
-            stop = min(start + chunk_size, self.num_classes)
-            b = None if self.bias is None else self.bias[start:stop]
-            logits = F.linear(flat, self.weight[start:stop], b)
-            v, i = logits.topk(min(k, stop - start), dim=-1)
-            i = i + start
-            if best_v is not None:
-                v, j = torch.cat([best_v, v], 1).topk(k, dim=-1) if best_v.shape[1] + v.shape[1] >= k else (torch.cat([best_v, v], 1), None)
-                i = torch.cat([best_i, i], 1) if j is None else torch.cat([best_i, i], 1).gather(1, j)
-            best_v, best_i = v, i
-        return best_v.reshape(*x.shape[:-1], k), best_i.reshape(*x.shape[:-1], k)
+        chunk = chunk_size if chunk_size is not None else self.eval_chunk_size
+        if chunk is None:
+            chunk = auto_chunk_size(flat.shape[0], self.num_classes)
+        values, indices = chunked_topk(flat, self.weight, self.bias, k, chunk)
+        return values.reshape(*x.shape[:-1], k), indices.reshape(*x.shape[:-1], k)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"bias={self.bias is not None}, num_samples={self.num_samples}, sampler={self.sampler}, "
-                f"refresh_every={self.refresh_every}, remove_accidental_hits={self.remove_accidental_hits}, "
+                f"refresh_every={self.refresh_every}, full_refresh_every={self.full_refresh_every}, "
+                f"eval_chunk_size={self.eval_chunk_size}, remove_accidental_hits={self.remove_accidental_hits}, "
                 f"sparse_grad={self.sparse_grad}")
+
+
+def _multi_process() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _in_ddp_forward() -> bool:
+    """Inside a DistributedDataParallel forward every rank reaches the same training call, so a
+    collective there cannot leave one rank waiting."""
+    if not _multi_process():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module() is not None
+
+
+def _union_over_ranks(touched: Tensor) -> Tensor:
+    """The classes touched on any rank (one all_reduce of N bytes per refresh)."""
+    import torch.distributed as dist
+
+    flags = touched.to(torch.uint8)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.bool()
 
 
 def _all_reduce_sparse(grad: Optional[Tensor], param: Tensor, world: int, group) -> Tensor:

@@ -76,6 +76,11 @@ def _train(rank: int, world: int, mode: str) -> dict:
                 result["grad_err"] = max(result["grad_err"], float(err))
             opt.step()
             result["losses"].append(float(loss))
+        # the refreshes at calls 2 and 4 were incremental: inside the DDP forward the ranks' touched
+        # rows are merged, so the ranks (different data, different negatives) hold the same index
+        result["incremental_refreshes"] = module.head._refreshes_since_full
+        result["index_incremental"] = {k: v.clone() for k, v in module.head.sampler.index._asdict().items()
+                                       if isinstance(v, torch.Tensor)}
         module.head.refresh_index()
         result["params"] = {k: v.detach().clone() for k, v in module.state_dict().items()
                             if isinstance(v, torch.Tensor)}
@@ -128,6 +133,10 @@ def test_ddp_keeps_ranks_identical(ddp_results, mode):
         assert torch.equal(value, r1["params"][name]), name
     for name, value in r0["index"].items():  # and build the same index from them
         assert torch.equal(value, r1["index"][name]), name
+    if mode == "dense":  # incremental refreshes inside the DDP forward: touched rows merged across ranks
+        assert r0["incremental_refreshes"] == r1["incremental_refreshes"] == 2
+        for name, value in r0["index_incremental"].items():
+            assert torch.equal(value, r1["index_incremental"][name]), name
 
 
 def test_ddp_sparse_grad_gets_a_clear_error_on_every_rank(ddp_results):

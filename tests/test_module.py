@@ -102,12 +102,13 @@ def test_state_dict_round_trip_with_linear():
 def test_refresh_every_counts_training_forwards(monkeypatch):
     head = make_head(refresh_every=3)
     builds = []
-    original = head.sampler.build
-    monkeypatch.setattr(head.sampler, "build", lambda w, b=None: builds.append(1) or original(w, b))
+    original, update = head.sampler.build, head.sampler.update
+    monkeypatch.setattr(head.sampler, "build", lambda w, b=None: builds.append("full") or original(w, b))
+    monkeypatch.setattr(head.sampler, "update", lambda *a: builds.append("inc") or update(*a))
     x, y = torch.randn(4, 8), torch.randint(0, 100, (4,))
     for _ in range(7):
         head(x, y)
-    assert len(builds) == 3  # calls 0, 3, 6
+    assert builds == ["full", "inc", "inc"]  # calls 0, 3, 6; incremental between full rebuilds
     head.eval()
     head(x, y)
     head(x)

@@ -36,6 +36,18 @@ def test_build_cells(device, bias):
 
 
 @pytest.mark.parametrize("bias", [True, False])
+def test_update_cells(device, bias):
+    (code1, code2, beta), cells = random_index(120, 4, bias, seed=3, device=device)
+    g = torch.Generator().manual_seed(4)
+    changed = torch.randperm(120, generator=g)[:17].sort().values.to(device)
+    new1, new2 = (torch.randint(0, 4, (17,), generator=g).to(device) for _ in range(2))
+    new_beta = torch.randn(17, generator=g).to(device) if bias else None
+    tables = (*cells[:2], *(cells[2:5] if bias else (None, None, None)), *cells[5:])
+    torch.library.opcheck(ops.update_cells, (*tables, code1, code2, beta, changed, new1, new2, new_beta, 4),
+                          test_utils=ALL_UTILS)
+
+
+@pytest.mark.parametrize("bias", [True, False])
 def test_midx_sample_seeded(device, bias):
     _, index = random_index(300, 6, bias, seed=2, device=device)
     s1, s2 = _scores(device)
@@ -131,7 +143,7 @@ def test_sampled_softmax_backward_and_weight_grads(device, dtype, bias):
 
 def test_every_op_is_covered():
     """A new op in the library must get an opcheck here (the optimizer ops: in test_optim.py)."""
-    covered = {"assign_codewords", "build_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
+    covered = {"assign_codewords", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
                "sampled_softmax_forward", "sampled_softmax_backward", "dense_weight_grad", "sparse_weight_grad",
                "row_sparse_adam_", "row_wise_adagrad_"}
     # Every schema the library registered (dir(torch.ops.imi_softmax) lists only the ops already

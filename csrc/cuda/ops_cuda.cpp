@@ -169,6 +169,55 @@ build_cells_cuda(const at::Tensor& code1_in, const at::Tensor& code2_in,
   return {offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max};
 }
 
+// ---- update_cells ------------------------------------------------------------------------------
+
+// On the GPU the cells are rebuilt from the updated codes by build_cells' kernels (a device radix
+// sort is O(N) and fast there), which is the result the CPU's in-place cell update must equal.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor>
+update_cells_cuda(const at::Tensor& offsets, const at::Tensor& class_ids,
+                  const std::optional<at::Tensor>& alias_prob, const std::optional<at::Tensor>& alias_pos,
+                  const std::optional<at::Tensor>& beta_csr, const at::Tensor& log_n, const at::Tensor& cell_mass,
+                  const at::Tensor& log_n_max, const at::Tensor& code1, const at::Tensor& code2,
+                  const std::optional<at::Tensor>& beta, const at::Tensor& changed, const at::Tensor& new_code1,
+                  const at::Tensor& new_code2, const std::optional<at::Tensor>& new_beta, int64_t K) {
+  const bool has_beta = update_cells_inputs("update_cells", K, offsets, class_ids, alias_prob, alias_pos, beta_csr,
+                                            log_n, cell_mass, log_n_max, code1, code2, beta, changed, new_code1,
+                                            new_code2, new_beta);
+  const c10::cuda::CUDAGuard guard(code1.device());
+  const int64_t N = code1.numel(), C = changed.numel();
+  if (C > 0) {
+    // One small device->host copy of the verdicts: the ids are scattered into [N] arrays.
+    const auto order_bad = C > 1 ? changed.narrow(0, 1, C - 1).le(changed.narrow(0, 0, C - 1)).any()
+                                 : at::zeros({}, changed.options().dtype(at::kBool));
+    const auto r = at::stack({changed.min(), changed.max(), new_code1.min(), new_code1.max(), new_code2.min(),
+                              new_code2.max(), order_bad.to(at::kLong)}).cpu();
+    const int64_t* v = r.data_ptr<int64_t>();
+    TORCH_CHECK(v[0] >= 0 && v[1] < N, "update_cells: changed holds ids in [", v[0], ", ", v[1],
+                "], outside the class ids [0, ", N, ")");
+    TORCH_CHECK(v[6] == 0, "update_cells: changed must be strictly ascending (sorted, no repeats; use torch.unique)");
+    TORCH_CHECK(v[2] >= 0 && v[3] < K && v[4] >= 0 && v[5] < K, "update_cells: new codes ", code_range_error(K),
+                ": new_code1 in [", v[2], ", ", v[3], "] and new_code2 in [", v[4], ", ", v[5], "]");
+  }
+  auto out_code1 = code1.clone().index_copy_(0, changed, new_code1);
+  auto out_code2 = code2.clone().index_copy_(0, changed, new_code2);
+  auto out_beta = has_beta ? beta->clone().index_copy_(0, changed, *new_beta)
+                           : at::empty({0}, code1.options().dtype(at::kFloat));
+  auto cells = build_cells_cuda(out_code1, out_code2,
+                                has_beta ? std::optional<at::Tensor>(out_beta) : std::nullopt, K);
+  return {out_code1,
+          out_code2,
+          out_beta,
+          std::get<0>(cells),
+          std::get<1>(cells),
+          std::get<2>(cells),
+          std::get<3>(cells),
+          std::get<4>(cells),
+          std::get<5>(cells),
+          std::get<6>(cells),
+          std::get<7>(cells)};
+}
+
 // ---- midx_sample / midx_sample_seeded / midx_log_prob ------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
@@ -550,6 +599,7 @@ void row_wise_adagrad_cuda(const at::Tensor& param, const at::Tensor& sum, const
 TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("assign_codewords", &assign_codewords_cuda);
   m.impl("build_cells", &build_cells_cuda);
+  m.impl("update_cells", &update_cells_cuda);
   m.impl("midx_sample", &midx_sample_cuda);
   m.impl("midx_sample_seeded", &midx_sample_seeded_cuda);
   m.impl("midx_log_prob", &midx_log_prob_cuda);

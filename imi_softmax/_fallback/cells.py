@@ -160,3 +160,44 @@ def _cell_scaled_mass(counts: List[int], off: List[int], beta_csr: Optional[np.n
             total += math.exp(b - log_n_max)
         out[c] = total
     return torch.from_numpy(out)
+
+
+def update_cells(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor], alias_pos: Optional[Tensor],
+                 beta_csr: Optional[Tensor], log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor, code1: Tensor,
+                 code2: Tensor, beta: Optional[Tensor], changed: Tensor, new_code1: Tensor, new_code2: Tensor,
+                 new_beta: Optional[Tensor], num_codewords: int):
+    """(code1, code2, beta ([0] without bias)) with the rows ``changed`` overwritten, followed by
+    build_cells' outputs for them: what the kernel's in-place cell update must equal bit for bit."""
+    K = int(num_codewords)
+    _check(K >= 1, f"update_cells: num_codewords must be >= 1, got {K}")
+    n = code1.shape[0]
+    _check(code1.dim() == 1 and code1.shape == code2.shape and code1.dtype == torch.int64
+           and code2.dtype == torch.int64, "update_cells: code1/code2 must be int64 [N] of equal length")
+    _check(offsets.dtype == torch.int64 and offsets.shape == (K * K + 1,),
+           f"update_cells: offsets must be int64 [K*K+1] = [{K * K + 1}]")
+    _check(class_ids.shape == (n,), f"update_cells: class_ids must be [N] = [{n}]")
+    has_beta = beta is not None
+    _check(has_beta == (alias_prob is not None and alias_prob.numel() > 0),
+           "update_cells: beta and the alias tables (alias_prob, alias_pos, beta_csr) must be given together")
+    _check(changed.dim() == 1 and changed.dtype == torch.int64,
+           "update_cells: changed must be int64 [C] (the re-assigned class ids, ascending)")
+    c = changed.shape[0]
+    _check(new_code1.shape == (c,) and new_code2.shape == (c,) and new_code1.dtype == torch.int64
+           and new_code2.dtype == torch.int64, f"update_cells: new_code1 and new_code2 must be int64 [C] = [{c}]")
+    _check((new_beta is not None) == has_beta, "update_cells: new_beta must be given exactly when the index has a bias")
+    if has_beta:
+        _check(beta.shape == (n,) and beta.dtype == torch.float32, f"update_cells: beta must be float32 [N] = [{n}]")
+        _check(new_beta.shape == (c,) and new_beta.dtype == torch.float32,
+               f"update_cells: new_beta must be float32 [C] = [{c}]")
+    if c > 0:
+        _check(int(changed.min()) >= 0 and int(changed.max()) < n,
+               f"update_cells: changed holds ids outside the class ids [0, {n})")
+        _check(c == 1 or bool((changed[1:] > changed[:-1]).all()),
+               "update_cells: changed must be strictly ascending (sorted, no repeats; use torch.unique)")
+        bad = (new_code1 < 0) | (new_code1 >= K) | (new_code2 < 0) | (new_code2 >= K)
+        _check(not bool(bad.any()), f"update_cells: new codes out of range [0, {K})")
+    out1 = code1.clone().index_copy_(0, changed, new_code1)
+    out2 = code2.clone().index_copy_(0, changed, new_code2)
+    out_beta = beta.clone().index_copy_(0, changed, new_beta) if has_beta else torch.empty(
+        0, dtype=torch.float32, device=code1.device)
+    return (out1, out2, out_beta) + tuple(build_cells(out1, out2, out_beta if has_beta else None, K))

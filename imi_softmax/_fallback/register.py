@@ -18,6 +18,11 @@ SCHEMAS = {
     "build_cells": ("build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
                     "(Tensor offsets, Tensor class_ids, Tensor alias_prob, Tensor alias_pos, Tensor beta_csr, "
                     "Tensor log_n, Tensor cell_mass, Tensor log_n_max)", cells.build_cells),
+    "update_cells": ("update_cells(Tensor offsets, Tensor class_ids, Tensor? alias_prob, Tensor? alias_pos, "
+                     "Tensor? beta_csr, Tensor log_n, Tensor cell_mass, Tensor log_n_max, Tensor code1, "
+                     "Tensor code2, Tensor? beta, Tensor changed, Tensor new_code1, Tensor new_code2, "
+                     "Tensor? new_beta, int num_codewords) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+                     "Tensor, Tensor, Tensor, Tensor, Tensor)", cells.update_cells),
     "midx_sample": ("midx_sample(" + _TABLES + "Generator? generator, " + _SAMPLE_TAIL, proposal.midx_sample),
     "midx_sample_seeded": ("midx_sample_seeded(" + _TABLES + "int seed, int offset, " + _SAMPLE_TAIL,
                            proposal.midx_sample_seeded),

@@ -16,6 +16,15 @@ _OVERFLOW_FIX = ("weights this large usually mean training diverged: lower the l
                  "gradients or rescale the weight (and query) before building the index")
 
 
+def _row_sq_norms(w: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """Squared norm of each row of w [N, d], a chunk of rows at a time: w.pow(2) would be a second
+    [N, d] tensor (5 GB at N = 20M, d = 64)."""
+    out = w.new_empty(w.shape[0])
+    for start in range(0, w.shape[0], chunk):
+        out[start:start + chunk] = w[start:start + chunk].pow(2).sum(1)
+    return out
+
+
 class MIDXIndex(NamedTuple):
     """Every tensor of one built index. Immutable once built: a rebuild makes a new MIDXIndex and
     swaps it in with one assignment, so a reader that took one reference sees one whole index."""
@@ -97,7 +106,7 @@ class MIDXSampler(Sampler):
         w = weight.detach().to(torch.float32)
         check_finite("weight", w)
         # k-means distances and the proposal scores square the rows: past ~1e19 they are inf in fp32
-        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX, cause=w)
+        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
         beta = None if bias is None else bias.detach().to(torch.float32).contiguous()
         if beta is not None:
             check_finite("bias", beta)
@@ -127,6 +136,69 @@ class MIDXSampler(Sampler):
         return MIDXIndex(c1, c2, code1, code2, beta, offsets, class_ids,
                          alias_prob if has_bias else None, alias_pos if has_bias else None,
                          beta_csr if has_bias else None, log_n, cell_mass, log_n_max, n, d)
+
+    def update(self, weight: Tensor, bias: Optional[Tensor], changed: Tensor) -> "MIDXSampler":
+        """Incremental rebuild: re-assign only the classes ``changed`` (int64 ids, any order and
+        repeats) against the current codebooks (kept frozen), take their bias snapshot, and update
+        the cells they leave or join. weight [N, d] and bias [N] are the current parameters (the
+        same N, d, device and bias presence as the index). The result is a new index, equal to a
+        full rebuild's cells for the same codebooks, codes and beta, swapped in by one assignment.
+        The k-means generator is not used (a resumed run stays bit exact)."""
+        index = self._require_index()
+        check_tensor("weight", weight, dims=(2,))
+        if tuple(weight.shape) != (index.num_classes, index.in_features):
+            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
+                             f"{tuple(weight.shape)}: a different shape needs a full build(weight, bias)")
+        if weight.device != index.codebook1.device:
+            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}: "
+                             f"a new device needs a full build(weight, bias)")
+        if (bias is None) != (index.beta is None):
+            raise ValueError("bias must be given exactly when the index was built with one "
+                             f"(index has {'a' if index.beta is not None else 'no'} bias snapshot): "
+                             "call build(weight, bias) instead")
+        if bias is not None:
+            check_tensor("bias", bias, dims=(1,))
+            if bias.shape[0] != index.num_classes:
+                raise ValueError(f"bias must be [{index.num_classes}] to match weight, got {tuple(bias.shape)}")
+        check_tensor("changed", changed)
+        if changed.dtype != torch.int64:
+            raise TypeError(f"changed must hold int64 class ids, got {changed.dtype}")
+        if changed.device != weight.device:
+            raise ValueError(f"changed is on {changed.device} but weight is on {weight.device}")
+        check_class_ids("changed", changed, index.num_classes)
+        changed = changed.reshape(-1)
+        if changed.numel() > 1 and not bool((changed[1:] > changed[:-1]).all()):
+            changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
+        with no_autocast(weight.device):
+            self._index = self._update_index(index, weight, bias, changed)
+        return self
+
+    def _update_index(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor], changed: Tensor) -> MIDXIndex:
+        c1, c2 = index.codebook1, index.codebook2
+        w = weight.detach()[changed].to(torch.float32)
+        check_finite("weight", w)
+        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX, cause=w)
+        new_beta = None
+        if bias is not None:
+            new_beta = bias.detach()[changed].to(torch.float32)
+            check_finite("bias", new_beta)
+        if self.quantizer == "rq":
+            a1, _ = assign(w, c1)
+            a2 = assign_residual(w, c1, a1, c2)
+        else:
+            h = w.shape[1] // 2
+            a1, _ = assign(w[:, :h].contiguous(), c1)
+            a2, _ = assign(w[:, h:].contiguous(), c2)
+        (code1, code2, beta, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
+         log_n_max) = ops.update_cells(index.offsets, index.class_ids, index.alias_prob, index.alias_pos,
+                                       index.beta_csr, index.log_n, index.cell_mass, index.log_n_max,
+                                       index.code1, index.code2, index.beta, changed, a1, a2, new_beta,
+                                       self.num_codewords)
+        has_bias = bias is not None
+        return MIDXIndex(c1, c2, code1, code2, beta if has_bias else None, offsets, class_ids,
+                         alias_prob if has_bias else None, alias_pos if has_bias else None,
+                         beta_csr if has_bias else None, log_n, cell_mass, log_n_max,
+                         index.num_classes, index.in_features)
 
     def _require_index(self) -> MIDXIndex:
         index = self._index

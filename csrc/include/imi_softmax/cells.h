@@ -13,25 +13,34 @@ IMI_HD int64_t cell_of(const int64_t* code1, const int64_t* code2, int64_t i, in
 // there is a bias, fills beta_csr (beta by position) and the cell's alias table (Vose's method)
 // over exp(beta): slot p is kept with probability prob[p], else position alias[p] is taken.
 // scratch: an int64 work area indexed by CSR position (same size as the CSR arrays).
+// exps: optional room for end - begin doubles, so each exp is computed once (same values).
+// beta_csr_filled: the caller already wrote beta_csr[begin, end) (sequentially, from an old index),
+// so the random reads beta[class_ids[p]] are skipped (same values).
 IMI_HD float cell_log_mass_and_alias(const int64_t* class_ids, int64_t begin, int64_t end,
                                      const float* beta, float* beta_csr, float* prob,
-                                     int64_t* alias, int64_t* scratch) {
+                                     int64_t* alias, int64_t* scratch, double* exps = nullptr,
+                                     bool beta_csr_filled = false) {
   if (end == begin) return neg_inf<float>();
   const int64_t n = end - begin;
   if (beta == nullptr) return log_(static_cast<float>(n));
   float m = neg_inf<float>();
   for (int64_t p = begin; p < end; ++p) {
-    beta_csr[p] = beta[class_ids[p]];
+    if (!beta_csr_filled) beta_csr[p] = beta[class_ids[p]];
     m = max_(m, beta_csr[p]);
   }
   double total = 0.0;
-  for (int64_t p = begin; p < end; ++p) total += exp(static_cast<double>(beta_csr[p] - m));
+  for (int64_t p = begin; p < end; ++p) {
+    const double e = exp(static_cast<double>(beta_csr[p] - m));
+    if (exps != nullptr) exps[p - begin] = e;
+    total += e;
+  }
   // Scaled weights n * w_p / sum(w) in prob[]; small ones stacked from the front of scratch,
   // large ones from the back.
   int64_t* work = scratch + begin;
   int64_t small = 0, large = n;
   for (int64_t p = begin; p < end; ++p) {
-    prob[p] = static_cast<float>(exp(static_cast<double>(beta_csr[p] - m)) * n / total);
+    const double e = exps != nullptr ? exps[p - begin] : exp(static_cast<double>(beta_csr[p] - m));
+    prob[p] = static_cast<float>(e * n / total);
     alias[p] = p;
     if (prob[p] < 1.f) work[small++] = p; else work[--large] = p;
   }

@@ -1,0 +1,218 @@
+// Incremental index update on CPU: the rows `changed` get new codes (and bias snapshot); only the
+// cells they leave or join are rebuilt (merge of the cell's staying classes with its arrivals, then
+// the shared mass/alias body); every other cell is copied from the old index, its alias positions
+// shifted to the cell's new place. The result equals build_cells on the new codes and beta bit for
+// bit: same ascending-id order within a cell, same per-cell arithmetic (the alias body only depends
+// on positions relative to the cell's start).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../tensor_views.h"
+#include "fresh_zeros.h"
+#include "imi_softmax/cells.h"
+
+namespace imi_softmax {
+namespace {
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+constexpr const char* kOp = "update_cells";
+
+Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
+                         const std::optional<at::Tensor>& alias_prob, const std::optional<at::Tensor>& alias_pos,
+                         const std::optional<at::Tensor>& beta_csr, const at::Tensor& log_n,
+                         const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& code1,
+                         const at::Tensor& code2, const std::optional<at::Tensor>& beta, const at::Tensor& changed,
+                         const at::Tensor& new_code1, const at::Tensor& new_code2,
+                         const std::optional<at::Tensor>& new_beta, int64_t K) {
+  const bool has_beta = update_cells_inputs(kOp, K, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n,
+                                            cell_mass, log_n_max, code1, code2, beta, changed, new_code1,
+                                            new_code2, new_beta);
+  const int64_t N = code1.numel(), C = changed.numel(), KK = K * K;
+  const int64_t* ch = changed.data_ptr<int64_t>();
+  const int64_t* nc1 = new_code1.data_ptr<int64_t>();
+  const int64_t* nc2 = new_code2.data_ptr<int64_t>();
+  const int64_t* oc1 = code1.data_ptr<int64_t>();
+  const int64_t* oc2 = code2.data_ptr<int64_t>();
+  for (int64_t j = 0; j < C; ++j) {
+    TORCH_CHECK(imi::in_range(ch[j], N), kOp, ": changed[", j, "] = ", ch[j], " is not a class id in [0, ", N, ")");
+    TORCH_CHECK(j == 0 || ch[j] > ch[j - 1], kOp, ": changed must be strictly ascending (sorted, no repeats); ",
+                "changed[", j - 1, "] = ", ch[j - 1], ", changed[", j, "] = ", ch[j], " (use torch.unique)");
+    TORCH_CHECK(imi::in_range(nc1[j], K) && imi::in_range(nc2[j], K), kOp, ": new code of changed[", j, "] ",
+                code_range_error(K), ": (", nc1[j], ", ", nc2[j], ")");
+    TORCH_CHECK(imi::in_range(oc1[ch[j]], K) && imi::in_range(oc2[ch[j]], K), kOp, ": old code of class ", ch[j],
+                " ", code_range_error(K), ": (", oc1[ch[j]], ", ", oc2[ch[j]], ")");
+  }
+
+  // The new per-class arrays: the old ones with the changed rows overwritten.
+  // Every large output comes from fresh_zeros: 2 MiB pages, so first touch is not ~250k page
+  // faults at N = 20M (a measurable part of an incremental refresh).
+  auto out_code1 = fresh_zeros({N}, code1.options()).copy_(code1);
+  auto out_code2 = fresh_zeros({N}, code2.options()).copy_(code2);
+  auto out_beta = has_beta ? fresh_zeros({N}, beta->options()).copy_(*beta)
+                           : at::empty({0}, code1.options().dtype(at::kFloat));
+  {
+    int64_t* o1 = out_code1.data_ptr<int64_t>();
+    int64_t* o2 = out_code2.data_ptr<int64_t>();
+    float* ob = has_beta ? out_beta.data_ptr<float>() : nullptr;
+    const float* nb = has_beta ? new_beta->data_ptr<float>() : nullptr;
+    for (int64_t j = 0; j < C; ++j) {
+      o1[ch[j]] = nc1[j];
+      o2[ch[j]] = nc2[j];
+      if (has_beta) ob[ch[j]] = nb[j];
+    }
+  }
+
+  // Cells that lose or gain a class, or whose class changed its bias: rebuilt. The changed rows
+  // are bucketed by the cell they leave and by the cell they join, ascending within a bucket
+  // (changed is ascending), so a rebuilt cell is one sequential merge of its old slice, its
+  // leavers and its arrivals: no random reads over the N classes.
+  const int64_t* old_off = offsets.data_ptr<int64_t>();
+  std::vector<int64_t> count(KK);
+  for (int64_t c = 0; c < KK; ++c) count[c] = old_off[c + 1] - old_off[c];
+  std::vector<uint8_t> affected(KK, 0);
+  std::vector<int64_t> arrive_off(KK + 1, 0), leave_off(KK + 1, 0);
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t from = imi::cell_of(oc1, oc2, ch[j], K), to = nc1[j] * K + nc2[j];
+    --count[from];
+    ++count[to];
+    affected[from] = affected[to] = 1;
+    ++arrive_off[to + 1];
+    ++leave_off[from + 1];
+  }
+  for (int64_t c = 0; c < KK; ++c) {
+    arrive_off[c + 1] += arrive_off[c];
+    leave_off[c + 1] += leave_off[c];
+  }
+  std::vector<int64_t> arrivals(C), leavers(C);  // arrivals: positions j in changed; leavers: ids
+  {
+    std::vector<int64_t> to_cursor(arrive_off.begin(), arrive_off.end() - 1);
+    std::vector<int64_t> from_cursor(leave_off.begin(), leave_off.end() - 1);
+    for (int64_t j = 0; j < C; ++j) {
+      arrivals[to_cursor[nc1[j] * K + nc2[j]]++] = j;
+      leavers[from_cursor[imi::cell_of(oc1, oc2, ch[j], K)]++] = ch[j];
+    }
+  }
+  const float* nbeta = has_beta ? new_beta->data_ptr<float>() : nullptr;
+
+  auto out_offsets = at::empty({KK + 1}, offsets.options());
+  int64_t* off = out_offsets.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t c = 0; c < KK; ++c) {
+    TORCH_CHECK(count[c] >= 0, kOp, ": cell ", c, " would hold ", count[c], " classes: the old codes of the ",
+                "changed rows do not match the old index's cells (pass the index's own code1/code2)");
+    off[c + 1] = off[c] + count[c];
+  }
+
+  const auto long_opts = code1.options();
+  const auto float_opts = code1.options().dtype(at::kFloat);
+  const int64_t per_class = has_beta ? N : 0;
+  auto out_ids = fresh_zeros({N}, long_opts);
+  auto out_prob = fresh_zeros({per_class}, float_opts);
+  auto out_alias = fresh_zeros({per_class}, long_opts);
+  auto out_bcsr = fresh_zeros({per_class}, float_opts);
+  auto scratch = fresh_zeros({per_class}, long_opts);  // touched only in rebuilt cells
+  auto out_log_n = at::empty({K, K}, float_opts);
+  const int64_t* old_ids = class_ids.data_ptr<int64_t>();
+  const float* old_prob = has_beta ? alias_prob->data_ptr<float>() : nullptr;
+  const int64_t* old_alias = has_beta ? alias_pos->data_ptr<int64_t>() : nullptr;
+  const float* old_bcsr = has_beta ? beta_csr->data_ptr<float>() : nullptr;
+  const float* old_ln = log_n.data_ptr<float>();
+  int64_t* ids = out_ids.data_ptr<int64_t>();
+  float* prob = has_beta ? out_prob.data_ptr<float>() : nullptr;
+  int64_t* alias = has_beta ? out_alias.data_ptr<int64_t>() : nullptr;
+  float* bcsr = has_beta ? out_bcsr.data_ptr<float>() : nullptr;
+  int64_t* work = has_beta ? scratch.data_ptr<int64_t>() : nullptr;
+  const float* bp = has_beta ? out_beta.data_ptr<float>() : nullptr;
+  float* ln = out_log_n.data_ptr<float>();
+  // A cell whose old slice, leavers and arrivals do not add up (a leaver missing from its old
+  // slice, a count off) comes from an inconsistent old index: recorded here, raised after the loop.
+  std::atomic<int64_t> bad_cell{-1};
+
+  at::parallel_for(0, KK, 16, [&](int64_t b, int64_t e) {
+    std::vector<double> exps;  // each exp once per class
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t ob = old_off[c], oe = old_off[c + 1], nb = off[c], ne = off[c + 1];
+      if (!affected[c]) {
+        const int64_t n = oe - ob;
+        std::memcpy(ids + nb, old_ids + ob, n * sizeof(int64_t));
+        if (has_beta) {
+          std::memcpy(prob + nb, old_prob + ob, n * sizeof(float));
+          std::memcpy(bcsr + nb, old_bcsr + ob, n * sizeof(float));
+          const int64_t shift = nb - ob;
+          for (int64_t p = 0; p < n; ++p) alias[nb + p] = old_alias[ob + p] + shift;
+        }
+        ln[c] = old_ln[c];
+        continue;
+      }
+      // Merge (all ascending): the old classes minus the leavers, and the arrivals; with a bias
+      // the beta of each position is written here too (old beta_csr or the new snapshot).
+      int64_t p = nb, a = arrive_off[c], l = leave_off[c];
+      const int64_t ae = arrive_off[c + 1], le = leave_off[c + 1];
+      auto put_arrivals_before = [&](int64_t limit) {
+        for (; a < ae && ch[arrivals[a]] < limit && p < ne; ++a, ++p) {
+          ids[p] = ch[arrivals[a]];
+          if (has_beta) bcsr[p] = nbeta[arrivals[a]];
+        }
+      };
+      bool ok = true;
+      for (int64_t q = ob; q < oe; ++q) {
+        const int64_t i = old_ids[q];
+        if (l < le && leavers[l] == i) {
+          ++l;
+          continue;
+        }
+        put_arrivals_before(i);
+        if (p >= ne) {
+          ok = false;
+          break;
+        }
+        ids[p] = i;
+        if (has_beta) bcsr[p] = old_bcsr[q];
+        ++p;
+      }
+      if (ok) put_arrivals_before(INT64_MAX);
+      if (!ok || p != ne || a != ae || l != le) {
+        int64_t expected = -1;
+        bad_cell.compare_exchange_strong(expected, c);
+        ln[c] = imi::neg_inf<float>();
+        continue;
+      }
+      if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) exps.resize(ne - nb);
+      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work, exps.data(),
+                                           /*beta_csr_filled=*/true);
+    }
+  });
+  const int64_t bad = bad_cell.load();
+  TORCH_CHECK(bad < 0, kOp, ": cell ", bad, " of the old index does not match its codes (a changed class ",
+              "missing from the cell of its old code, or ids not ascending within a cell): pass the index's own ",
+              "offsets/class_ids/code1/code2");
+
+  // Finite max, as build_cells; the scaled masses of untouched cells stay valid while it is unchanged.
+  auto out_log_n_max = out_log_n.masked_fill(out_log_n.isneginf(), -FLT_MAX).max().reshape({1});
+  const float lmax = out_log_n_max.item<float>();
+  const bool same_max = lmax == log_n_max.item<float>();
+  auto out_cell_mass = at::empty({K, K}, float_opts);
+  float* cm = out_cell_mass.data_ptr<float>();
+  const float* old_cm = cell_mass.data_ptr<float>();
+  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c)
+      cm[c] = (same_max && !affected[c]) ? old_cm[c] : imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
+  });
+  return {out_code1, out_code2,  out_beta,  out_offsets,   out_ids,      out_prob,
+          out_alias, out_bcsr,   out_log_n, out_cell_mass, out_log_n_max};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imi_softmax, CPU, m) { m.impl("update_cells", &update_cells_cpu); }
+
+}  // namespace imi_softmax
