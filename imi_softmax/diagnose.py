@@ -15,7 +15,7 @@ from torch import Tensor
 from ._validation import check_finite, check_positive_int
 from .functional import sampled_softmax_loss
 
-__all__ = ["diagnose", "DiagnoseReport"]
+__all__ = ["diagnose", "DiagnoseReport", "proposal_divergence"]
 
 DEFAULT_CHUNK = 16384
 
@@ -60,10 +60,11 @@ def _check_head(head) -> None:
 
 
 @torch.no_grad()
-def _exact_pass(head, xq: Tensor, t: Tensor, chunk: int) -> Dict[str, Tensor]:
-    """Two passes over class chunks: P's logsumexp, then KL(P||Q), sum_i P_i^2/Q_i, the exact gradient
-    sum_i P_i w_i - w_y and log Q's total mass. Peak extra memory O(B * chunk)."""
-    W, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
+def _exact_pass(sampler, weight: Tensor, bias: Optional[Tensor], xq: Tensor, t: Optional[Tensor],
+                chunk: int) -> Dict[str, Tensor]:
+    """Two passes over class chunks: P's logsumexp, then KL(P||Q), sum_i P_i^2/Q_i, log Q's total
+    mass and (given targets t) the exact gradient sum_i P_i w_i - w_y. Peak extra memory O(B * chunk)."""
+    W, b = weight.detach(), None if bias is None else bias.detach()
     n, B = W.shape[0], xq.shape[0]
     xd = xq.double()
     neg_inf = torch.full((B,), float("-inf"), dtype=torch.float64, device=xq.device)
@@ -75,24 +76,47 @@ def _exact_pass(head, xq: Tensor, t: Tensor, chunk: int) -> Dict[str, Tensor]:
     lse = neg_inf.clone()
     for c0 in range(0, n, chunk):
         lse = torch.logaddexp(lse, logits(c0, min(c0 + chunk, n)).logsumexp(1))
-    o_y = (xd * W[t].double()).sum(1) + (0.0 if b is None else b[t].double())
     kl = torch.zeros(B, dtype=torch.float64, device=xq.device)
     chi = neg_inf.clone()       # log sum_i P_i^2 / Q_i
     q_mass = neg_inf.clone()    # log sum_i Q_i (0 for a normalized proposal)
-    g = torch.zeros(B, W.shape[1], dtype=torch.float64, device=xq.device)
+    g = torch.zeros(B, W.shape[1], dtype=torch.float64, device=xq.device) if t is not None else None
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         log_p = logits(c0, c1) - lse.unsqueeze(1)
         ids = torch.arange(c0, c1, device=xq.device).expand(B, c1 - c0).contiguous()
-        log_q = head.sampler.log_prob(xq, ids).double()
+        log_q = sampler.log_prob(xq, ids).double()
         p = log_p.exp()
         # P_i = 0 contributes 0 to KL even where log Q_i = -inf
         kl += torch.where(p > 0, p * (log_p - log_q), 0.0).sum(1)
         chi = torch.logaddexp(chi, (2 * log_p - log_q).logsumexp(1))
         q_mass = torch.logaddexp(q_mass, log_q.logsumexp(1))
-        g += p @ W[c0:c1].double()
-    g -= W[t].double()
-    return dict(lse=lse, o_y=o_y, kl=kl, ess_limit=torch.exp(-chi), q_mass=q_mass, grad=g)
+        if g is not None:
+            g += p @ W[c0:c1].double()
+    out = dict(lse=lse, kl=kl, ess_limit=torch.exp(-chi), q_mass=q_mass)
+    if t is not None:
+        out["o_y"] = (xd * W[t].double()).sum(1) + (0.0 if b is None else b[t].double())
+        out["grad"] = g - W[t].double()
+    return out
+
+
+def proposal_divergence(sampler, weight: Tensor, bias: Optional[Tensor], query: Tensor, *,
+                        chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
+    """The exact, target-free part of :func:`diagnose` for any built sampler and class vectors:
+    per query row, ``kl`` [B] = KL(P || Q) with P = softmax(query @ weight.T + bias), ``ess_fraction_limit``
+    [B] = 1 / sum_i P_i^2 / Q_i, and ``log_q_mass`` [B] = log sum_i Q_i (0 for a normalized Q); float64.
+    query [B, d], weight [N, d], bias [N] or None. Cost: two passes of O(B * N * d) over class chunks."""
+    from ._validation import check_tensor
+
+    check_tensor("query", query, dims=(2,))
+    check_tensor("weight", weight, dims=(2,))
+    if query.shape[1] != weight.shape[1]:
+        raise ValueError(f"query must be [B, {weight.shape[1]}] to match weight [N, d], got {tuple(query.shape)}")
+    if not sampler.is_built or sampler.num_classes != weight.shape[0]:
+        raise ValueError(f"sampler {sampler!r} must be built over the {weight.shape[0]} classes of weight")
+    check_finite("query", query)
+    chunk = DEFAULT_CHUNK if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+    ex = _exact_pass(sampler, weight, bias, query.detach(), None, chunk)
+    return dict(kl=ex["kl"], ess_fraction_limit=ex["ess_limit"], log_q_mass=ex["q_mass"])
 
 
 def diagnose(head, x: Tensor, target: Tensor, *, num_draws: int = 8, num_samples: Optional[int] = None,
@@ -178,7 +202,7 @@ def diagnose(head, x: Tensor, target: Tensor, *, num_draws: int = 8, num_samples
         xq, t = xf[keep], tf[keep]
         if xq.shape[0] == 0:
             raise ValueError(f"every target equals ignore_index ({head.ignore_index}): no row to diagnose")
-        ex = _exact_pass(head, xq, t, chunk)
+        ex = _exact_pass(head.sampler, head.weight, head.bias, xq, t, chunk)
         loss_exact_rows = ex["lse"] - ex["o_y"]
         g_exact = ex["grad"]
 
