@@ -86,9 +86,10 @@ def _exact_pass(sampler, weight: Tensor, bias: Optional[Tensor], xq: Tensor, t: 
         ids = torch.arange(c0, c1, device=xq.device).expand(B, c1 - c0).contiguous()
         log_q = sampler.log_prob(xq, ids).double()
         p = log_p.exp()
+        log_ratio = log_p - log_q
         # P_i = 0 contributes 0 to KL even where log Q_i = -inf
-        kl += torch.where(p > 0, p * (log_p - log_q), 0.0).sum(1)
-        chi = torch.logaddexp(chi, (2 * log_p - log_q).logsumexp(1))
+        kl += torch.where(p > 0, p * log_ratio, 0.0).sum(1)
+        chi = torch.logaddexp(chi, (log_p + log_ratio).logsumexp(1))
         q_mass = torch.logaddexp(q_mass, log_q.logsumexp(1))
         if g is not None:
             g += p @ W[c0:c1].double()
