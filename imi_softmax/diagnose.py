@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._validation import check_finite, check_positive_int
 from .functional import sampled_softmax_loss
+from .samplers.base import no_autocast
 
 __all__ = ["diagnose", "DiagnoseReport", "proposal_divergence"]
 
@@ -196,8 +197,10 @@ def diagnose(head, x: Tensor, target: Tensor, *, num_draws: int = 8, num_samples
                          f"torch.Generator(device='{dev.type}')")
 
     was_training = head.training
+    autocast_off = no_autocast(dev)  # as in training: the proposal and the loss run in the weight's dtype
+    autocast_off.__enter__()
     try:
-        xf = x.reshape(-1, head.in_features).detach()
+        xf = x.reshape(-1, head.in_features).detach().to(head.weight.dtype)
         tf = target.reshape(-1)
         keep = tf != head.ignore_index
         xq, t = xf[keep], tf[keep]
@@ -232,6 +235,7 @@ def diagnose(head, x: Tensor, target: Tensor, *, num_draws: int = 8, num_samples
             rel_rows.append((gs - g_exact).norm(dim=1) / g_exact.norm(dim=1))
             batch_cos.append(torch.nn.functional.cosine_similarity(gs.flatten(), g_exact.flatten(), dim=0))
     finally:
+        autocast_off.__exit__(None, None, None)
         head.train(was_training)
 
     ess = torch.stack(ess_rows).mean(0)
