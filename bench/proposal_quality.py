@@ -12,7 +12,8 @@ interactions; trained set only: the random set has no frequencies), MIDX with ``
 {pq, rq} and K in {16, 32, 64, 128} (``MIDXSampler.build(W, b)``; Q from ``log_prob(h, all_ids)``),
 and ``exact`` (Q = P) as the ideal reference in the gradient plot.
 
-Distribution metrics, exact (all N classes, float64), per query then averaged over queries:
+Distribution metrics, exact (all N classes, float64, ``imi_softmax.diagnose.proposal_divergence``: the
+computation behind ``imi_softmax.diagnose``), per query then averaged over queries:
   * ``KL(P || Q) = sum_i P_i (log P_i - log Q_i)`` (nats);
   * ``ESS fraction = (E_Q[w])^2 / E_Q[w^2] = 1 / sum_i P_i^2 / Q_i``, with w = P / Q. This is the
     limit of ESS / M = (sum_j w_j)^2 / (M sum_j w_j^2) for M draws from Q (the effective number of
@@ -82,14 +83,6 @@ def make_proposals(imi, s, counts):
 def log_p_full(s):
     return torch.log_softmax(F.linear(s["q"].double(), s["W"].double(),
                                       None if s["b"] is None else s["b"].double()), dim=1)
-
-
-def dist_metrics(log_p, log_q):
-    """Per-query KL(P||Q) and ESS fraction, [S] each (float64)."""
-    p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum(1)
-    ess = 1.0 / torch.exp(torch.logsumexp(2 * log_p - log_q, dim=1))
-    return kl, ess
 
 
 def grad_quality(imi, s, sampler, M, repeats, gen_seed, chunk=256):
@@ -178,6 +171,7 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
     import imi_softmax as imi
+    from imi_softmax.diagnose import proposal_divergence
 
     torch.manual_seed(a.seed)
     os.makedirs(a.out, exist_ok=True)
@@ -189,12 +183,11 @@ def main(argv=None):
     for st, s in sets.items():
         n = s["W"].shape[0]
         props = make_proposals(imi, s, s["counts"])
-        log_p = log_p_full(s)
-        all_ids = torch.arange(n).expand(s["q"].shape[0], n).contiguous()
         for name, sampler in props.items():
-            log_q = sampler.log_prob(s["q"], all_ids).double()
-            lse_err = log_q.logsumexp(1).abs().max().item()
-            kl, ess = dist_metrics(log_p, log_q)
+            # the package's exact chunked computation (the same one imi_softmax.diagnose reports)
+            dv = proposal_divergence(sampler, s["W"], s["b"], s["q"])
+            kl, ess = dv["kl"], dv["ess_fraction_limit"]
+            lse_err = dv["log_q_mass"].abs().max().item()
             quant, k = ("", "")
             if name.startswith("midx"):
                 _, quant, kk = name.split("-")

@@ -2,12 +2,13 @@
 
 A drop-in replacement for ``nn.Linear`` + softmax cross-entropy over huge output spaces.
 """
-from . import functional
+from . import functional, metrics
 from ._ops import ops
 from .module import IMISoftmax
 from .distributed import ShardedIMISoftmax
 from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
+from .diagnose import DiagnoseReport, diagnose  # noqa: E402  (the function shadows the submodule name)
 
 __version__ = "0.1.0"
 __all__ = ["IMISoftmax", "ShardedIMISoftmax", "MIDXSampler", "UniformSampler", "UnigramSampler", "ExactSampler",
-           "Sampler", "functional", "ops"]
+           "Sampler", "functional", "ops", "metrics", "diagnose", "DiagnoseReport"]

@@ -8,15 +8,18 @@ Conventions (those of the VAE-CF / MIDX papers):
 - NDCG@k  = sum_{r<k} rel_r / log2(r+2)  /  sum_{r<min(k, n_heldout)} 1 / log2(r+2).
 Functions return one value per user (float64 tensor [U]); users with no held-out item give NaN, so
 average with ``torch.nanmean`` (or skip them before scoring, as :func:`evaluate` does).
+The recall/NDCG math is :mod:`imi_softmax.metrics` (the one implementation); this module keeps the
+example's [U, N] mask interface and its truncated-recall convention.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from imi_softmax import metrics as _pkg
 
 
 def _t(x) -> Tensor:
@@ -39,23 +42,13 @@ def topk_hits(scores, heldout_mask, k: int) -> Tensor:
 
 
 def recall_from_hits(hits, n_relevant, k: int) -> Tensor:
-    hits, n = _t(hits).bool(), _t(n_relevant).to(torch.float64)
-    got = hits[:, :k].sum(-1).to(torch.float64)
-    return got / torch.clamp(n, max=k).masked_fill(n == 0, float("nan"))
-
-
-def _discounts(k: int) -> Tensor:
-    return 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
+    """hits / min(k, n_relevant): :func:`imi_softmax.metrics.recall_from_hits` with ``truncated=True``."""
+    return _pkg.recall_from_hits(_t(hits), _t(n_relevant), k, truncated=True)
 
 
 def ndcg_from_hits(hits, n_relevant, k: int) -> Tensor:
-    hits, n = _t(hits).bool(), _t(n_relevant).to(torch.long)
-    h = hits[:, :k].to(torch.float64)
-    disc = _discounts(k)
-    dcg = (h * disc[: h.shape[1]]).sum(-1)
-    idcg_table = torch.cat([torch.zeros(1, dtype=torch.float64), disc.cumsum(0)])
-    idcg = idcg_table[n.clamp(max=k)]
-    return dcg / idcg.masked_fill(n == 0, float("nan"))
+    """:func:`imi_softmax.metrics.ndcg_from_hits` (same formula as this module's docstring)."""
+    return _pkg.ndcg_from_hits(_t(hits), _t(n_relevant), k)
 
 
 def recall_at_k(scores, heldout_mask, k: int) -> Tensor:
