@@ -106,6 +106,9 @@ def imi_step_run(a, N: int, tag: str, profile: bool):
     head.refresh_every = 0
     step_s, times = median_time(step, a.steps)
     state = state_bytes(opt)
+    peak_after_steps = peak_rss_bytes()  # includes the first full build
+    index_bytes = sum(v.numel() * v.element_size() for v in head.sampler._index._asdict().values()
+                      if torch.is_tensor(v)) if getattr(head.sampler, "_index", None) is not None else 0
 
     prof_txt = None
     if profile:
@@ -138,7 +141,8 @@ def imi_step_run(a, N: int, tag: str, profile: bool):
                refresh_amortized_full_every_time_s=amortized_upper,
                refresh_amortized_default_s=amortized_default,
                step_with_refresh_upper_s=step_s + amortized_upper,
-               weights_bytes=weights, optimizer_state_bytes=state, peak_rss_bytes=peak,
+               weights_bytes=weights, optimizer_state_bytes=state, index_bytes=index_bytes,
+               peak_rss_after_build_and_steps_bytes=peak_after_steps, peak_rss_bytes=peak,
                peak_minus_weights_and_state_bytes=peak - weights - state)
     del head, opt
     gc.collect()
@@ -203,7 +207,9 @@ def main(argv=None) -> None:
           f"  step median {res['step_median_s'] * 1e3:.1f} ms (+ refresh amortized: default schedule "
           f"{res['refresh_amortized_default_s'] * 1e3:.1f} ms, full every time {res['refresh_amortized_full_every_time_s'] * 1e3:.1f} ms)\n"
           f"  peak RSS {gib(res['peak_rss_bytes']):.2f} GiB = weights {gib(res['weights_bytes']):.2f} + optimizer "
-          f"state {gib(res['optimizer_state_bytes']):.2f} + {gib(res['peak_minus_weights_and_state_bytes']):.2f} GiB",
+          f"state {gib(res['optimizer_state_bytes']):.2f} + {gib(res['peak_minus_weights_and_state_bytes']):.2f} GiB "
+          f"(index {gib(res['index_bytes']):.2f} GiB; peak before the refresh timings "
+          f"{gib(res['peak_rss_after_build_and_steps_bytes']):.2f} GiB)",
           flush=True)
     if a.compare_full:
         full = full_softmax_run(a, a.num_classes)
