@@ -10,10 +10,10 @@ from torch import Tensor
 from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_topk
 from .functional import _sampled_softmax_loss
-from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
+from .samplers import MIDXSampler, Sampler
 from .samplers.base import no_autocast
+from .samplers.factory import SAMPLERS, make_sampler  # noqa: F401  (SAMPLERS: public name)
 
-SAMPLERS = ("midx", "uniform", "unigram", "exact")
 _EXTRA_STATE_KEY = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 _EXTRA_STATE_MARK = "imi_softmax_head"
 
@@ -107,23 +107,9 @@ class IMISoftmax(nn.Module):
         self.reset_parameters()
 
     def _make_sampler(self, sampler, num_codewords, quantizer, class_counts, kmeans_iters) -> Sampler:
-        if isinstance(sampler, Sampler):
-            return sampler
-        if sampler == "midx":
-            if quantizer == "pq" and self.in_features % 2:
-                raise ValueError(f"quantizer='pq' needs an even in_features, got {self.in_features}")
-            return MIDXSampler(num_codewords, quantizer, kmeans_iters=kmeans_iters)
-        if sampler == "uniform":
-            return UniformSampler(self.num_classes)
-        if sampler == "unigram":
-            if class_counts is None:
-                raise ValueError("sampler='unigram' needs class_counts=[num_classes] frequencies")
-            if class_counts.numel() != self.num_classes:
-                raise ValueError(f"class_counts must have {self.num_classes} entries, got {class_counts.numel()}")
-            return UnigramSampler(class_counts)
-        if sampler == "exact":
-            return ExactSampler()
-        raise ValueError(f"sampler must be one of {SAMPLERS} or a Sampler instance, got {sampler!r}")
+        return make_sampler(sampler, in_features=self.in_features, num_classes=self.num_classes,
+                            num_codewords=num_codewords, quantizer=quantizer, class_counts=class_counts,
+                            kmeans_iters=kmeans_iters)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation."""

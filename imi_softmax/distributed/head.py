@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
-from ..samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
+from ..samplers import Sampler
 from ..samplers.base import no_autocast
+from ..samplers.factory import SAMPLERS, make_sampler  # noqa: F401  (SAMPLERS: public name)
 from .checkpoint import gather_full_state_dict, scatter_full_state_dict
 from .collectives import Collectives, CommStats
 from .eval import default_chunk, exact_row_losses, sharded_topk
@@ -17,7 +18,6 @@ from .._ops import acc_dtype
 from .loss import GatheredBatch, ShardedSampledSoftmax, StepDraws, gather_batch, signal_failure
 from .sharding import resolve_group, shard_bounds, split_samples
 
-SAMPLERS = ("midx", "uniform", "unigram", "exact")
 GRAD_REDUCTIONS = ("mean", "sum")
 REDUCTIONS = ("mean", "sum", "none")
 _EXTRA_STATE_KEY = "_extra_state"
@@ -139,22 +139,9 @@ class ShardedIMISoftmax(nn.Module):
                 raise ValueError(f"the sampler instance covers {n} classes; on this rank it must cover the "
                                  f"shard's {self.num_local_classes} classes [{self.class_start}, {self.class_stop})")
             return sampler
-        if sampler == "midx":
-            if quantizer == "pq" and self.in_features % 2:
-                raise ValueError(f"quantizer='pq' needs an even in_features, got {self.in_features}")
-            return MIDXSampler(num_codewords, quantizer, kmeans_iters=kmeans_iters)
-        if sampler == "uniform":
-            return UniformSampler(self.num_local_classes)
-        if sampler == "unigram":
-            if class_counts is None:
-                raise ValueError("sampler='unigram' needs class_counts=[num_classes] frequencies")
-            if class_counts.numel() != self.num_classes:
-                raise ValueError(f"class_counts must have {self.num_classes} entries (all classes; each rank "
-                                 f"keeps its shard's), got {class_counts.numel()}")
-            return UnigramSampler(class_counts.reshape(-1)[self.class_start:self.class_stop])
-        if sampler == "exact":
-            return ExactSampler()
-        raise ValueError(f"sampler must be one of {SAMPLERS} or a Sampler instance, got {sampler!r}")
+        return make_sampler(sampler, in_features=self.in_features, num_classes=self.num_classes,
+                            num_codewords=num_codewords, quantizer=quantizer, class_counts=class_counts,
+                            kmeans_iters=kmeans_iters, class_range=(self.class_start, self.class_stop))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
