@@ -52,6 +52,9 @@ class IMISoftmax(nn.Module):
         class_counts: [num_classes] frequencies, required by ``sampler="unigram"``.
         kmeans_iters: Lloyd iterations per index rebuild.
         ignore_index: target value that is skipped (as in F.cross_entropy).
+        process_group: a torch.distributed process group: the constructor then returns a
+            :class:`imi_softmax.ShardedIMISoftmax` (each rank owns a contiguous class range;
+            ``full_refresh_every`` does not apply there). None: this single-process head.
 
     Shapes: x [*, in_features], target [*] int64. ``B = 0`` rows give NaN (a mean over zero
     targets, as F.cross_entropy); ``num_samples=0`` gives the loss over the target alone (0).
@@ -78,13 +81,20 @@ class IMISoftmax(nn.Module):
     (``refresh_index()`` or one eager training step) and call ``refresh_index()`` on your schedule.
     """
 
+    def __new__(cls, *args, process_group=None, **kwargs):
+        # IMISoftmax(..., process_group=pg) is the class-sharded head (DESIGN.md's spelling).
+        if process_group is not None and cls is IMISoftmax:
+            from .distributed import ShardedIMISoftmax
+            return ShardedIMISoftmax(*args, process_group=process_group, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, *,
                  num_samples: int = 256, num_codewords: int = 64, quantizer: str = "rq",
                  sampler: Union[str, Sampler] = "midx", refresh_every: int = 1000,
                  remove_accidental_hits: bool = True, sparse_grad: bool = False,
                  class_counts: Optional[Tensor] = None, kmeans_iters: int = 10,
                  ignore_index: int = -100, full_refresh_every: int = 10,
-                 eval_chunk_size: Optional[int] = None, device=None, dtype=None):
+                 eval_chunk_size: Optional[int] = None, process_group=None, device=None, dtype=None):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)

@@ -139,6 +139,10 @@ def _case_single_head(rank, world, group):
         torch.manual_seed(7)
         loss = head(xl, t)
         out[name] = (loss.detach(),) + _grads(head, xl, loss)
+    # DESIGN.md's spelling of the sharded head
+    alias = IMISoftmax(D, N, process_group=group, num_samples=M, num_codewords=2, refresh_every=0)
+    out["alias_type"] = type(alias).__name__
+    out["alias_shard"] = (alias.class_start, alias.class_stop)
     return out
 
 
@@ -371,6 +375,7 @@ def test_sharded_eval_loss_and_topk_equal_the_full_softmax(pool, world):
 
 def test_one_shard_equals_imisoftmax(pool):
     res = pool[0][(1, "_case_single_head")]
+    assert res["alias_type"] == "ShardedIMISoftmax" and res["alias_shard"] == (0, N)
     for a, b in zip(res["sharded"], res["single"]):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
