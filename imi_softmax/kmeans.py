@@ -20,13 +20,25 @@ def assign_residual(x: Tensor, first: Tensor, first_codes: Tensor, centroids: Te
     n = x.shape[0]
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     # One residual buffer for every chunk: a fresh [chunk, d] tensor per chunk costs page faults.
-    buf = x.new_empty((min(chunk, n), x.shape[1]))
+    # It has the centroids' dtype, so bf16/fp16 rows are widened one chunk at a time.
+    buf = x.new_empty((min(chunk, n), x.shape[1]), dtype=first.dtype)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         res = buf[: stop - start]
         torch.index_select(first, 0, first_codes[start:stop], out=res)
         torch.sub(x[start:stop], res, out=res)
         codes[start:stop] = ops.assign_codewords(res, centroids)[0]
+    return codes
+
+
+def assign_chunked(x: Tensor, centroids: Tensor, chunk: int = 65536) -> Tensor:
+    """Codes of the rows of x [N, d] (any float dtype) against float32 centroids, widening one
+    chunk of rows at a time: no float32 copy of a bf16/fp16 x. Returns codes [N] int64."""
+    n = x.shape[0]
+    codes = torch.empty(n, dtype=torch.int64, device=x.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        codes[start:stop] = ops.assign_codewords(x[start:stop].to(centroids.dtype), centroids)[0]
     return codes
 
 
