@@ -2,7 +2,7 @@
 
 A drop-in replacement for ``nn.Linear`` + softmax cross-entropy over huge output spaces.
 """
-from . import functional, metrics
+from . import functional, metrics, optim
 from ._ops import ops
 from .module import IMISoftmax
 from .distributed import ShardedIMISoftmax
@@ -11,4 +11,4 @@ from .diagnose import DiagnoseReport, diagnose  # noqa: E402  (the function shad
 
 __version__ = "0.1.0"
 __all__ = ["IMISoftmax", "ShardedIMISoftmax", "MIDXSampler", "UniformSampler", "UnigramSampler", "ExactSampler",
-           "Sampler", "functional", "ops", "metrics", "diagnose", "DiagnoseReport"]
+           "Sampler", "functional", "ops", "metrics", "optim", "diagnose", "DiagnoseReport"]
