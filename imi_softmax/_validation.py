@@ -90,3 +90,26 @@ def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: Opti
         value = int(ids[bad].flatten()[0])
         allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
         raise IndexError(f"{name} has class id {value} outside {allowed}")
+
+
+def check_head_input(head, x: Tensor, target: Optional[Tensor]) -> None:
+    """A head's forward inputs (IMISoftmax and the sharded head): x [*, in_features] in the weight's
+    dtype (or any float dtype under autocast) on the weight's device, target [*] int64 class ids in
+    [0, num_classes) or head.ignore_index."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", head.weight)
+    if x.dim() < 1 or x.shape[-1] != head.in_features:
+        raise ValueError(f"x must be [*, {head.in_features}], got {tuple(x.shape)}")
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != head.weight.dtype and not autocast:
+        raise TypeError(f"x has dtype {x.dtype} but the head's weight is {head.weight.dtype}: cast x "
+                        f"(x.to({head.weight.dtype})) or run under torch.autocast")
+    if x.device != head.weight.device:
+        raise ValueError(f"x is on {x.device} but the head is on {head.weight.device}")
+    if target is not None:
+        check_tensor("target", target)
+        if target.shape != x.shape[:-1]:
+            raise ValueError(f"target must have shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+        if target.device != x.device:
+            raise ValueError(f"target is on {target.device} but x is on {x.device}")
+        check_class_ids("target", target, head.num_classes, ignore_index=head.ignore_index)

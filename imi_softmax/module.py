@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
+from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_topk
 from .functional import _sampled_softmax_loss
 from .samplers import MIDXSampler, Sampler
@@ -16,10 +16,6 @@ from .samplers.factory import SAMPLERS, make_sampler  # noqa: F401  (SAMPLERS: p
 
 _EXTRA_STATE_KEY = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 _EXTRA_STATE_MARK = "imi_softmax_head"
-
-
-def _autocast_on(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
 class IMISoftmax(nn.Module):
@@ -295,22 +291,7 @@ class IMISoftmax(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _check_input(self, x: Tensor, target: Optional[Tensor]) -> None:
-        check_tensor("x", x, dtypes=FLOAT_DTYPES)
-        check_tensor("weight", self.weight)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be [*, {self.in_features}], got {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype and not _autocast_on(x.device):
-            raise TypeError(f"x has dtype {x.dtype} but the head's weight is {self.weight.dtype}: cast x "
-                            f"(x.to({self.weight.dtype})) or run under torch.autocast")
-        if x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device} but the head is on {self.weight.device}")
-        if target is not None:
-            check_tensor("target", target)
-            if target.shape != x.shape[:-1]:
-                raise ValueError(f"target must have shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
-            if target.device != x.device:
-                raise ValueError(f"target is on {target.device} but x is on {x.device}")
-            check_class_ids("target", target, self.num_classes, ignore_index=self.ignore_index)
+        check_head_input(self, x, target)
 
     def forward(self, x: Tensor, target: Optional[Tensor] = None) -> Tensor:
         self._check_input(x, target)

@@ -103,10 +103,11 @@ class MIDXSampler(Sampler):
 
     def _build_index(self, weight: Tensor, bias: Optional[Tensor]) -> MIDXIndex:
         n, d = weight.shape
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            # no float32 copy of a half-precision weight (25.6 GB at 100M x 64): chunks are widened
-            return self._build_index_half(weight, bias)
-        w = weight.detach().to(torch.float32)
+        # A bf16/fp16 weight is never copied to float32 whole (25.6 GB at 100M x 64): k-means runs on
+        # a widened subsample and the assignment widens one chunk of rows at a time. The codebooks
+        # and the scores are float32 for every weight dtype.
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        w = weight.detach() if half else weight.detach().to(torch.float32)
         check_finite("weight", w)
         # k-means distances and the proposal scores square the rows: past ~1e19 they are inf in fp32
         check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
@@ -118,58 +119,32 @@ class MIDXSampler(Sampler):
                    generator=self._generator)
         prev = self._index
         prev1, prev2 = (None, None) if prev is None else (prev.codebook1, prev.codebook2)
-        if self.quantizer == "rq":
-            c1 = kmeans(w, k, init=prev1, **fit)
-            code1, _ = assign(w, c1)
-            # the second codebook is fitted on the residuals of a subsample only
-            cap = self.max_points_per_centroid * k
-            sub = torch.randperm(n, generator=self._generator)[:cap].to(w.device) if n > cap else slice(None)
-            c2 = kmeans(w[sub] - c1[code1[sub]], k, init=prev2, **fit)
-            code2 = assign_residual(w, c1, code1, c2)
-        else:
-            h = d // 2
-            c1 = kmeans(w[:, :h].contiguous(), k, init=prev1, **fit)
-            c2 = kmeans(w[:, h:].contiguous(), k, init=prev2, **fit)
-            code1, _ = assign(w[:, :h].contiguous(), c1)
-            code2, _ = assign(w[:, h:].contiguous(), c2)
-        check_fp32_range("weight's k-means codewords", torch.cat([c1, c2], 1), _OVERFLOW_FIX)
-        (offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
-         log_n_max) = ops.build_cells(code1, code2, beta, k)
-        has_bias = beta is not None
-        return MIDXIndex(c1, c2, code1, code2, beta, offsets, class_ids,
-                         alias_prob if has_bias else None, alias_pos if has_bias else None,
-                         beta_csr if has_bias else None, log_n, cell_mass, log_n_max, n, d)
-
-    def _build_index_half(self, weight: Tensor, bias: Optional[Tensor]) -> MIDXIndex:
-        """The index of a bf16/fp16 weight, with float32 codebooks and scores as for any weight:
-        k-means on a float32 copy of a subsample (at most max_points_per_centroid * K rows), the
-        assignment of all rows a widened chunk at a time."""
-        n, d = weight.shape
-        w = weight.detach()
-        check_finite("weight", w)
-        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
-        beta = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        if beta is not None:
-            check_finite("bias", beta)
-        k = self.num_codewords
-        fit = dict(iters=self.kmeans_iters, max_points_per_centroid=self.max_points_per_centroid,
-                   generator=self._generator)
-        prev = self._index
-        prev1, prev2 = (None, None) if prev is None else (prev.codebook1, prev.codebook2)
         cap = self.max_points_per_centroid * k
-        sub = torch.randperm(n, generator=self._generator)[:cap].to(w.device) if n > cap else slice(None)
-        w_sub = w[sub].to(torch.float32)
+
+        def subsample():
+            return torch.randperm(n, generator=self._generator)[:cap].to(w.device) if n > cap else slice(None)
+
+        if half:
+            sub = subsample()
+            fit_w = w[sub].to(torch.float32)
+            codes_of = assign_chunked
+        else:
+            fit_w = w  # kmeans subsamples by itself
+            codes_of = (lambda x, c: assign(x.contiguous(), c)[0])  # noqa: E731
         if self.quantizer == "rq":
-            c1 = kmeans(w_sub, k, init=prev1, **fit)
-            code1 = assign_chunked(w, c1)
-            c2 = kmeans(w_sub - c1[code1[sub]], k, init=prev2, **fit)
+            c1 = kmeans(fit_w, k, init=prev1, **fit)
+            code1 = codes_of(w, c1)
+            # the second codebook is fitted on the residuals of a subsample only
+            if not half:
+                sub = subsample()
+            c2 = kmeans(w[sub].to(torch.float32) - c1[code1[sub]], k, init=prev2, **fit)
             code2 = assign_residual(w, c1, code1, c2)
         else:
             h = d // 2
-            c1 = kmeans(w_sub[:, :h].contiguous(), k, init=prev1, **fit)
-            c2 = kmeans(w_sub[:, h:].contiguous(), k, init=prev2, **fit)
-            code1 = assign_chunked(w[:, :h], c1)
-            code2 = assign_chunked(w[:, h:], c2)
+            c1 = kmeans(fit_w[:, :h].contiguous(), k, init=prev1, **fit)
+            c2 = kmeans(fit_w[:, h:].contiguous(), k, init=prev2, **fit)
+            code1 = codes_of(w[:, :h], c1)
+            code2 = codes_of(w[:, h:], c2)
         check_fp32_range("weight's k-means codewords", torch.cat([c1, c2], 1), _OVERFLOW_FIX)
         (offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
          log_n_max) = ops.build_cells(code1, code2, beta, k)
