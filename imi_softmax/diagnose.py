@@ -169,9 +169,8 @@ def diagnose(head, x: Tensor, target: Tensor, *, num_draws: int = 8, num_samples
     unigram; ``ExactSampler.log_prob`` recomputes [B, N] logits per chunk, so it costs N / chunk
     times more), then ``num_draws`` sampled steps (draw + fused loss + backward w.r.t. x), about
     ``num_draws`` training steps of the head. Measured with bench/diagnose_cost.py (d = 64, B = 256,
-    MIDX K = 64, M = 256, 8 draws) on a shared 2-core AMD EPYC, 2 threads, load 3-3.5: 8.7 s at
-    N = 100k (54 training steps of the same head) and 37 s at N = 1M (75 steps); to re-measure on a
-    quiet machine. Extra memory: O(B * (chunk + d + M)).
+    MIDX K = 64, M = 256, 8 draws) on a quiet 2-core AMD EPYC, 2 threads: 2.0 s at N = 100k (131
+    training steps of the same head) and 22 s at N = 1M (55 steps). Extra memory: O(B * (chunk + d + M)).
 
     The head is left as it was: no index refresh or move, no change to its training-call counter,
     no gradient on its parameters (they are used detached), its train/eval mode unchanged.
