@@ -456,7 +456,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
 struct RowOptimShape {
   int64_t N = 0, d = 1, U = 0;
   bool all_rows = false;  // rows absent: grad covers every row (a dense gradient)
+  at::Tensor grad, rows;  // contiguous grad and (unless all_rows) rows, owned here: kernels read them
+  const int64_t* rows_ptr() const { return all_rows ? nullptr : rows.data_ptr<int64_t>(); }
 };
+
+// lazy Adam's step count after the update (the bias corrections divide by 1 - beta^step)
+inline void check_adam_step(int64_t step) {
+  TORCH_CHECK(step >= 1, "row_sparse_adam_: step must be >= 1 (the step count after this update), got ", step);
+}
 
 // Checks what the row-sparse optimizer ops index with and write to: param (float32, bfloat16 or
 // float16, contiguous: it is updated in place), float32 contiguous state tensors of shape
@@ -490,11 +497,14 @@ inline RowOptimShape row_optim_inputs(const char* op, const at::Tensor& param,
     TORCH_CHECK(grad.sizes() == param.sizes(), op, ": without rows, grad must have param's shape ", param.sizes(),
                 ", got ", grad.sizes());
     s.U = s.N;
+    s.grad = grad.contiguous();
     return s;
   }
   TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1, op, ": rows must be int64 [U], got ",
               rows->scalar_type(), " ", rows->sizes());
   s.U = rows->size(0);
+  s.rows = rows->contiguous();
+  s.grad = grad.contiguous();
   const bool shape_ok = param.dim() == 2 ? (grad.dim() == 2 && grad.size(0) == s.U && grad.size(1) == s.d)
                                          : (grad.dim() == 1 && grad.size(0) == s.U);
   TORCH_CHECK(shape_ok, op, ": grad must hold one row per entry of rows: ",
@@ -506,8 +516,7 @@ inline RowOptimShape row_optim_inputs(const char* op, const at::Tensor& param,
   // (a coalesced COO gradient's indices) make that an O(U) check.
   int64_t bad = -1;
   if (rows->is_cpu()) {
-    const auto r = rows->contiguous();
-    const int64_t* p = r.data_ptr<int64_t>();
+    const int64_t* p = s.rows.data_ptr<int64_t>();
     for (int64_t u = 0; u < s.U && bad < 0; ++u)
       if (!imi::in_range(p[u], s.N) || (u > 0 && p[u] <= p[u - 1])) bad = u;
   } else {

@@ -99,15 +99,13 @@ void row_sparse_adam_cpu(const at::Tensor& param, const at::Tensor& exp_avg, con
   const RowOptimShape s = row_optim_inputs("row_sparse_adam_", param,
                                            {named("exp_avg", exp_avg), named("exp_avg_sq", exp_avg_sq)},
                                            param.sizes(), rows_in, grad_in);
-  TORCH_CHECK(step >= 1, "row_sparse_adam_: step must be >= 1 (the step count after this update), got ", step);
+  check_adam_step(step);
   if (s.U == 0) return;
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor rows = s.all_rows ? at::Tensor() : rows_in->contiguous();
   const imi::AdamCoef c = imi::make_adam_coef(lr, beta1, beta2, eps, weight_decay, step);
   dispatch_weight(param.scalar_type(), [&](auto tag) {
     using w_t = decltype(tag);
     adam_rows<w_t>(param.data_ptr<w_t>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-                   s.all_rows ? nullptr : rows.data_ptr<int64_t>(), grad.data_ptr<w_t>(), s.U, s.d, c);
+                   s.rows_ptr(), s.grad.data_ptr<w_t>(), s.U, s.d, c);
   });
 }
 
@@ -116,13 +114,11 @@ void row_wise_adagrad_cpu(const at::Tensor& param, const at::Tensor& sum, const 
   const RowOptimShape s =
       row_optim_inputs("row_wise_adagrad_", param, {named("sum", sum)}, {param.size(0)}, rows_in, grad_in);
   if (s.U == 0) return;
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor rows = s.all_rows ? at::Tensor() : rows_in->contiguous();
   const imi::AdagradCoef c = imi::make_adagrad_coef(lr, eps, weight_decay);
   dispatch_weight(param.scalar_type(), [&](auto tag) {
     using w_t = decltype(tag);
-    adagrad_rows<w_t>(param.data_ptr<w_t>(), sum.data_ptr<float>(), s.all_rows ? nullptr : rows.data_ptr<int64_t>(),
-                      grad.data_ptr<w_t>(), s.U, s.d, c);
+    adagrad_rows<w_t>(param.data_ptr<w_t>(), sum.data_ptr<float>(), s.rows_ptr(),
+                      s.grad.data_ptr<w_t>(), s.U, s.d, c);
   });
 }
 

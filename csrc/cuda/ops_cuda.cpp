@@ -561,18 +561,16 @@ void row_sparse_adam_cuda(const at::Tensor& param, const at::Tensor& exp_avg, co
   const RowOptimShape s = row_optim_inputs("row_sparse_adam_", param,
                                            {named("exp_avg", exp_avg), named("exp_avg_sq", exp_avg_sq)},
                                            param.sizes(), rows_in, grad_in);
-  TORCH_CHECK(step >= 1, "row_sparse_adam_: step must be >= 1 (the step count after this update), got ", step);
+  check_adam_step(step);
   if (s.U == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor rows = s.all_rows ? at::Tensor() : rows_in->contiguous();
   const imi::AdamCoef c = imi::make_adam_coef(lr, beta1, beta2, eps, weight_decay, step);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_weight(param.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     C10_CUDA_CHECK(cuda::launch_row_sparse_adam<typename CudaType<scalar_t>::type>(
         mptr<scalar_t>(param), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-        s.all_rows ? nullptr : rows.data_ptr<int64_t>(), cptr<scalar_t>(grad), s.U, s.d, c, stream));
+        s.rows_ptr(), cptr<scalar_t>(s.grad), s.U, s.d, c, stream));
   });
 }
 
@@ -582,15 +580,13 @@ void row_wise_adagrad_cuda(const at::Tensor& param, const at::Tensor& sum, const
       row_optim_inputs("row_wise_adagrad_", param, {named("sum", sum)}, {param.size(0)}, rows_in, grad_in);
   if (s.U == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor rows = s.all_rows ? at::Tensor() : rows_in->contiguous();
   const imi::AdagradCoef c = imi::make_adagrad_coef(lr, eps, weight_decay);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_weight(param.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     C10_CUDA_CHECK(cuda::launch_row_wise_adagrad<typename CudaType<scalar_t>::type>(
-        mptr<scalar_t>(param), sum.data_ptr<float>(), s.all_rows ? nullptr : rows.data_ptr<int64_t>(),
-        cptr<scalar_t>(grad), s.U, s.d, c, stream));
+        mptr<scalar_t>(param), sum.data_ptr<float>(), s.rows_ptr(),
+        cptr<scalar_t>(s.grad), s.U, s.d, c, stream));
   });
 }
 
