@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._ddp import head_params_managed_by_active_ddp
 from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_topk
 from .functional import _sampled_softmax_loss
@@ -306,16 +307,9 @@ class IMISoftmax(nn.Module):
     def _check_ddp(self) -> None:
         """DDP's reducer copies every gradient it manages into a dense bucket; only nn.Embedding's
         sparse gradients are exempt, so a sparse head gradient would fail inside backward."""
-        if not self.sparse_grad or torch.compiler.is_compiling() or not torch.distributed.is_available():
+        if not self.sparse_grad:
             return
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel._get_active_ddp_module()
-        if ddp is None:
-            return
-        ignored = getattr(ddp, "parameters_to_ignore", set())
-        managed = [name for name, p in ddp.module.named_parameters()
-                   if (p is self.weight or p is self.bias) and p.requires_grad and name not in ignored]
+        managed = head_params_managed_by_active_ddp(self, trainable_only=True)
         if managed:
             raise RuntimeError(
                 "IMISoftmax(sparse_grad=True) inside DistributedDataParallel: DDP cannot all-reduce "

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._ddp import head_params_managed_by_active_ddp
 from .._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
 from ..samplers import Sampler
 from ..samplers.base import no_autocast
@@ -218,16 +219,7 @@ class ShardedIMISoftmax(nn.Module):
         check_head_input(self, x, target)
 
     def _check_ddp(self) -> None:
-        if torch.compiler.is_compiling():
-            return
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel._get_active_ddp_module()
-        if ddp is None:
-            return
-        ignored = getattr(ddp, "parameters_to_ignore", set())
-        managed = [name for name, p in ddp.module.named_parameters()
-                   if (p is self.weight or p is self.bias) and name not in ignored]
+        managed = head_params_managed_by_active_ddp(self)
         if managed:
             raise RuntimeError(
                 "ShardedIMISoftmax inside DistributedDataParallel: each rank holds different classes, and DDP "
