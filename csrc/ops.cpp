@@ -61,6 +61,16 @@ TORCH_LIBRARY(imi_softmax, m) {
       "sampled_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, "
       "Tensor ids, Tensor log_q, Tensor lse, bool remove_accidental_hits, int ignore_index) -> "
       "(Tensor grad_x, Tensor coef)");
+  // Fused multi-label sampled softmax. ids/log_q: [B, L+M], columns [0, L) the row's positives
+  // (-1 = padding), then M negatives; a negative equal to any positive of its row is masked when
+  // remove_accidental_hits. Returns per-positive loss [B, L] and lse [B, L] (0 at pads).
+  m.def(
+      "multilabel_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "
+      "int num_positives, bool remove_accidental_hits, bool sparse_grad) -> (Tensor loss, Tensor lse)");
+  // Backward: grad of x and the per-column coefficients sum_p grad_loss_bp d loss_bp / d u_bc.
+  m.def(
+      "multilabel_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
+      "Tensor log_q, Tensor lse, int num_positives, bool remove_accidental_hits) -> (Tensor grad_x, Tensor coef)");
   // Weight/bias gradients from the coefficients: dense [N, d] and [N] ...
   m.def(
       "dense_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "

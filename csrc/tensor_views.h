@@ -428,6 +428,33 @@ inline void check_loss_backward_inputs(const at::Tensor& grad_loss, const at::Te
   check_same_device("sampled_softmax_backward", {named("x", x), named("grad_loss", grad_loss), named("lse", lse)});
 }
 
+// multilabel_softmax_forward/backward: ids [B, L+M] (L positives, -1 = padding, then M negatives)
+// and log_q of ids' shape in the accumulation dtype; the rest as check_loss_inputs.
+inline void check_multilabel_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& ids,
+                                    const at::Tensor& log_q, int64_t num_positives) {
+  check_loss_inputs(x, weight, bias, ids, log_q);
+  TORCH_CHECK(num_positives >= 0 && num_positives <= ids.size(1), op, ": num_positives must be in [0, ", ids.size(1),
+              "] (ids is [B, L+M] with L = num_positives), got ", num_positives);
+}
+
+// What column c of the multilabel ops' ids may hold (checked at use: imi::valid_multilabel_id).
+inline std::string multilabel_ids_allowed(int64_t num_classes) {
+  return "[0, " + std::to_string(num_classes) + ") (the positive columns: or -1, padding)";
+}
+
+// multilabel_softmax_backward's grad_loss and lse: [B, L] on x's device, floating point (converted).
+inline void check_multilabel_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x,
+                                             int64_t num_positives) {
+  const std::vector<int64_t> want{x.size(0), num_positives};
+  TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(want) && lse.sizes() == at::IntArrayRef(want),
+              "multilabel_softmax_backward: grad_loss and lse must be [B, L] = [", x.size(0), ", ", num_positives,
+              "], got ", grad_loss.sizes(), " and ", lse.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()) && at::isFloatingType(lse.scalar_type()),
+              "multilabel_softmax_backward: grad_loss and lse must be floating point");
+  check_same_device("multilabel_softmax_backward", {named("x", x), named("grad_loss", grad_loss), named("lse", lse)});
+}
+
 // What the weight-gradient ops' ids may hold (checked at use: imi::weight_grad_entry).
 inline std::string weight_grad_ids_allowed(int64_t num_classes) {
   return "[0, num_classes = " + std::to_string(num_classes) + ") (-1, or any id with coef 0, is skipped)";

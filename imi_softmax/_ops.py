@@ -141,3 +141,58 @@ def _backward(ctx, grad_loss: Tensor, _grad_lse):
 torch.library.register_autograd(
     _lib + "sampled_softmax_forward", _backward, setup_context=_setup_context
 )
+
+
+# -- multi-label sampled softmax (csrc/include/imi_softmax/multilabel_loss.h) -------------------------
+
+@torch.library.register_fake(_lib + "multilabel_softmax_forward")
+def _multilabel_forward_fake(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits, sparse_grad):
+    acc = acc_dtype(x.dtype)
+    shape = (x.shape[0], num_positives)
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake(_lib + "multilabel_softmax_backward")
+def _multilabel_backward_fake(grad_loss, x, weight, bias, ids, log_q, lse, num_positives, remove_accidental_hits):
+    return torch.empty_like(x), x.new_empty(ids.shape, dtype=acc_dtype(x.dtype))
+
+
+def _weight_grads(ctx, coef: Tensor, ids: Tensor, x: Tensor, weight: Tensor, bias):
+    """(grad_weight, grad_bias) from per-column coefficients [B, C] (ids -1 skipped), dense or sparse COO."""
+    num_classes = weight.shape[0]
+    if ctx.sparse_grad:
+        uniq, rows, bias_rows = ops.sparse_weight_grad(coef, ids, x, num_classes)
+        index = uniq.unsqueeze(0)
+        grad_w = torch.sparse_coo_tensor(index, rows, weight.shape, is_coalesced=True, check_invariants=False)
+        grad_b = None if bias is None else torch.sparse_coo_tensor(index, bias_rows, bias.shape, is_coalesced=True,
+                                                                    check_invariants=False)
+        return grad_w, grad_b
+    grad_w, grad_b = ops.dense_weight_grad(coef, ids, x, num_classes)
+    return grad_w, (None if bias is None else grad_b)
+
+
+def _multilabel_setup_context(ctx, inputs, output):
+    x, weight, bias, ids, log_q, num_positives, remove_accidental_hits, sparse_grad = inputs
+    _, lse = output
+    ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
+    ctx.num_positives = num_positives
+    ctx.remove_accidental_hits = remove_accidental_hits
+    ctx.sparse_grad = sparse_grad
+    ctx.mark_non_differentiable(lse)
+
+
+def _multilabel_backward(ctx, grad_loss: Tensor, _grad_lse):
+    x, weight, bias, ids, log_q, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    grad_x, coef = ops.multilabel_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, ctx.num_positives,
+                                                   ctx.remove_accidental_hits)
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_w, grad_b = _weight_grads(ctx, coef, ids, x, weight, bias)
+    return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    _lib + "multilabel_softmax_forward", _multilabel_backward, setup_context=_multilabel_setup_context
+)

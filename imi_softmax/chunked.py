@@ -145,3 +145,101 @@ def chunked_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, chun
                 i = i.gather(1, j)
         best_v, best_i = v, i
     return best_v, best_i
+
+
+class _ChunkedNegativeLogSumExp(torch.autograd.Function):
+    """S_b = logsumexp over the classes that are not a positive of row b (-inf when every class is),
+    over chunks of classes; positives [B, L] int64 with -1 pads."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], positives: Tensor, chunk: int,
+                lin: torch.dtype) -> Tensor:
+        n = weight.shape[0]
+        acc = _acc_dtype(weight)
+        rows = x.shape[0]
+        run_max = torch.full((rows,), -math.inf, dtype=acc, device=x.device)
+        run_sum = torch.zeros(rows, dtype=acc, device=x.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            logits = _mask_positives(_chunk_logits(x, weight, bias, start, stop, lin, acc), positives, start, stop)
+            new_max = torch.maximum(run_max, logits.amax(1))
+            shift = torch.where(new_max.isneginf(), torch.zeros_like(new_max), new_max)
+            run_sum = run_sum * torch.exp(run_max - shift) + logits.sub_(shift.unsqueeze(1)).exp_().sum(1)
+            run_max = new_max
+        lse = run_max + torch.log(run_sum)  # -inf + log 0 = -inf for a row with no negative class
+        ctx.save_for_backward(x, weight, bias, positives, lse)
+        ctx.chunk, ctx.lin = chunk, lin
+        return lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lse: Tensor):
+        x, weight, bias, positives, lse = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = _acc_dtype(weight)
+        n = weight.shape[0]
+        # d S_b / d o_bj = exp(o_bj - S_b) for the negatives j; rows with S = -inf have none
+        live = ~lse.isneginf()
+        g = torch.where(live, grad_lse.to(acc), torch.zeros_like(lse))
+        shift = torch.where(live, lse, torch.zeros_like(lse))
+        xa = x.to(acc)
+        grad_x = torch.zeros_like(xa) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        with no_autocast(x.device):
+            for start in range(0, n, ctx.chunk):
+                stop = min(start + ctx.chunk, n)
+                logits = _mask_positives(_chunk_logits(x, weight, bias, start, stop, ctx.lin, acc), positives,
+                                         start, stop)
+                coef = logits.sub_(shift.unsqueeze(1)).exp_().mul_(g.unsqueeze(1))
+                if need_x:
+                    grad_x.addmm_(coef, weight[start:stop].to(acc))
+                if need_w:
+                    grad_w[start:stop] = (coef.T @ xa).to(weight.dtype)
+                if grad_b is not None:
+                    grad_b[start:stop] = coef.sum(0).to(bias.dtype)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _mask_positives(logits: Tensor, positives: Tensor, start: int, stop: int) -> Tensor:
+    """-inf (in place) at the columns of [B, stop - start] logits that are a positive of their row."""
+    inside = (positives >= start) & (positives < stop)
+    local = torch.where(inside, positives - start, torch.zeros_like(positives))
+    hit = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(
+        1, local, inside.to(torch.int32)).bool()  # a sum: pads (inside False) add 0 at column 0
+    return logits.masked_fill_(hit, -math.inf)
+
+
+def chunked_multilabel_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], positives: Tensor, *,
+                            reduction: str = "mean", chunk_size: Optional[int] = None) -> Tensor:
+    """Exact multi-label softmax loss over chunks of ``chunk_size`` classes (no [B, N] tensor):
+    per positive p of row b, ``loss_bp = log(exp(o_bp) + sum_{j not a positive of b} exp(o_bj)) - o_bp``,
+    the full-softmax counterpart of the sampled multi-label loss (imi_softmax/multilabel.py).
+    x [B, d], weight [N, d], bias [N] or None, positives [B, L] int64 with -1 pads (checked by the
+    caller). Reductions as the sampled loss: "mean" (over each row's positives, then over rows with
+    at least one; NaN when none has), "sum", "none" ([B, L], 0 at pads). Differentiable in x, weight
+    and bias."""
+    n = weight.shape[0]
+    chunk = auto_chunk_size(x.shape[0], n) if chunk_size is None else int(chunk_size)
+    lin = logit_dtype(x, weight)
+    acc = _acc_dtype(weight)
+    s = _ChunkedNegativeLogSumExp.apply(x, weight, bias, positives, chunk, lin)
+    pad = positives < 0
+    safe = positives.clamp_min(0)
+    with no_autocast(x.device):
+        w = weight[safe].to(lin)
+        o = torch.einsum("bd,bld->bl", x.to(lin), w).to(acc)  # the positives' logits, differentiable
+        if bias is not None:
+            o = o + bias[safe].to(lin).to(acc)
+    loss = torch.logaddexp(o, s.unsqueeze(1).expand_as(o)) - o
+    loss = torch.where(pad, torch.zeros_like(loss), loss)
+    out_dtype = torch.float32 if acc == torch.float32 else acc
+    if reduction == "none":
+        return loss.to(out_dtype)
+    if reduction == "sum":
+        return loss.sum().to(out_dtype)
+    count = (~pad).sum(1)
+    per_row = loss.sum(1) / count.clamp_min(1).to(acc)
+    return (per_row.sum() / (count > 0).sum().to(acc)).to(out_dtype)

@@ -102,3 +102,6 @@ def _sampled_softmax_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     if reduction == "sum":
         return total.to(x.dtype)
     return (total / (~ignored).sum().to(total.dtype)).to(x.dtype)
+
+
+from .multilabel import multilabel_sampled_softmax_loss  # noqa: E402,F401  (public: IF.multilabel_sampled_softmax_loss)

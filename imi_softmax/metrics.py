@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._targets import csr_to_padded as _csr_to_padded
+
 Target = Union[Tensor, Tuple[Tensor, Tensor]]
 
 __all__ = ["precision_at_k", "recall_at_k", "ndcg_at_k", "psp_at_k", "psndcg_at_k", "propensity",
@@ -77,35 +79,6 @@ def _check_ids_range(name: str, ids: Tensor, num_classes: Optional[int], fix: st
         hi = int(ids.max())
         if hi >= num_classes:
             raise IndexError(f"{name} holds the id {hi}, outside [0, {num_classes}); {fix}")
-
-
-def _csr_to_padded(offsets, labels, batch: int) -> Tuple[Tensor, Tensor]:
-    """(padded [B, L] int64 with -1 pads, per-row length) from a validated CSR pair."""
-    offsets, labels = _as_tensor(offsets, "target offsets"), _as_tensor(labels, "target labels")
-    if offsets.dtype not in (torch.int64, torch.int32) or labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"CSR target (offsets, labels) must be int64, got {offsets.dtype} and {labels.dtype}")
-    if offsets.dim() != 1 or labels.dim() != 1:
-        raise ValueError(f"CSR target must be (offsets [B+1], labels [nnz]), got shapes "
-                         f"{tuple(offsets.shape)} and {tuple(labels.shape)}")
-    if offsets.numel() != batch + 1:
-        raise ValueError(f"CSR offsets must have B+1 = {batch + 1} entries (B = prediction rows), got {offsets.numel()}")
-    offsets, labels = offsets.long(), labels.long()
-    if int(offsets[0]) != 0:
-        raise ValueError(f"CSR offsets must start at 0, got offsets[0] = {int(offsets[0])}")
-    lengths = offsets[1:] - offsets[:-1]
-    if batch and bool((lengths < 0).any()):
-        b = int(torch.nonzero(lengths < 0)[0, 0])
-        raise ValueError(f"CSR offsets must be non-decreasing, but offsets[{b + 1}] = {int(offsets[b + 1])} < "
-                         f"offsets[{b}] = {int(offsets[b])}")
-    if int(offsets[-1]) != labels.numel():
-        raise ValueError(f"CSR offsets[-1] = {int(offsets[-1])} must equal the number of labels "
-                         f"({labels.numel()}): offsets and labels do not describe the same rows")
-    width = int(lengths.max()) if batch else 0
-    row = torch.repeat_interleave(torch.arange(batch, device=labels.device), lengths.to(labels.device))
-    col = torch.arange(labels.numel(), device=labels.device) - offsets[:-1].to(labels.device)[row]
-    padded = torch.full((batch, width), -1, dtype=torch.int64, device=labels.device)
-    padded[row, col] = labels
-    return padded, labels
 
 
 def _label_sets(target: Target, batch: int, ignore_index: int, num_classes: Optional[int]) -> Tensor:

@@ -9,8 +9,9 @@ from torch import Tensor
 
 from ._ddp import head_params_managed_by_active_ddp
 from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
-from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_topk
+from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_multilabel_loss, chunked_topk
 from .functional import _sampled_softmax_loss
+from .multilabel import MultiLabelTarget, is_multilabel_target, multilabel_loss, padded_positives
 from .samplers import MIDXSampler, Sampler
 from .samplers.base import no_autocast
 from .samplers.factory import SAMPLERS, make_sampler  # noqa: F401  (SAMPLERS: public name)
@@ -52,6 +53,15 @@ class IMISoftmax(nn.Module):
         process_group: a torch.distributed process group: the constructor then returns a
             :class:`imi_softmax.ShardedIMISoftmax` (each rank owns a contiguous class range;
             ``full_refresh_every`` does not apply there). None: this single-process head.
+
+    Multi-label targets: ``head(x, target)`` also takes a padded ``[*, L]`` int64 target (pad =
+    ``ignore_index``; told apart from a single-label target by having one more dimension, x's) or a
+    CSR pair ``(offsets [B+1], labels [nnz])`` over the B = prod(*) rows. Training: for each positive
+    p of a row, the sampled softmax over {p} and the row's negatives, with every positive of the row
+    removed from its negatives; mean over the row's positives, then over rows with at least one
+    (:func:`imi_softmax.functional.multilabel_sampled_softmax_loss` offers "sum" and "none"). Eval:
+    the exact ``log(exp(o_p) + sum_{j not a positive} exp(o_j)) - o_p`` with the same reduction,
+    over class chunks. The L positives of a row share one pass over its M negatives.
 
     Shapes: x [*, in_features], target [*] int64. ``B = 0`` rows give NaN (a mean over zero
     targets, as F.cross_entropy); ``num_samples=0`` gives the loss over the target alone (0).
@@ -294,7 +304,9 @@ class IMISoftmax(nn.Module):
     def _check_input(self, x: Tensor, target: Optional[Tensor]) -> None:
         check_head_input(self, x, target)
 
-    def forward(self, x: Tensor, target: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, target: Optional[Union[Tensor, MultiLabelTarget]] = None) -> Tensor:
+        if target is not None and is_multilabel_target(x, target):
+            return self._multilabel_forward(x, target)
         self._check_input(x, target)
         if target is None:
             return F.linear(x, self.weight, self.bias)
@@ -380,6 +392,31 @@ class IMISoftmax(nn.Module):
                                          remove_accidental_hits=self.remove_accidental_hits,
                                          ignore_index=self.ignore_index, reduction="mean",
                                          sparse_grad=self.sparse_grad)
+
+    def _multilabel_forward(self, x: Tensor, target: MultiLabelTarget) -> Tensor:
+        """Multi-label loss (imi_softmax/multilabel.py): sampled in training, exact over class chunks
+        in eval; "mean" over each row's positives, then over rows with at least one."""
+        self._check_input(x, None)
+        positives = padded_positives(target, x.shape[:-1], self.num_classes, self.ignore_index)
+        if positives.device != x.device:
+            raise ValueError(f"target is on {positives.device} but x is on {x.device}")
+        flat_x = x.reshape(-1, self.in_features)
+        if not self.training:
+            return chunked_multilabel_loss(flat_x, self.weight, self.bias, positives, chunk_size=self.eval_chunk_size)
+        self._check_ddp()
+        flat_x = flat_x.to(self.weight.dtype)  # under autocast the loss runs in the weight's dtype
+        with no_autocast(x.device):
+            check_finite("x", flat_x)
+            self._maybe_refresh()
+            # pads score class 0 (any valid id): the loss ignores them, and the sampler's checks pass
+            safe = positives.clamp_min(0)
+            ids, log_q, target_log_q = self.sampler.sample_with_targets(flat_x.detach(), self.num_samples, safe)
+            touched = self._touched
+            if touched is not None:
+                touched.index_fill_(0, torch.cat([ids.reshape(-1), safe.reshape(-1)]), True)
+            return multilabel_loss(flat_x, self.weight, self.bias, positives, ids, log_q, target_log_q,
+                                   remove_accidental_hits=self.remove_accidental_hits, reduction="mean",
+                                   sparse_grad=self.sparse_grad)
 
     def sampled_logits(self, x: Tensor, target: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Bias-corrected logits [B, 1+M] (column 0 = target; accidental hits -inf when removed)

@@ -104,6 +104,27 @@ cudaError_t launch_sampled_backward(const typename imi::acc_type<scalar_t>::type
                                     scalar_t* grad_x, typename imi::acc_type<scalar_t>::type* coef,
                                     int64_t* first_bad, cudaStream_t stream);
 
+// ---- fused multi-label sampled softmax (multilabel_loss.cu) -------------------------------------
+// ids [B, LM = L+M]: L positives (-1 = padding), then M negatives; loss/lse [B, L], coef [B, LM],
+// grad_loss [B, L]. Rows holding an id outside [0, N) (positives: other than -1) are skipped and the
+// smallest such flat position of ids is written to *first_bad (atomic min, initialised by the caller).
+template <typename scalar_t>
+cudaError_t launch_multilabel_forward(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, int64_t B,
+                                      int64_t d, int64_t N, const int64_t* ids,
+                                      const typename imi::acc_type<scalar_t>::type* log_q, int64_t L, int64_t LM,
+                                      bool remove_accidental_hits, typename imi::acc_type<scalar_t>::type* loss,
+                                      typename imi::acc_type<scalar_t>::type* lse, int64_t* first_bad,
+                                      cudaStream_t stream);
+
+template <typename scalar_t>
+cudaError_t launch_multilabel_backward(const typename imi::acc_type<scalar_t>::type* grad_loss, const scalar_t* x,
+                                       const scalar_t* weight, const scalar_t* bias, int64_t B, int64_t d, int64_t N,
+                                       const int64_t* ids, const typename imi::acc_type<scalar_t>::type* log_q,
+                                       int64_t L, int64_t LM, const typename imi::acc_type<scalar_t>::type* lse,
+                                       bool remove_accidental_hits, scalar_t* grad_x,
+                                       typename imi::acc_type<scalar_t>::type* coef, int64_t* first_bad,
+                                       cudaStream_t stream);
+
 // ---- weight / bias gradients (weight_grad.cu) --------------------------------------------------
 // Entries e of ids [E = B*M1] are used, skipped or rejected by imi::weight_grad_entry(id, coef[e], N);
 // the smallest rejected e is written to *first_bad (atomic min; the caller initialises it to

@@ -590,6 +590,72 @@ void row_wise_adagrad_cuda(const at::Tensor& param, const at::Tensor& sum, const
   });
 }
 
+// ---- fused multi-label sampled softmax -----------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& ids_in, const at::Tensor& log_q_in, int64_t num_positives, bool remove_accidental_hits,
+    bool /*sparse_grad: used by autograd only*/) {
+  check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
+  const at::Tensor bias_arg = defined_or_empty(bias_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
+  const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  auto loss = at::empty({B, L}, acc_opts);
+  auto lse = at::empty({B, L}, acc_opts);
+  const auto first_bad = bad_position_flag(ids.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_forward_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_multilabel_forward<cuda_t>(
+        cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d, N, ids.data_ptr<int64_t>(),
+        log_q.data_ptr<acc_t>(), L, LM, remove_accidental_hits, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+        first_bad.data_ptr<int64_t>(), stream));
+  });
+  check_no_bad_position("multilabel_softmax_forward", "ids", first_bad, ids, multilabel_ids_allowed(N));
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
+    const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
+    const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
+  check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
+  check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
+  const at::Tensor bias_arg = defined_or_empty(bias_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
+  const auto acc = acc_scalar_type(x.scalar_type());
+  // Named locals: the kernel reads through their pointers after this statement.
+  const auto grad_loss = grad_loss_in.to(acc).contiguous();
+  const auto lse = lse_in.to(acc).contiguous();
+  auto grad_x = at::empty_like(x);
+  auto coef = at::empty({B, LM}, x.options().dtype(acc));
+  const auto first_bad = bad_position_flag(ids.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_backward_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_multilabel_backward<cuda_t>(
+        grad_loss.data_ptr<acc_t>(), cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d, N,
+        ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), L, LM, lse.data_ptr<acc_t>(), remove_accidental_hits,
+        mptr<scalar_t>(grad_x), coef.data_ptr<acc_t>(), first_bad.data_ptr<int64_t>(), stream));
+  });
+  check_no_bad_position("multilabel_softmax_backward", "ids", first_bad, ids, multilabel_ids_allowed(N));
+  return {grad_x, coef};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
@@ -605,6 +671,11 @@ TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("sparse_weight_grad", &sparse_weight_grad_cuda);
   m.impl("row_sparse_adam_", &row_sparse_adam_cuda);
   m.impl("row_wise_adagrad_", &row_wise_adagrad_cuda);
+}
+
+TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
+  m.impl("multilabel_softmax_forward", &multilabel_softmax_forward_cuda);
+  m.impl("multilabel_softmax_backward", &multilabel_softmax_backward_cuda);
 }
 
 }  // namespace imi_softmax

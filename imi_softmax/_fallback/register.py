@@ -5,7 +5,7 @@ of the package (torch.ops.imi_softmax.*, the fakes and autograd of _ops.py) runs
 """
 import torch
 
-from . import cells, loss, optim, proposal
+from . import cells, loss, multilabel, optim, proposal
 
 _SAMPLE_TAIL = ("Tensor? targets=None, Tensor? beta=None, Tensor? code1=None, Tensor? code2=None) -> "
                 "(Tensor ids, Tensor log_q, Tensor target_log_q)")
@@ -34,6 +34,13 @@ SCHEMAS = {
     "sampled_softmax_backward": ("sampled_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, "
                                  "Tensor ids, Tensor log_q, Tensor lse, bool remove_accidental_hits, "
                                  "int ignore_index) -> (Tensor grad_x, Tensor coef)", loss.sampled_softmax_backward),
+    "multilabel_softmax_forward": ("multilabel_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
+                                   "Tensor log_q, int num_positives, bool remove_accidental_hits, bool sparse_grad) -> "
+                                   "(Tensor loss, Tensor lse)", multilabel.multilabel_softmax_forward),
+    "multilabel_softmax_backward": ("multilabel_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, "
+                                    "Tensor? bias, Tensor ids, Tensor log_q, Tensor lse, int num_positives, "
+                                    "bool remove_accidental_hits) -> (Tensor grad_x, Tensor coef)",
+                                    multilabel.multilabel_softmax_backward),
     "dense_weight_grad": ("dense_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "
                           "(Tensor grad_weight, Tensor grad_bias)", loss.dense_weight_grad),
     "sparse_weight_grad": ("sparse_weight_grad(Tensor coef, Tensor ids, Tensor x, int num_classes) -> "

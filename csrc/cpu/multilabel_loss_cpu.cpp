@@ -1,0 +1,122 @@
+// Fused multi-label sampled softmax on CPU: the shared row bodies of imi_softmax/multilabel_loss.h,
+// one query row per iteration. Each row's ids are checked just before the row reads weight rows with
+// them (imi::first_invalid_multilabel_column); a bad row is skipped and its position recorded, and
+// the op raises after the loop.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "../tensor_views.h"
+#include "parallel_chunks.h"
+#include "imi_softmax/multilabel_loss.h"
+
+namespace imi_softmax {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& ids_in, const at::Tensor& log_q_in, int64_t num_positives, bool remove_accidental_hits,
+    bool /*sparse_grad: used by autograd only*/) {
+  check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
+  const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  auto loss = at::empty({B, L}, acc_opts);
+  auto lse = at::empty({B, L}, acc_opts);
+  int64_t first_bad = IMI_NO_BAD_POSITION;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_forward_cpu", [&] {
+    using acc_t = typename imi::acc_type<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    acc_t* lp = loss.data_ptr<acc_t>();
+    acc_t* sp = lse.data_ptr<acc_t>();
+    // L + M random weight rows a row, as the single-label op: chunks of 4 rows (parallel_chunks.h)
+    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
+      for (int64_t b0, b1; queue.next(b0, b1);)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t bad = imi::first_invalid_multilabel_column(idp + b * LM, L, LM, N);
+        if (bad >= 0) {
+          imi::record_bad_position(&first_bad, b * LM + bad);
+          std::fill(lp + b * L, lp + (b + 1) * L, std::numeric_limits<acc_t>::quiet_NaN());
+          std::fill(sp + b * L, sp + (b + 1) * L, std::numeric_limits<acc_t>::quiet_NaN());
+          continue;
+        }
+        imi::multilabel_row_forward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * LM, lqp + b * LM, L, LM,
+                                                     remove_accidental_hits, lp + b * L, sp + b * L);
+      }
+    });
+  });
+  check_no_bad_position("multilabel_softmax_forward", "ids", first_bad, ids, multilabel_ids_allowed(N));
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cpu(
+    const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
+    const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
+  check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
+  check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
+  const auto acc = acc_scalar_type(x.scalar_type());
+  // Named locals: the kernel reads through their pointers, so they must outlive the loop.
+  const auto grad_loss = grad_loss_in.to(acc).contiguous();
+  const auto lse = lse_in.to(acc).contiguous();
+  auto grad_x = at::empty_like(x);
+  auto coef = at::empty({B, LM}, x.options().dtype(acc));
+  int64_t first_bad = IMI_NO_BAD_POSITION;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_backward_cpu", [&] {
+    using acc_t = typename imi::acc_type<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const acc_t* gp = grad_loss.data_ptr<acc_t>();
+    const acc_t* sp = lse.data_ptr<acc_t>();
+    acc_t* cp = coef.data_ptr<acc_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
+      std::vector<acc_t> gx_acc(d);
+      for (int64_t b0, b1; queue.next(b0, b1);)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t bad = imi::first_invalid_multilabel_column(idp + b * LM, L, LM, N);
+        if (bad >= 0) {
+          imi::record_bad_position(&first_bad, b * LM + bad);
+          std::fill(cp + b * LM, cp + (b + 1) * LM, acc_t(0));
+          std::fill(gxp + b * d, gxp + (b + 1) * d, scalar_t(0));
+          continue;
+        }
+        imi::multilabel_row_backward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * LM, lqp + b * LM, L, LM,
+                                                      remove_accidental_hits, gp + b * L, sp + b * L, cp + b * LM,
+                                                      gx_acc.data(), gxp + b * d);
+      }
+    });
+  });
+  check_no_bad_position("multilabel_softmax_backward", "ids", first_bad, ids, multilabel_ids_allowed(N));
+  return {grad_x, coef};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imi_softmax, CPU, m) {
+  m.impl("multilabel_softmax_forward", &multilabel_softmax_forward_cpu);
+  m.impl("multilabel_softmax_backward", &multilabel_softmax_backward_cpu);
+}
+
+}  // namespace imi_softmax
