@@ -154,7 +154,8 @@ def ranked_hits(predictions, target: Target, k: int, *, ignore_index: int = -100
     labels = _label_sets(target, ids.shape[0], ignore_index, num_classes).to(ids.device)
     if labels.shape[1] == 0:
         return torch.zeros_like(ids, dtype=torch.bool), ids, labels
-    pos = torch.searchsorted(labels, ids).clamp(max=labels.shape[1] - 1)
+    # ids [:, :k] of wider ranked ids is a strided view: searchsorted would copy it and warn
+    pos = torch.searchsorted(labels, ids.contiguous()).clamp(max=labels.shape[1] - 1)
     hits = labels.gather(1, pos) == ids
     if ids.shape[1] > 1:  # a repeated id scores once, at its first rank
         first = ~(ids.unsqueeze(2) == ids.unsqueeze(1)).tril(-1).any(2)
