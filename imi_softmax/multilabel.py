@@ -24,7 +24,10 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def is_multilabel_target(x: Tensor, target) -> bool:
     """A CSR pair, or an int tensor with one more dimension than x's batch dims ([*, L] for x [*, d])."""
-    return isinstance(target, (tuple, list)) or (isinstance(target, Tensor) and target.dim() == x.dim())
+    if isinstance(target, (tuple, list)):
+        return True
+    # a non-tensor x is the single-label checks' to reject, with their message
+    return isinstance(target, Tensor) and isinstance(x, Tensor) and target.dim() == x.dim()
 
 
 def padded_positives(target: MultiLabelTarget, batch_shape: torch.Size, num_classes: int,

@@ -459,3 +459,11 @@ def test_batch_dims_and_empty_label_width():
     args = (x, w, b, empty, ids, log_q, torch.empty(6, 0, dtype=torch.float64))
     assert torch.isnan(IF.multilabel_sampled_softmax_loss(*args, ignore_index=PAD))
     assert IF.multilabel_sampled_softmax_loss(*args, ignore_index=PAD, reduction="sum").item() == 0
+
+
+def test_non_tensor_x_is_rejected_by_name():
+    head, _ = _head_and_x()
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        head([[0.0] * D] * 3, torch.tensor([[1, 2], [3, PAD], [4, 5]]))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        head([[0.0] * D] * 3, _csr([[1], [2], [3]]))
