@@ -4,8 +4,9 @@
     python examples/recommender/run_kl_refine.py --steps 100 --num-codewords 64
 
 Every run uses the same seed, split and schedule (index refresh every ``--refresh-every`` steps,
-each one a full rebuild: k-means, then, with refinement, ``--steps`` Adam steps on the last
-``--queries`` training query rows). Only the refinement differs. Training time includes the
+one in ``--full-refresh-every`` a full rebuild: k-means, then, with refinement, ``--steps`` Adam
+steps on the last ``--queries`` training query rows; the other refreshes re-assign the touched
+classes against the current codebooks). Only the refinement differs. Training time includes the
 refreshes (and so the refinement's cost). Writes results/kl_refine_<data>_<machine>.{csv,md,png}.
 """
 from __future__ import annotations
@@ -36,8 +37,9 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--refresh-every", type=int, default=50)
+    p.add_argument("--full-refresh-every", type=int, default=5, help="one refresh in this many is full (and refines)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps of each refinement")
-    p.add_argument("--queries", type=int, default=4096, help="recent query rows each refinement fits")
+    p.add_argument("--queries", type=int, default=2048, help="recent query rows each refinement fits")
     p.add_argument("--eval-users", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -52,7 +54,7 @@ def main(argv=None):
     for k in a.num_codewords:
         for steps in (0, a.steps):
             cfg = Config(data=a.data, head="midx-rq", num_samples=a.num_samples, epochs=a.epochs, seed=a.seed,
-                         refresh_every=a.refresh_every, full_refresh_every=1, num_codewords=k,
+                         refresh_every=a.refresh_every, full_refresh_every=a.full_refresh_every, num_codewords=k,
                          kl_refine_steps=steps, kl_refine_queries=a.queries, eval_users=a.eval_users or None,
                          progress=False)
             t0 = time.perf_counter()
@@ -82,7 +84,8 @@ def main(argv=None):
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     lines = [f"# KL-refined codebooks, downstream: {split.name}, midx-rq, M = {a.num_samples}, {a.epochs} epochs", "",
              f"Command: `python examples/recommender/run_kl_refine.py {' '.join(sys.argv[1:])}`; {info}", "",
-             f"Index refresh every {a.refresh_every} steps, every refresh a full rebuild; refinement: {a.steps} Adam "
+             f"Index refresh every {a.refresh_every} steps, one in {a.full_refresh_every} a full rebuild (k-means, then "
+             f"the refinement if on: {a.steps} Adam "
              f"steps on the last {a.queries} query rows. Metrics over all items on all test users after the last "
              "epoch; train s includes the refreshes. KL columns: the last refinement's KL on its own sample.", "",
              "| K | refinement | NDCG@10 | Recall@20 | NDCG@50 | train s | KL before -> after (last refresh) |",

@@ -115,14 +115,14 @@ def refine_codebooks(index, quantizer: str, query: Tensor, weight: Tensor, bias:
         return (_objective(q1, q2, a, b, m1, m2, mass_scaled) + log_n_max + const).mean()
 
     with torch.enable_grad():
-        best = kl_of(c1, c2)
+        best = kl_of(c1, c2).detach()
         kl_before = float(best)
         best_c1, best_c2 = c1.detach().clone(), c2.detach().clone()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = kl_of(c1, c2)
             # the loss of these codebooks: keep the best iterate, so the result never has a higher KL
-            if float(loss) < float(best):
+            if float(loss.detach()) < float(best):
                 best, best_c1, best_c2 = loss.detach(), c1.detach().clone(), c2.detach().clone()
             loss.backward()
             opt.step()
