@@ -240,9 +240,8 @@ class IMISoftmax(nn.Module):
         with no_autocast(self.weight.device):
             self.sampler.build(self.weight, self.bias)
             if self._refines() and self._reservoir_fill > 0:
-                queries = self._reservoir[: self._reservoir_fill]
-                if queries.device == self.weight.device:
-                    self.sampler.refine_codebooks(queries, self.weight, self.bias)
+                queries = self._reservoir[: self._reservoir_fill].to(self.weight.device)
+                self.sampler.refine_codebooks(queries, self.weight, self.bias)
         self._index_stale = False
         self._refreshes_since_full = 0
 
