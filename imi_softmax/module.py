@@ -49,6 +49,14 @@ class IMISoftmax(nn.Module):
         sparse_grad: weight.grad / bias.grad as sparse COO tensors over the touched rows.
         class_counts: [num_classes] frequencies, required by ``sampler="unigram"``.
         kmeans_iters: Lloyd iterations per index rebuild.
+        kl_refine_steps: with ``sampler="midx"`` (or a MIDXSampler), Adam steps of
+            :meth:`MIDXSampler.refine_codebooks` after each full rebuild, on the last
+            ``kl_refine_queries`` training query rows (0 = no refinement, the default; a sampler
+            instance keeps its own ``kl_refine_steps`` unless this is > 0). README, "KL-refined
+            codebooks", says when it helps. Each rank of a multi-process run refines on its own
+            queries (every index stays exact, but the ranks' proposals then differ).
+        kl_refine_queries: size of the ring buffer of recent training query rows the refinement
+            fits (kept only when refinement is on; saved in ``_extra_state``).
         ignore_index: target value that is skipped (as in F.cross_entropy).
         process_group: a torch.distributed process group: the constructor then returns a
             :class:`imi_softmax.ShardedIMISoftmax` (each rank owns a contiguous class range;
@@ -101,7 +109,8 @@ class IMISoftmax(nn.Module):
                  remove_accidental_hits: bool = True, sparse_grad: bool = False,
                  class_counts: Optional[Tensor] = None, kmeans_iters: int = 10,
                  ignore_index: int = -100, full_refresh_every: int = 10,
-                 eval_chunk_size: Optional[int] = None, process_group=None, device=None, dtype=None):
+                 eval_chunk_size: Optional[int] = None, kl_refine_steps: int = 0,
+                 kl_refine_queries: int = 4096, process_group=None, device=None, dtype=None):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
@@ -121,6 +130,16 @@ class IMISoftmax(nn.Module):
         if self.weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {self.weight.dtype}")
         self.sampler = self._make_sampler(sampler, num_codewords, quantizer, class_counts, kmeans_iters)
+        check_positive_int("kl_refine_steps", kl_refine_steps, minimum=0)
+        self.kl_refine_queries = check_positive_int("kl_refine_queries", kl_refine_queries)
+        if kl_refine_steps > 0:
+            if not isinstance(self.sampler, MIDXSampler):
+                raise ValueError(f"kl_refine_steps={kl_refine_steps} refines MIDX codebooks, but the sampler is "
+                                 f"{type(self.sampler).__name__}: use sampler='midx' or kl_refine_steps=0")
+            self.sampler.kl_refine_steps = kl_refine_steps
+        self._reservoir: Optional[Tensor] = None  # [kl_refine_queries, d] float32 ring of recent query rows
+        self._reservoir_fill = 0
+        self._reservoir_pos = 0
         self.reset_parameters()
 
     def _make_sampler(self, sampler, num_codewords, quantizer, class_counts, kmeans_iters) -> Sampler:
@@ -230,8 +249,29 @@ class IMISoftmax(nn.Module):
         self.sampler = self.sampler.to(self.weight.device)
         with no_autocast(self.weight.device):
             self.sampler.build(self.weight, self.bias)
+            if self._refines() and self._reservoir_fill > 0:
+                queries = self._reservoir[: self._reservoir_fill].to(self.weight.device)
+                self.sampler.refine_codebooks(queries, self.weight, self.bias)
         self._index_stale = False
         self._refreshes_since_full = 0
+
+    def _refines(self) -> bool:
+        return isinstance(self.sampler, MIDXSampler) and self.sampler.kl_refine_steps > 0
+
+    @torch.no_grad()
+    def _record_queries(self, flat_x: Tensor) -> None:
+        """Keeps the last ``kl_refine_queries`` query rows (a ring) for the codebook refinement."""
+        size = self.kl_refine_queries
+        buf = self._reservoir
+        if buf is None or buf.device != flat_x.device or buf.shape != (size, self.in_features):
+            buf = self._reservoir = flat_x.new_zeros((size, self.in_features), dtype=torch.float32)
+            self._reservoir_fill = self._reservoir_pos = 0
+        rows = flat_x.detach()[-size:]
+        r = rows.shape[0]
+        pos = (self._reservoir_pos + torch.arange(r, device=buf.device)) % size
+        buf[pos] = rows.to(torch.float32)
+        self._reservoir_pos = (self._reservoir_pos + r) % size
+        self._reservoir_fill = min(size, self._reservoir_fill + r)
 
     def _can_update(self, touched: Tensor, sync: bool) -> bool:
         """An incremental refresh is possible and due: the sampler holds an index of this head's
@@ -266,7 +306,9 @@ class IMISoftmax(nn.Module):
         continue bit for bit after a reload (tensors and plain values: weights_only-loadable)."""
         return {_EXTRA_STATE_MARK: 1, "training_calls": self._training_calls,
                 "index_stale": self._index_stale, "sampler": self.sampler.state_dict(),
-                "touched": self._touched, "refreshes_since_full": self._refreshes_since_full}
+                "touched": self._touched, "refreshes_since_full": self._refreshes_since_full,
+                "reservoir": self._reservoir, "reservoir_fill": self._reservoir_fill,
+                "reservoir_pos": self._reservoir_pos}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or _EXTRA_STATE_MARK not in state:
@@ -281,6 +323,13 @@ class IMISoftmax(nn.Module):
                              f"{touched.dtype} {tuple(touched.shape)}: was it saved by a head with another num_classes?")
         self._touched = None if touched is None else touched.to(self.weight.device, copy=True)
         self._refreshes_since_full = int(state.get("refreshes_since_full", 0))
+        reservoir = state.get("reservoir")
+        if reservoir is not None and tuple(reservoir.shape) != (self.kl_refine_queries, self.in_features):
+            raise ValueError(f"_extra_state's query reservoir must be [{self.kl_refine_queries}, {self.in_features}], "
+                             f"got {tuple(reservoir.shape)}: construct the head with the same kl_refine_queries")
+        self._reservoir = None if reservoir is None else reservoir.to(self.weight.device, copy=True)
+        self._reservoir_fill = int(state.get("reservoir_fill", 0)) if reservoir is not None else 0
+        self._reservoir_pos = int(state.get("reservoir_pos", 0)) if reservoir is not None else 0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -367,8 +416,10 @@ class IMISoftmax(nn.Module):
 
     def _draw(self, x: Tensor, target: Tensor, generator=None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_finite("x", x)  # named here: the sampler would call it "query"
-        self._maybe_refresh()
         flat_x = x.reshape(-1, self.in_features)
+        if self._refines() and not torch.compiler.is_compiling():
+            self._record_queries(flat_x)
+        self._maybe_refresh()
         flat_t = target.reshape(-1)
         # ignored rows score class 0 (any valid id): the loss masks them, and the sampler's checks pass
         safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)

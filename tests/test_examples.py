@@ -281,3 +281,27 @@ def test_demo_runs_end_to_end_small(capsys):
     assert all(math.isfinite(v) for r in rows for v in r[1:])
     assert large.num_items == 4000 and len(large.imi_ms) == 3
     assert "Recall@20" in out and "at 4,000 items" in out and "N = 4,000 items" in out
+
+
+def test_recommender_with_kl_refined_codebooks_trains(planted_split):
+    split, _ = planted_split
+    cfg = Config(head="midx-rq", num_samples=32, epochs=2, max_steps=12, batch_users=64, targets_per_user=4, dim=16,
+                 hidden=32, refresh_every=5, full_refresh_every=1, num_codewords=8, kl_refine_steps=20,
+                 kl_refine_queries=256, eval_users=50, progress=False)
+    res = train(cfg, split, keep_model=True, log=None)
+    assert len(res.losses) == 12 and all(np.isfinite(res.losses))
+    stats = res.model.head.layer.sampler.last_refine
+    assert stats is not None and stats["kl_after"] <= stats["kl_before"]
+
+
+def test_inbatch_example_learns_with_clustered_batches(planted_split):
+    from types import SimpleNamespace
+
+    from examples.recommender.inbatch import run_arm
+
+    split, _ = planted_split
+    a = SimpleNamespace(dim=16, hidden=32, lr=1e-2, batch_users=64, num_clusters=None, epochs=4, seed=0)
+    users = eval_user_set(split, None, 0)
+    rows = run_arm(split, "clustered", 0.0, True, a, users, users, log=None)
+    assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["recall@20"] > 5 * _random_recall20(split)

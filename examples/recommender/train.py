@@ -51,6 +51,9 @@ class Config:
     test_frac: float = 0.2
     refresh_every: int = 50           # IMISoftmax index rebuild interval (training steps)
     num_codewords: int = 64           # K (K*K cells)
+    full_refresh_every: int = 10      # one refresh in this many rebuilds the codebooks (k-means)
+    kl_refine_steps: int = 0          # Adam steps of the KL codebook refinement after each full rebuild
+    kl_refine_queries: int = 4096     # recent query rows the refinement fits
     sparse: bool = False              # sparse embedding / head gradients + SparseAdam
     eval_every: int = 1               # evaluate after every n-th epoch (and always after the last)
     eval_users: Optional[int] = None  # evaluate on a fixed random subset of this many test users
@@ -169,9 +172,14 @@ def heldout_loss(model: Recommender, split: Split, users: np.ndarray, chunk: int
 
 
 def build(config: Config, split: Split) -> Recommender:
+    extra = {}
+    if config.head != "full":
+        extra["full_refresh_every"] = config.full_refresh_every
+    if config.kl_refine_steps:
+        extra.update(kl_refine_steps=config.kl_refine_steps, kl_refine_queries=config.kl_refine_queries)
     return Recommender(split.num_items, config.head, config.dim, config.hidden, config.num_samples,
                        item_counts=split.item_counts, refresh_every=config.refresh_every,
-                       num_codewords=config.num_codewords, sparse=config.sparse)
+                       num_codewords=config.num_codewords, sparse=config.sparse, **extra)
 
 
 def make_optimizers(model: Recommender, config: Config):

@@ -25,6 +25,14 @@ def _row_sq_norms(w: Tensor, chunk: int = 1 << 16) -> Tensor:
     return out
 
 
+def _check_lr(value, name: str = "kl_refine_lr") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
 class MIDXIndex(NamedTuple):
     """Every tensor of one built index. Immutable once built: a rebuild makes a new MIDXIndex and
     swaps it in with one assignment, so a reader that took one reference sees one whole index."""
@@ -66,10 +74,16 @@ class MIDXSampler(Sampler):
         kmeans_iters: Lloyd iterations per rebuild (warm-started from the previous codebooks).
         max_points_per_centroid: k-means is fitted on at most this many classes per codeword.
         seed: seed of the k-means subsampling/initialisation generator.
+        kl_refine_steps: default Adam steps of :meth:`refine_codebooks` (0: the owner does not
+            refine; IMISoftmax refines after each full rebuild when this is > 0 and it keeps a
+            ``query_reservoir``).
+        kl_refine_lr: default Adam learning rate of :meth:`refine_codebooks`, relative to the
+            root-mean-square entry of the k-means codebooks.
     """
 
     def __init__(self, num_codewords: int = 64, quantizer: str = "rq", kmeans_iters: int = 10,
-                 max_points_per_centroid: int = 256, seed: int = 0):
+                 max_points_per_centroid: int = 256, seed: int = 0, kl_refine_steps: int = 0,
+                 kl_refine_lr: float = 0.01):
         self.num_codewords = check_positive_int("num_codewords", num_codewords)
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
@@ -78,6 +92,9 @@ class MIDXSampler(Sampler):
         self.max_points_per_centroid = check_positive_int("max_points_per_centroid", max_points_per_centroid)
         self._generator = torch.Generator().manual_seed(seed)
         self._index: Optional[MIDXIndex] = None
+        self.kl_refine_steps = check_positive_int("kl_refine_steps", kl_refine_steps, minimum=0)
+        self.kl_refine_lr = _check_lr(kl_refine_lr)
+        self.last_refine: Optional[Dict[str, float]] = None  # stats of the latest refine_codebooks
 
     # -- index ------------------------------------------------------------------------------
     @property
@@ -216,6 +233,49 @@ class MIDXSampler(Sampler):
                          beta_csr if has_bias else None, log_n, cell_mass, log_n_max,
                          index.num_classes, index.in_features)
 
+    def refine_codebooks(self, queries: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                         steps: Optional[int] = None, lr: Optional[float] = None) -> Dict[str, float]:
+        """Move the codebooks to lower KL(P || Q) on ``queries`` [Bq, d], cells kept (see
+        :mod:`imi_softmax.samplers.kl_refine` for the math and why the assignment is kept).
+
+        P = softmax(queries @ weight.T + bias) over all classes, with the current weight [N, d] and
+        bias [N] (or None); the index must be built over the same N and d. ``steps`` (default
+        ``kl_refine_steps``) Adam steps with ``lr`` (default ``kl_refine_lr``, relative to the
+        codebooks' RMS entry). The new codebooks are swapped in only when they lower the mean KL on
+        ``queries``; log Q stays exact either way. Returns (and keeps in ``last_refine``) a dict with
+        ``kl_before``, ``kl_after`` (mean nats over the queries), ``steps`` and ``improved``.
+        Cost: two passes of O(Bq N d) for P's cell masses, then O(Bq K (K + d)) per step."""
+        from .kl_refine import refine_codebooks
+
+        index = self._require_index()
+        steps = self.kl_refine_steps if steps is None else check_positive_int("steps", steps, minimum=0)
+        lr = self.kl_refine_lr if lr is None else _check_lr(lr, "lr")
+        self._check_query(index, queries)
+        check_tensor("weight", weight, dims=(2,))
+        if tuple(weight.shape) != (index.num_classes, index.in_features):
+            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
+                             f"{tuple(weight.shape)}: build(weight, bias) first")
+        if weight.device != index.codebook1.device:
+            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}")
+        check_finite("weight", weight)
+        if bias is not None:
+            check_tensor("bias", bias, dims=(1,))
+            if bias.shape[0] != index.num_classes:
+                raise ValueError(f"bias must be [{index.num_classes}] to match weight, got {tuple(bias.shape)}")
+            if bias.device != weight.device:
+                raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+            check_finite("bias", bias)
+        if queries.shape[0] == 0:
+            raise ValueError("queries must hold at least one row (got 0): refinement fits the codebooks to them")
+        with no_autocast(weight.device):
+            c1, c2, stats = refine_codebooks(index, self.quantizer, queries, weight, bias, steps=steps, lr=lr)
+        if stats["improved"]:
+            check_fp32_range("refined codewords", torch.cat([c1, c2], 1), _OVERFLOW_FIX)
+            # only the codebooks change: cells, masses and alias tables do not depend on them
+            self._index = index._replace(codebook1=c1, codebook2=c2)
+        self.last_refine = stats
+        return stats
+
     def _require_index(self) -> MIDXIndex:
         index = self._index
         if index is None:
@@ -344,4 +404,5 @@ class MIDXSampler(Sampler):
 
     def extra_repr(self) -> str:
         return (f"num_codewords={self.num_codewords}, quantizer={self.quantizer!r}, "
-                f"kmeans_iters={self.kmeans_iters}, num_classes={self.num_classes}")
+                f"kmeans_iters={self.kmeans_iters}, num_classes={self.num_classes}"
+                + (f", kl_refine_steps={self.kl_refine_steps}" if self.kl_refine_steps else ""))
