@@ -88,29 +88,45 @@ void search_loop(const at::Tensor& query, const at::Tensor& weight, const at::Te
   int64_t* idp = ids.data_ptr<int64_t>();
   acc_t* vp = scores.data_ptr<acc_t>();
   const auto to_acc = [](scalar_t v) { return static_cast<acc_t>(v); };
+  // The rows of a cell's classes are scattered in weight: the loop is bound by DRAM latency, not by
+  // the dot products. Candidates are scored from a buffer of a few cells' ids, each row prefetched
+  // whole kAhead candidates before its turn (across cell boundaries; cells hold ~10-100 classes).
+  constexpr int64_t kBatch = 256, kAhead = 8;
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(scalar_t));
+  const auto prefetch_row = [&](int64_t i) {
+    const char* r = reinterpret_cast<const char*>(wp + i * d);
+    for (int64_t o = 0; o < row_bytes; o += 64) IMI_PREFETCH(r + o);
+  };
   parallel_chunks(B, 1, [&](ChunkQueue& queue) {
     VisitScratch ws(K);
+    std::vector<int64_t> batch;
+    batch.reserve(2 * kBatch);
     for (int64_t b0, b1; queue.next(b0, b1);)
       for (int64_t b = b0; b < b1; ++b) {
         imi::CellVisit visit = ws.start(s1p + b * K, s2p + b * K, static_cast<int32_t>(K));
         imi::TopK<acc_t> top{vp + b * k, idp + b * k, k, 0};
         const scalar_t* h = hp + b * d;
+        const auto score_batch = [&] {
+          const int64_t n = static_cast<int64_t>(batch.size());
+          for (int64_t t = 0; t < std::min(n, kAhead); ++t) prefetch_row(batch[t]);
+          for (int64_t t = 0; t < n; ++t) {
+            if (t + kAhead < n) prefetch_row(batch[t + kAhead]);
+            const int64_t i = batch[t];
+            top.offer(imi::class_logit<acc_t>(h, wp + i * d, d, bp == nullptr ? nullptr : bp + i, to_acc), i);
+          }
+          batch.clear();
+        };
         int64_t count = 0, c;
         while (count < budget && (c = visit.next(off)) >= 0) {
           for (int64_t p = off[c]; p < off[c + 1]; ++p) {
             const int64_t i = static_cast<int64_t>(cls[p]);
-            if (!imi::in_range(i, N)) {
-              imi::record_bad_position(first_bad, p);
-              continue;
-            }
-            if (p + 4 < off[c + 1]) {
-              const int64_t ahead = static_cast<int64_t>(cls[p + 4]);
-              if (imi::in_range(ahead, N)) IMI_PREFETCH(wp + ahead * d);
-            }
-            top.offer(imi::class_logit<acc_t>(h, wp + i * d, d, bp == nullptr ? nullptr : bp + i, to_acc), i);
+            if (imi::in_range(i, N)) batch.push_back(i);
+            else imi::record_bad_position(first_bad, p);
           }
           count += off[c + 1] - off[c];
+          if (static_cast<int64_t>(batch.size()) >= kBatch) score_batch();
         }
+        score_batch();
         top.sort_best_first();
       }
   });
