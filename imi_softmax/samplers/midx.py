@@ -78,7 +78,9 @@ class MIDXSampler(Sampler):
         self.max_points_per_centroid = check_positive_int("max_points_per_centroid", max_points_per_centroid)
         self._generator = torch.Generator().manual_seed(seed)
         self._index: Optional[MIDXIndex] = None
-        # (weight, bias) of the last build/update, by reference (no copy): search()'s default rerank
+        # (weight, bias) of the last build/update, by reference (no copy; detached at use):
+        # search()'s default rerank. The objects themselves, not detached views: a head's
+        # Parameters follow module.to() (their .data is swapped), so no old storage is kept alive.
         self._vectors: Optional[Tuple[Tensor, Optional[Tensor]]] = None
 
     # -- index ------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ class MIDXSampler(Sampler):
                 raise ValueError(f"bias must be [{n}] to match weight, got {tuple(bias.shape)}")
         with no_autocast(weight.device):
             self._index = self._build_index(weight, bias)
-        self._vectors = (weight.detach(), None if bias is None else bias.detach())
+        self._vectors = (weight, bias)
         return self
 
     def _build_index(self, weight: Tensor, bias: Optional[Tensor]) -> MIDXIndex:
@@ -190,7 +192,7 @@ class MIDXSampler(Sampler):
             changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
         with no_autocast(weight.device):
             self._index = self._update_index(index, weight, bias, changed)
-        self._vectors = (weight.detach(), None if bias is None else bias.detach())
+        self._vectors = (weight, bias)
         return self
 
     def _update_index(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor], changed: Tensor) -> MIDXIndex:
