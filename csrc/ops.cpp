@@ -52,6 +52,17 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def(
       "midx_log_prob(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
       "Tensor? beta, Tensor code1, Tensor code2, Tensor ids) -> Tensor");
+  // Retrieval (approximate top-k from the index): the cells a query visits, in the multi-sequence
+  // order of decreasing s1[k1] + s2[k2] (empty cells skipped), until they hold >= budget classes (or
+  // every cell is out): cells [B, min(K*K, budget)] (cell k1 * K + k2, -1 after the last) and the
+  // number of classes they hold [B].
+  m.def("midx_search_cells(Tensor s1, Tensor s2, Tensor offsets, int budget) -> (Tensor cells, Tensor num_candidates)");
+  // ... and the classes of those cells reranked exactly with query . weight_i + bias_i: the k best
+  // (ids [B, k] int64, scores [B, k] in the accumulation dtype), best first (ties: smaller id on CPU,
+  // torch.topk's order on CUDA). class_ids: int64 or int32; 0 <= k <= min(budget, N).
+  m.def(
+      "midx_search(Tensor query, Tensor weight, Tensor? bias, Tensor s1, Tensor s2, Tensor offsets, "
+      "Tensor class_ids, int k, int budget) -> (Tensor ids, Tensor scores)");
   // Fused sampled softmax. ids/log_q: [B, 1+M], column 0 = target. Returns per-row loss and lse.
   m.def(
       "sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "

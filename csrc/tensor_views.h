@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/safe_numerics.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -476,6 +477,54 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
   return {coef.contiguous(), ids.contiguous(), x.contiguous()};
 }
 
+
+// ---- retrieval (midx_search_cells, midx_search) -------------------------------------------------
+
+// The cells a search visits for `budget` candidates: at most one per candidate and at most K*K.
+inline int64_t search_max_cells(int64_t K, int64_t budget) { return std::min<int64_t>(K * K, budget); }
+
+// s1/s2 [B, K] float32, offsets [K*K+1] int64 (checked in full, O(K^2), against n classes), budget >= 1.
+inline void check_search_cells_inputs(const char* op, const at::Tensor& s1, const at::Tensor& s2,
+                                      const at::Tensor& offsets, int64_t n, int64_t budget) {
+  check_query_scores(s1, s2);
+  TORCH_CHECK(budget >= 1, op, ": budget (candidates to collect per query) must be >= 1, got ", budget);
+  check_same_device(op, {named("s1", s1), named("s2", s2), named("offsets", offsets)});
+  check_offsets(op, s1.size(1), offsets, n);
+}
+
+// midx_search: query [B, d] and weight [N, d] of one floating dtype, bias [N] of that dtype or absent,
+// class_ids [N] int64 or int32 (the index of this weight: one entry per class; values are checked
+// where they are read), 0 <= k <= min(budget, N). Returns N.
+inline int64_t check_search_inputs(const char* op, const at::Tensor& query, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& s1,
+                                   const at::Tensor& s2, const at::Tensor& offsets, const at::Tensor& class_ids,
+                                   int64_t k, int64_t budget) {
+  TORCH_CHECK(query.dim() == 2 && weight.dim() == 2 && query.size(1) == weight.size(1), op,
+              ": query [B, d] and weight [N, d] expected, got ", query.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(query.scalar_type() == weight.scalar_type(), op, ": query is ", query.scalar_type(), " but weight is ",
+              weight.scalar_type(), "; cast the query to the weight's dtype");
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, ": weight must be floating point, got ",
+              weight.scalar_type());
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == weight.scalar_type(),
+                op, ": bias must be [N] = [", weight.size(0), "] with weight's dtype, got ", bias->scalar_type(), " ",
+                bias->sizes());
+  TORCH_CHECK(s1.dim() == 2 && s1.size(0) == query.size(0), op, ": s1/s2 must have one row per query (B = ",
+              query.size(0), "), got ", s1.sizes());
+  TORCH_CHECK((class_ids.scalar_type() == at::kLong || class_ids.scalar_type() == at::kInt) && class_ids.dim() == 1 &&
+                  class_ids.is_contiguous(),
+              op, ": class_ids must be contiguous int64 or int32 [N], got ", class_ids.scalar_type(), " ",
+              class_ids.sizes());
+  const int64_t N = weight.size(0);
+  TORCH_CHECK(class_ids.numel() == N, op, ": the index holds ", class_ids.numel(), " classes but weight has ", N,
+              " rows; rebuild the index from this weight");
+  TORCH_CHECK(k >= 0 && k <= N, op, ": k must lie in [0, N = ", N, "], got ", k);
+  TORCH_CHECK(budget >= k, op, ": budget (", budget, ") must be >= k (", k, ")");
+  check_same_device(op, {named("query", query), named("weight", weight), named("bias", bias), named("s1", s1),
+                         named("s2", s2), named("offsets", offsets), named("class_ids", class_ids)});
+  check_search_cells_inputs(op, s1, s2, offsets, N, std::max<int64_t>(budget, 1));
+  return N;
+}
 
 // ---- row-sparse optimizer steps (row_sparse_adam_, row_wise_adagrad_) ----------------------------
 

@@ -73,6 +73,18 @@ def _log_prob_fake(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids)
     return ids.new_empty(ids.shape, dtype=torch.float32)
 
 
+@torch.library.register_fake(_lib + "midx_search_cells")
+def _search_cells_fake(s1, s2, offsets, budget):
+    b, k = s1.shape
+    return offsets.new_empty((b, min(k * k, budget))), offsets.new_empty(b)
+
+
+@torch.library.register_fake(_lib + "midx_search")
+def _search_fake(query, weight, bias, s1, s2, offsets, class_ids, k, budget):
+    b = query.shape[0]
+    return offsets.new_empty((b, k)), query.new_empty((b, k), dtype=acc_dtype(weight.dtype))
+
+
 @torch.library.register_fake(_lib + "sampled_softmax_forward")
 def _forward_fake(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad):
     acc = acc_dtype(x.dtype)

@@ -489,10 +489,19 @@ class IMISoftmax(nn.Module):
         return logits, ids
 
     @torch.no_grad()
-    def topk(self, x: Tensor, k: int, chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        """(values, indices) [*, k] of the k largest logits, computed over class chunks so the full
-        [*, num_classes] logit matrix never exists at once (memory O(B * (chunk_size + k))).
-        chunk_size: classes per chunk; None takes ``eval_chunk_size`` (automatic when that is None)."""
+    def topk(self, x: Tensor, k: int, chunk_size: Optional[int] = None, *, approximate: bool = False,
+             budget: int = 4096) -> Tuple[Tensor, Tensor]:
+        """(values, indices) [*, k] of the k largest logits of x [*, in_features].
+
+        Exact (default): over class chunks, so the full [*, num_classes] logit matrix never exists
+        at once (memory O(B * (chunk_size + k))). chunk_size: classes per chunk; None takes
+        ``eval_chunk_size`` (automatic when that is None).
+
+        ``approximate=True`` (``sampler="midx"``, index built): retrieval from the index
+        (:meth:`MIDXSampler.search`): the cells of the last refresh are visited in decreasing
+        codeword-score order until they hold ``budget`` classes, which are reranked exactly with the
+        current weight and bias. ``budget >= num_classes`` gives the exact top-k. Values are in the
+        weight's dtype (no autocast)."""
         self._check_input(x, None)
         check_positive_int("k", k)
         if chunk_size is not None:
@@ -500,11 +509,28 @@ class IMISoftmax(nn.Module):
         if k > self.num_classes:
             raise ValueError(f"k must be <= num_classes ({self.num_classes}), got {k}")
         flat = x.reshape(-1, self.in_features)
-        chunk = chunk_size if chunk_size is not None else self.eval_chunk_size
-        if chunk is None:
-            chunk = auto_chunk_size(flat.shape[0], self.num_classes)
-        values, indices = chunked_topk(flat, self.weight, self.bias, k, chunk)
+        if approximate:
+            values, indices = self._approximate_topk(flat, k, budget)
+        else:
+            chunk = chunk_size if chunk_size is not None else self.eval_chunk_size
+            if chunk is None:
+                chunk = auto_chunk_size(flat.shape[0], self.num_classes)
+            values, indices = chunked_topk(flat, self.weight, self.bias, k, chunk)
         return values.reshape(*x.shape[:-1], k), indices.reshape(*x.shape[:-1], k)
+
+    def _approximate_topk(self, flat: Tensor, k: int, budget: int) -> Tuple[Tensor, Tensor]:
+        if not isinstance(self.sampler, MIDXSampler):
+            raise ValueError(f"topk(approximate=True) searches the MIDX index: it needs sampler='midx', this head "
+                             f"has {type(self.sampler).__name__}; use the exact topk (approximate=False)")
+        index = self.sampler.index
+        if index is None or self._index_stale:
+            raise RuntimeError("topk(approximate=True): the head's index is not built; call head.refresh_index() "
+                               "(or train a step) first")
+        if index.codebook1.device != self.weight.device or index.num_classes != self.num_classes:
+            raise RuntimeError("topk(approximate=True): the index was built for another device or class count; "
+                               "call head.refresh_index()")
+        ids, scores = self.sampler.search(flat, k, budget, weight=self.weight, bias=self.bias)
+        return scores.to(self.weight.dtype), ids
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "

@@ -537,6 +537,8 @@ _CHILD_MIDX = textwrap.dedent("""
     head.eval()
     ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, head.weight, head.bias), t)
     torch.testing.assert_close(head(x, t), ref)
+    want, got = head.topk(x, 5), head.topk(x, 5, approximate=True, budget=300)  # retrieval ops
+    assert torch.equal(want[1], got[1])
     print("ok")
 """)
 

@@ -143,10 +143,11 @@ def test_sampled_softmax_backward_and_weight_grads(device, dtype, bias):
 
 def test_every_op_is_covered():
     """A new op in the library must get an opcheck here (the optimizer ops: in test_optim.py; the
-    multi-label loss ops: in test_multilabel.py)."""
+    multi-label loss ops: in test_multilabel.py; retrieval ops: in test_search.py)."""
     covered = {"assign_codewords", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
                "sampled_softmax_forward", "sampled_softmax_backward", "dense_weight_grad", "sparse_weight_grad",
-               "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward", "multilabel_softmax_backward"}
+               "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward", "multilabel_softmax_backward",
+               "midx_search_cells", "midx_search"}
     # Every schema the library registered (dir(torch.ops.imi_softmax) lists only the ops already
     # looked up in this process, so it would miss an op that no earlier test called).
     defined = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("imi_softmax::")}

@@ -18,6 +18,7 @@
 #include "imi_softmax/common.h"
 #include "imi_softmax/proposal.h"
 #include "imi_softmax/row_optim.h"
+#include "imi_softmax/search.h"
 
 namespace imi_softmax {
 namespace cuda {
@@ -181,6 +182,29 @@ cudaError_t launch_row_sparse_adam(w_t* param, float* exp_avg, float* exp_avg_sq
 template <typename w_t>
 cudaError_t launch_row_wise_adagrad(w_t* param, float* sum, const int64_t* rows, const w_t* grad, int64_t U,
                                     int64_t d, imi::AdagradCoef coef, cudaStream_t stream);
+
+// ---- retrieval (search.cu) ---------------------------------------------------------------------
+// Bytes of one block's visit workspace for K codewords (a multiple of 16).
+size_t search_visit_slice_bytes(int64_t K);
+
+// Cells each query visits (imi::CellVisit) until they hold >= budget classes: cells [B, C] (-1 after
+// the last; C = min(K*K, budget)), counts [B]. s1/s2 [B, K], offsets [K*K+1] (checked). workspace:
+// blocks * search_visit_slice_bytes(K) bytes; at most `blocks` blocks run.
+cudaError_t launch_search_visit(const float* s1, const float* s2, int64_t B, int64_t K, const int64_t* offsets,
+                                int64_t budget, int64_t* cells, int64_t C, int64_t* counts, void* workspace,
+                                int64_t blocks, cudaStream_t stream);
+
+// The classes of the visited cells, in visit order, and their exact logits (imi::class_logit):
+// cand_ids / cand_scores [B, Cmax], Cmax >= every query's class count; entries past a query's count
+// are left as the caller filled them (-1 / -inf). A class id outside [0, N) records its CSR position
+// in first_bad and is written as -1 / -inf. scalar_t: float, double, __half, __nv_bfloat16;
+// id_t: int64_t or int32_t.
+template <typename scalar_t, typename id_t>
+cudaError_t launch_search_score(const scalar_t* query, const scalar_t* weight, const scalar_t* bias, int64_t B,
+                                int64_t d, int64_t N, const int64_t* offsets, const id_t* class_ids,
+                                const int64_t* cells, int64_t C, int64_t* cand_ids,
+                                typename imi::acc_type<scalar_t>::type* cand_scores, int64_t Cmax,
+                                int64_t* first_bad, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace imi_softmax

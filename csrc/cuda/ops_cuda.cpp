@@ -18,7 +18,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <cmath>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -360,6 +362,97 @@ at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
   return out;
 }
 
+// ---- retrieval: midx_search_cells / midx_search ------------------------------------------------
+
+// Visited cells and their class counts of every query (search.cu, kernel 1).
+std::tuple<at::Tensor, at::Tensor> search_visit_cuda(const at::Tensor& s1, const at::Tensor& s2,
+                                                     const at::Tensor& offsets, int64_t budget) {
+  const int64_t B = s1.size(0), K = s1.size(1), C = search_max_cells(K, budget);
+  auto cells = at::empty({B, C}, offsets.options());
+  auto counts = at::empty({B}, offsets.options());
+  // one workspace slice per resident block, at most ~64 MiB of them
+  const int64_t slice = static_cast<int64_t>(cuda::search_visit_slice_bytes(K));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>({B, 1024, (int64_t(64) << 20) / slice}));
+  auto workspace = at::empty({blocks * slice}, offsets.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::launch_search_visit(s1.data_ptr<float>(), s2.data_ptr<float>(), B, K,
+                                           offsets.data_ptr<int64_t>(), budget, cells.data_ptr<int64_t>(), C,
+                                           counts.data_ptr<int64_t>(), workspace.data_ptr(), blocks,
+                                           at::cuda::getCurrentCUDAStream()));
+  return {cells, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> midx_search_cells_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
+                                                          const at::Tensor& offsets, int64_t budget) {
+  check_query_scores(s1_in, s2_in);
+  const int64_t KK = s1_in.size(1) * s1_in.size(1);
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() == KK + 1,
+              "midx_search_cells: offsets must be int64 [K*K+1] = [", KK + 1, "], got ", offsets.scalar_type(), " ",
+              offsets.sizes());
+  check_same_device("midx_search_cells", {named("s1", s1_in), named("s2", s2_in), named("offsets", offsets)});
+  const c10::cuda::CUDAGuard guard(s1_in.device());
+  const int64_t n = offsets[KK].item<int64_t>();  // the class count; check_offsets checks the rest
+  check_search_cells_inputs("midx_search_cells", s1_in, s2_in, offsets, n, budget);
+  return search_visit_cuda(s1_in.contiguous(), s2_in.contiguous(), offsets, budget);
+}
+
+std::tuple<at::Tensor, at::Tensor> midx_search_cuda(const at::Tensor& query_in, const at::Tensor& weight_in,
+                                                    const std::optional<at::Tensor>& bias_in, const at::Tensor& s1_in,
+                                                    const at::Tensor& s2_in, const at::Tensor& offsets,
+                                                    const at::Tensor& class_ids, int64_t k, int64_t budget) {
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  const int64_t N = check_search_inputs("midx_search", query_in, weight_in, bias_in, s1_in, s2_in, offsets, class_ids,
+                                        k, budget);
+  const auto query = query_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
+  const auto s1 = s1_in.contiguous(), s2 = s2_in.contiguous();
+  const int64_t B = query.size(0), K = s1.size(1), d = query.size(1);
+  const auto acc = acc_scalar_type(weight.scalar_type());
+  auto ids = at::empty({B, k}, offsets.options());
+  auto scores = at::empty({B, k}, query.options().dtype(acc));
+  if (B == 0 || k == 0) return {ids, scores};
+  // A query collects < budget classes before its last cell, so at most budget - 1 + the largest cell.
+  const int64_t max_cell = (offsets.narrow(0, 1, K * K) - offsets.narrow(0, 0, K * K)).max().item<int64_t>();
+  const int64_t Cmax = std::min<int64_t>(N, budget - 1 + max_cell);
+  // candidate buffers of at most ~256 MiB: queries in row chunks
+  const int64_t per_row = checked_size_product("midx_search", "candidates per query * 16 bytes", Cmax, 16);
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t(256) << 20) / per_row));
+  auto first_bad = bad_position_flag(offsets.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t r0 = 0; r0 < B; r0 += rows) {
+    const int64_t nb = std::min(rows, B - r0);
+    const auto q = query.narrow(0, r0, nb);
+    const auto t1 = s1.narrow(0, r0, nb), t2 = s2.narrow(0, r0, nb);
+    at::Tensor cells, counts;
+    std::tie(cells, counts) = search_visit_cuda(t1, t2, offsets, budget);
+    auto cand_ids = at::full({nb, Cmax}, -1, offsets.options());
+    auto cand_scores = at::full({nb, Cmax}, -INFINITY, query.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "midx_search_cuda", [&] {
+      using cuda_t = typename CudaType<scalar_t>::type;
+      using acc_t = typename imi::acc_type<cuda_t>::type;
+      if (class_ids.scalar_type() == at::kInt)
+        C10_CUDA_CHECK((cuda::launch_search_score<cuda_t, int32_t>(
+            cptr<scalar_t>(q), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), nb, d, N,
+            offsets.data_ptr<int64_t>(), class_ids.data_ptr<int32_t>(), cells.data_ptr<int64_t>(), cells.size(1),
+            cand_ids.data_ptr<int64_t>(), cand_scores.data_ptr<acc_t>(), Cmax, first_bad.data_ptr<int64_t>(),
+            stream)));
+      else
+        C10_CUDA_CHECK((cuda::launch_search_score<cuda_t, int64_t>(
+            cptr<scalar_t>(q), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), nb, d, N,
+            offsets.data_ptr<int64_t>(), class_ids.data_ptr<int64_t>(), cells.data_ptr<int64_t>(), cells.size(1),
+            cand_ids.data_ptr<int64_t>(), cand_scores.data_ptr<acc_t>(), Cmax, first_bad.data_ptr<int64_t>(),
+            stream)));
+    });
+    // every query holds >= min(budget, N) >= k candidates: the padding (-inf) is never picked
+    auto best = cand_scores.topk(k, 1, /*largest=*/true, /*sorted=*/true);
+    ids.narrow(0, r0, nb).copy_(cand_ids.gather(1, std::get<1>(best)));
+    scores.narrow(0, r0, nb).copy_(std::get<0>(best));
+  }
+  const int64_t bad = first_bad.item<int64_t>();
+  if (bad != IMI_NO_BAD_POSITION)
+    check_no_bad_position("midx_search", "class_ids", bad, class_ids.to(at::kLong), "[0, N = " + std::to_string(N) + ")");
+  return {ids, scores};
+}
+
 // ---- fused sampled softmax ---------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cuda(
@@ -665,6 +758,8 @@ TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("midx_sample", &midx_sample_cuda);
   m.impl("midx_sample_seeded", &midx_sample_seeded_cuda);
   m.impl("midx_log_prob", &midx_log_prob_cuda);
+  m.impl("midx_search_cells", &midx_search_cells_cuda);
+  m.impl("midx_search", &midx_search_cuda);
   m.impl("sampled_softmax_forward", &sampled_softmax_forward_cuda);
   m.impl("sampled_softmax_backward", &sampled_softmax_backward_cuda);
   m.impl("dense_weight_grad", &dense_weight_grad_cuda);

@@ -5,7 +5,7 @@ of the package (torch.ops.imi_softmax.*, the fakes and autograd of _ops.py) runs
 """
 import torch
 
-from . import cells, loss, multilabel, optim, proposal
+from . import cells, loss, multilabel, optim, proposal, search
 
 _SAMPLE_TAIL = ("Tensor? targets=None, Tensor? beta=None, Tensor? code1=None, Tensor? code2=None) -> "
                 "(Tensor ids, Tensor log_q, Tensor target_log_q)")
@@ -28,6 +28,10 @@ SCHEMAS = {
                            proposal.midx_sample_seeded),
     "midx_log_prob": ("midx_log_prob(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "
                       "Tensor? beta, Tensor code1, Tensor code2, Tensor ids) -> Tensor", proposal.midx_log_prob),
+    "midx_search_cells": ("midx_search_cells(Tensor s1, Tensor s2, Tensor offsets, int budget) -> "
+                          "(Tensor cells, Tensor num_candidates)", search.midx_search_cells),
+    "midx_search": ("midx_search(Tensor query, Tensor weight, Tensor? bias, Tensor s1, Tensor s2, Tensor offsets, "
+                    "Tensor class_ids, int k, int budget) -> (Tensor ids, Tensor scores)", search.midx_search),
     "sampled_softmax_forward": ("sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
                                 "Tensor log_q, bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> "
                                 "(Tensor loss, Tensor lse)", loss.sampled_softmax_forward),

@@ -95,6 +95,10 @@ class MIDXSampler(Sampler):
         self.kl_refine_steps = check_positive_int("kl_refine_steps", kl_refine_steps, minimum=0)
         self.kl_refine_lr = _check_lr(kl_refine_lr)
         self.last_refine: Optional[Dict[str, float]] = None  # stats of the latest refine_codebooks
+        # (weight, bias) of the last build/update, by reference (no copy; detached at use):
+        # search()'s default rerank. The objects themselves, not detached views: a head's
+        # Parameters follow module.to() (their .data is swapped), so no old storage is kept alive.
+        self._vectors: Optional[Tuple[Tensor, Optional[Tensor]]] = None
 
     # -- index ------------------------------------------------------------------------------
     @property
@@ -116,6 +120,7 @@ class MIDXSampler(Sampler):
                 raise ValueError(f"bias must be [{n}] to match weight, got {tuple(bias.shape)}")
         with no_autocast(weight.device):
             self._index = self._build_index(weight, bias)
+        self._vectors = (weight, bias)
         return self
 
     def _build_index(self, weight: Tensor, bias: Optional[Tensor]) -> MIDXIndex:
@@ -204,6 +209,7 @@ class MIDXSampler(Sampler):
             changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
         with no_autocast(weight.device):
             self._index = self._update_index(index, weight, bias, changed)
+        self._vectors = (weight, bias)
         return self
 
     def _update_index(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor], changed: Tensor) -> MIDXIndex:
@@ -374,6 +380,69 @@ class MIDXSampler(Sampler):
                                 index.code1, index.code2, flat)
         return out.reshape(ids.shape)
 
+    # -- retrieval --------------------------------------------------------------------------
+    def search(self, query: Tensor, k: int, budget: int = 4096, *, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Approximate top-k classes of each query row by the exact logit ``query . w_i + b_i``.
+
+        Cells are visited in decreasing ``s1[k1] + s2[k2]`` order (the inverted multi-index's
+        multi-sequence algorithm; empty cells skipped) until they hold ``>= budget`` classes (or all
+        classes); those candidates are reranked exactly and the ``k`` best returned, best first (ties:
+        smaller id). ``budget >= num_classes`` gives the exact top-k.
+
+        Args:
+            query: [B, d] (d = in_features of the index), cast to the weight's dtype for the rerank.
+            k: results per row, 1 <= k <= min(budget, num_classes).
+            budget: candidates to collect per row (classes scored is at least this, up to one cell more).
+            weight, bias: class vectors [N, d] and [N] (or None) to rerank with, e.g. a head's current
+                parameters; the cells stay those of the last build. Default (weight None): the
+                weight and bias given to the last ``build``/``update`` (held by reference).
+        Returns:
+            ids [B, k] int64, scores [B, k] (float32; float64 for a float64 weight).
+        """
+        index = self._require_index()  # the one read of the index for this call
+        k = check_positive_int("k", k)
+        budget = check_positive_int("budget", budget)
+        if budget < k:
+            raise ValueError(f"budget ({budget}) must be >= k ({k}): the k results are chosen among the budget "
+                             f"candidates; raise budget or lower k")
+        if k > index.num_classes:
+            raise ValueError(f"k must be <= num_classes ({index.num_classes}), got {k}")
+        self._check_query(index, query)
+        if weight is None:
+            if bias is not None:
+                raise ValueError("bias was given without weight: pass both (or neither, to rerank with the "
+                                 "vectors of the last build)")
+            if self._vectors is None:
+                raise RuntimeError("this sampler's index was loaded from a state dict without its class vectors: "
+                                   "pass weight= (and bias=) to search")
+            weight, bias = self._vectors
+        check_tensor("weight", weight, dims=(2,))
+        if tuple(weight.shape) != (index.num_classes, index.in_features):
+            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
+                             f"{tuple(weight.shape)}: rebuild the index for a new shape")
+        if weight.device != index.codebook1.device:
+            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}")
+        if bias is not None:
+            check_tensor("bias", bias, dims=(1,))
+            if bias.shape[0] != index.num_classes or bias.dtype != weight.dtype or bias.device != weight.device:
+                raise ValueError(f"bias must be [{index.num_classes}] with weight's dtype ({weight.dtype}) and device, "
+                                 f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+        s1, s2 = self.scores(query, index)
+        with no_autocast(query.device):
+            return ops.midx_search(query.detach().to(weight.dtype), weight.detach(),
+                                   None if bias is None else bias.detach(), s1, s2, index.offsets,
+                                   index.class_ids, k, budget)
+
+    def search_cells(self, query: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
+        """The cells :meth:`search` visits (for inspection and tests): cells [B, min(K*K, budget)]
+        int64 (cell ``k1 * K + k2`` in visit order, -1 after the last) and the classes they hold [B]."""
+        index = self._require_index()
+        budget = check_positive_int("budget", budget)
+        self._check_query(index, query)
+        s1, s2 = self.scores(query, index)
+        return ops.midx_search_cells(s1, s2, index.offsets, budget)
+
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """k-means generator state and the index tensors (so a resumed run neither rebuilds nor
@@ -397,6 +466,7 @@ class MIDXSampler(Sampler):
         if saved is None:
             self._index = None
             return False
+        self._vectors = None  # a loaded index without its vectors: search() needs weight=
         fields = {f: (None if saved[f] is None else saved[f].to(device)) for f in _TENSOR_FIELDS}
         self._index = MIDXIndex(**fields, num_classes=int(saved["num_classes"]),
                                 in_features=int(saved["in_features"]))
