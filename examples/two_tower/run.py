@@ -1,6 +1,6 @@
 """Stale item embeddings with and without the corrector: T x {stale cache, corrector} on ML-10M.
 
-    python examples/two_tower/run.py                # T in {50, 500, 5000} x {off, on}, 750 steps each (~35 min, 2 cores)
+    python examples/two_tower/run.py                # T in {50, 500, 5000} x {off, on}, 600 steps each (~15 min on 2 idle cores)
     python examples/two_tower/run.py --refresh-every 50 500 --max-steps 300 --eval-users 5000   # quicker
     python examples/two_tower/run.py --reference    # adds T = 1 (fresh index every step: slow)
 
@@ -88,8 +88,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--correct-every", type=int, default=25)
-    p.add_argument("--eval-users", type=int, default=20000, help="0 = every test user")
-    p.add_argument("--max-steps", type=int, default=750)
+    p.add_argument("--eval-users", type=int, default=5000, help="0 = every test user")
+    p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file names")

@@ -44,12 +44,12 @@ class StaleConfig:
     dim: int = 64
     feature_dim: int = 64
     epochs: int = 1
-    batch_users: int = 64
+    batch_users: int = 32
     targets_per_user: int = 2
     lr: float = 1e-3
     seed: int = 0
     probe_users: int = 256
-    probe_every: int = 25
+    probe_every: int = 50
     eval_users: Optional[int] = None  # None: every test user
     max_steps: Optional[int] = None
     progress: bool = True
