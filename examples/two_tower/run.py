@@ -94,14 +94,21 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--corrector", choices=["both", "on", "off"], default="both")
+    p.add_argument("--merge", nargs="+", metavar="TAG", help="only merge the result files of these --tag runs")
+    p.add_argument("--header", default="", help="with --merge: the first lines of the table file")
     a = p.parse_args(argv)
+    if a.merge:
+        merge(a.data, [t if t != "-" else "" for t in a.merge], a.header.split("\\n"))
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     split = make_split(load_dataset(a.data), 0.2, 0)
     base = StaleConfig(epochs=a.epochs, num_samples=a.num_samples, correct_every=a.correct_every,
                        eval_users=a.eval_users or None, max_steps=a.max_steps, seed=a.seed, progress=not a.no_progress)
     runs = [base.replace(refresh_every=1)] if a.reference else []
-    runs += [base.replace(refresh_every=t, corrector=c) for t in a.refresh_every for c in (False, True)]
+    runs += [base.replace(refresh_every=t, corrector=c) for t in a.refresh_every
+             for c in {"both": (False, True), "on": (True,), "off": (False,)}[a.corrector]]
     info = run_info()
     print(f"{split.name}: {split.num_users} users, {split.num_items} items; {info}", flush=True)
     rows, probes = [], []
@@ -125,15 +132,21 @@ def main(argv=None):
             w.writerows(probes)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "args": vars(a), "config": asdict(base)},
                                                      indent=1, default=str))
-    lines = [f"# Stale item embeddings: {split.name}, {rows[0]['steps']} steps of {base.batch_users} users x "
-             f"{base.targets_per_user} targets, M={a.num_samples}, K={base.num_codewords}, corrector rebuild every "
-             f"{a.correct_every} steps; NDCG@10 over {a.eval_users or 'all'} test users", "",
-             f"Command: `python examples/two_tower/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-             f"Machine: {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
-             f"commit {info['commit']}, {info['time']}; shared machine (load avg per row): timings are noisy.", "",
+    header = [f"# Stale item embeddings: {split.name}, {rows[0]['steps']} steps of {base.batch_users} users x "
+              f"{base.targets_per_user} targets, M={a.num_samples}, K={base.num_codewords}, corrector rebuild every "
+              f"{a.correct_every} steps; NDCG@10 over {a.eval_users or 'all'} test users", "",
+              f"Command: `python examples/two_tower/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+              f"Machine: {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
+              f"commit {info['commit']}, {info['time']}; shared machine (load avg per row): timings are noisy."]
+    write_report(rows, probes, stem, header)
+
+
+def write_report(rows, probes, stem: str, header) -> None:
+    lines = list(header) + ["",
              "| T | corrector | NDCG@10 | Recall@20 | mean KL(P‖Q) | final KL | refreshes | corrected builds | "
              "items encoded / step | ms/step (median) | refresh ms | corrected build ms | load |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = sorted(rows, key=lambda r: (r["refresh_every"], r["corrector"]))
     for r in rows:
         ms = lambda v: "-" if v != v else f"{v * 1e3:.0f}"  # noqa: E731  (NaN -> "-")
         lines.append(f"| {r['refresh_every']} | {'yes' if r['corrector'] else 'no'} | {r['ndcg@10']:.4f} | "
@@ -145,6 +158,41 @@ def main(argv=None):
     plot(rows, probes, RESULTS / f"{stem}.png")
     print("\n".join(lines))
 
+
+def _typed(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if k in ("label",):
+            out[k] = v
+        elif k == "corrector":
+            out[k] = v == "True"
+        elif v == "":
+            out[k] = float("nan")
+        else:
+            f = float(v)
+            out[k] = int(f) if k in ("refresh_every", "steps", "refreshes", "corrected_builds", "num_items", "step",
+                                     "cache_age") else f
+    return out
+
+
+def merge(data: str, tags, header) -> None:
+    """One table and plot from the result files of several runs (e.g. one process per configuration)."""
+    rows, probes = [], []
+    for t in tags:
+        with open(RESULTS / f"stale_{data}{t}.csv") as f:
+            rows += [_typed(r) for r in csv.DictReader(f)]
+        with open(RESULTS / f"stale_{data}{t}_probes.csv") as f:
+            probes += [_typed(r) for r in csv.DictReader(f)]
+    stem = f"stale_{data}"
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(RESULTS / f"{stem}_probes.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["label", "step", "cache_age", "kl", "ess_limit", "cache_mse", "corrected_mse"])
+        w.writeheader()
+        w.writerows(probes)
+    write_report(rows, probes, stem, header)
 
 if __name__ == "__main__":
     main()
