@@ -72,8 +72,14 @@ class EmbeddingCorrector(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.mlp = nn.Sequential(nn.Linear(self.embedding_dim, self.hidden, **kw), nn.GELU(),
                                  nn.Linear(self.hidden, self.embedding_dim, **kw))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the identity map: the last layer zeroed and a fresh optimizer state (the hidden
+        layer is kept). For a cache that was just refreshed, whose drift the old map does not describe."""
+        with torch.no_grad():
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
         self._optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
         self.num_updates = 0
 
@@ -148,14 +154,19 @@ class StaleEmbeddingIndex(nn.Module):
         refresh_every: T >= 1.
         corrector: an :class:`EmbeddingCorrector` or None (plain stale cache).
         correct_every: steps between rebuilds over the corrected cache (>= 1; used with a corrector).
+        reset_on_refresh: reset the corrector to the identity at every refresh after the first (it
+            learned the drift of the old cache, which the fresh cache does not have).
 
     state_dict holds the cache (buffer ``cache`` [N, d]), the step counters, the corrector and the
     sampler's state (extra state), so a resumed run samples from the same index.
     """
 
     def __init__(self, sampler: MIDXSampler, refresh_every: int, corrector: Optional[EmbeddingCorrector] = None,
-                 correct_every: int = 10):
+                 correct_every: int = 10, reset_on_refresh: bool = False):
         super().__init__()
+        if not isinstance(reset_on_refresh, bool):
+            raise TypeError(f"reset_on_refresh must be a bool, got {type(reset_on_refresh).__name__}")
+        self.reset_on_refresh = reset_on_refresh
         if not hasattr(sampler, "build") or not hasattr(sampler, "sample"):
             raise TypeError(f"sampler must be a Sampler with build/sample/log_prob (e.g. MIDXSampler()), "
                             f"got {type(sampler).__name__}")
@@ -191,6 +202,8 @@ class StaleEmbeddingIndex(nn.Module):
         if self.corrector is not None and embeddings.shape[1] != self.corrector.embedding_dim:
             raise ValueError(f"embeddings must be [N, {self.corrector.embedding_dim}] (the corrector's "
                              f"embedding_dim), got {tuple(embeddings.shape)}")
+        if self.reset_on_refresh and self.corrector is not None and self.cache is not None:
+            self.corrector.reset()
         self.cache = embeddings.detach().to(torch.float32).clone()
         self.sampler.build(self.cache)
         self.last_refresh = self.last_build = self.step - 1
@@ -262,7 +275,8 @@ class StaleEmbeddingIndex(nn.Module):
 
     def extra_repr(self) -> str:
         n = None if self.cache is None else tuple(self.cache.shape)
-        return (f"refresh_every={self.refresh_every}, correct_every={self.correct_every}, cache={n}, "
+        return (f"refresh_every={self.refresh_every}, correct_every={self.correct_every}, "
+                f"reset_on_refresh={self.reset_on_refresh}, cache={n}, "
                 f"step={self.step}")
 
 

@@ -1,6 +1,10 @@
 """Stale item embeddings with and without the corrector: T x {stale cache, corrector} on ML-10M.
 
-    python examples/two_tower/run.py                # T in {50, 500, 5000} x {off, on}, 600 steps each (~15 min on 2 idle cores)
+    python examples/two_tower/run.py                # T in {50, 500, 5000} x {off, on}, 600 steps each, one process
+    # or one process per configuration, then one table:
+    for T in 50 500 5000; do for c in off on; do
+      python examples/two_tower/run.py --refresh-every $T --corrector $c --threads 1 --tag _T${T}_$c & done; done; wait
+    python examples/two_tower/run.py --merge _T50_off _T50_on _T500_off _T500_on _T5000_off _T5000_on
     python examples/two_tower/run.py --refresh-every 50 500 --max-steps 300 --eval-users 5000   # quicker
     python examples/two_tower/run.py --reference    # adds T = 1 (fresh index every step: slow)
 
@@ -31,7 +35,7 @@ from ..recommender.data import load_dataset, make_split
 from .train import StaleConfig, train_stale
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ["label", "refresh_every", "corrector", "steps", "ndcg@10", "recall@20", "kl_mean", "kl_final",
+COLUMNS = ["label", "refresh_every", "corrector", "reset_on_refresh", "steps", "ndcg@10", "recall@20", "kl_mean", "kl_final",
            "refreshes", "corrected_builds", "encoded_items_mean", "num_items", "step_s_median", "refresh_s_median",
            "corrected_build_s_median", "train_s", "final_loss", "load_before", "load_after"]
 
@@ -95,6 +99,7 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--corrector", choices=["both", "on", "off"], default="both")
+    p.add_argument("--reset-on-refresh", action="store_true", help="reset the corrector at every cache refresh")
     p.add_argument("--merge", nargs="+", metavar="TAG", help="only merge the result files of these --tag runs")
     p.add_argument("--header", default="", help="with --merge: the first lines of the table file")
     a = p.parse_args(argv)
@@ -105,7 +110,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     split = make_split(load_dataset(a.data), 0.2, 0)
     base = StaleConfig(epochs=a.epochs, num_samples=a.num_samples, correct_every=a.correct_every,
-                       eval_users=a.eval_users or None, max_steps=a.max_steps, seed=a.seed, progress=not a.no_progress)
+                       reset_on_refresh=a.reset_on_refresh, eval_users=a.eval_users or None, max_steps=a.max_steps, seed=a.seed, progress=not a.no_progress)
     runs = [base.replace(refresh_every=1)] if a.reference else []
     runs += [base.replace(refresh_every=t, corrector=c) for t in a.refresh_every
              for c in {"both": (False, True), "on": (True,), "off": (False,)}[a.corrector]]
@@ -118,7 +123,7 @@ def main(argv=None):
         load0 = os.getloadavg()[0]
         res = train_stale(cfg, split)
         row = {k: res.get(k) for k in COLUMNS}
-        row.update({"refresh_every": cfg.refresh_every, "corrector": cfg.corrector, "ndcg@10": res["metrics"]["ndcg@10"],
+        row.update({"refresh_every": cfg.refresh_every, "corrector": cfg.corrector, "reset_on_refresh": cfg.reset_on_refresh, "ndcg@10": res["metrics"]["ndcg@10"],
                     "recall@20": res["metrics"]["recall@20"], "load_before": load0, "load_after": os.getloadavg()[0]})
         rows.append(row)
         probes += [{"label": cfg.label, **pr} for pr in res["probes"]]

@@ -35,6 +35,7 @@ from .model import TwoTower
 class StaleConfig:
     refresh_every: int = 500          # T: steps between cache refreshes
     corrector: bool = False
+    reset_on_refresh: bool = False    # corrector back to the identity at each refresh
     correct_every: int = 25           # steps between index rebuilds over corrector(cache)
     corrector_lr: float = 1e-3
     corrector_hidden: int = 128
@@ -59,7 +60,8 @@ class StaleConfig:
 
     @property
     def label(self) -> str:
-        return f"T={self.refresh_every} {'corrector' if self.corrector else 'stale'}"
+        kind = ("corrector+reset" if self.reset_on_refresh else "corrector") if self.corrector else "stale"
+        return f"T={self.refresh_every} {kind}"
 
 
 def _probe_batch(split: Split, users: np.ndarray):
@@ -91,7 +93,8 @@ def train_stale(cfg: StaleConfig, split: Split, log=print) -> Dict[str, object]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     corrector = EmbeddingCorrector(cfg.dim, cfg.corrector_hidden, lr=cfg.corrector_lr) if cfg.corrector else None
     index = StaleEmbeddingIndex(MIDXSampler(cfg.num_codewords, "rq", kmeans_iters=cfg.kmeans_iters, seed=cfg.seed),
-                                cfg.refresh_every, corrector, cfg.correct_every)
+                                cfg.refresh_every, corrector, cfg.correct_every,
+                                cfg.reset_on_refresh)
     gen = torch.Generator().manual_seed(cfg.seed)
     trainable = np.flatnonzero(np.diff(split.train_indptr) >= 2)
     probe_users = np.sort(np.random.default_rng(cfg.seed + 7).choice(trainable, cfg.probe_users, replace=False))
