@@ -70,6 +70,31 @@ def test_corrector_state_dict_resumes_bit_exactly():
     assert torch.equal(a(x), b(x))
 
 
+def test_corrector_reset_is_identity_again():
+    x, y = synthetic_drift(128)
+    c = EmbeddingCorrector(16, lr=1e-2)
+    c.fit_step(x, y)
+    assert not torch.equal(c(x), x)
+    c.reset()
+    assert torch.equal(c(x), x) and c.num_updates == 0
+
+
+def test_index_reset_on_refresh():
+    """With reset_on_refresh, every refresh after the first puts the corrector back to the identity;
+    without, the corrector keeps what it learned."""
+    x, y = synthetic_drift(100, 8)
+    for reset in (False, True):
+        c = EmbeddingCorrector(8, lr=1e-2)
+        idx = StaleEmbeddingIndex(MIDXSampler(4, kmeans_iters=1), 3, c, correct_every=5, reset_on_refresh=reset)
+        idx.begin_step(lambda: x)
+        idx.observe(torch.arange(100), y)
+        idx.begin_step(lambda: x)
+        idx.begin_step(lambda: x)
+        assert not torch.equal(c(x), x)
+        assert idx.begin_step(lambda: x) == "refresh"
+        assert torch.equal(c(x), x) == reset
+
+
 def test_corrector_device_dtype_kwargs():
     c = EmbeddingCorrector(8, device="cpu", dtype=torch.float64)
     assert c.mlp[0].weight.dtype == torch.float64
@@ -118,6 +143,7 @@ class CountingEncoder:
     (dict(refresh_every=2.5), TypeError, "refresh_every must be an int"),
     (dict(refresh_every=10, correct_every=0), ValueError, "correct_every must be >= 1"),
     (dict(refresh_every=10, corrector="mlp"), TypeError, "corrector must be an EmbeddingCorrector"),
+    (dict(refresh_every=10, reset_on_refresh=1), TypeError, "reset_on_refresh must be a bool"),
 ])
 def test_index_constructor_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -264,7 +290,7 @@ def test_fresh_loss_log_q_is_the_index_actually_used(with_corrector):
     rows = reference_loss(q64, w64, None, target, out.sample_ids, out.sample_log_q, out.target_log_q)
     ref = rows.mean()
     ref.backward()
-    assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     torch.testing.assert_close(q.grad.double(), q64.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(enc.weight.grad.double(), enc64.weight.grad, atol=1e-5, rtol=1e-4)
 

@@ -63,12 +63,15 @@ def plot(rows, probes, path: Path) -> None:
         c = colors.setdefault(t, f"C{len(colors)}")
         pts = [p for p in probes if p["label"] == r["label"]]
         ax[0].plot([p["step"] for p in pts], [p["kl"] for p in pts], color=c,
-                   ls="-" if r["corrector"] else "--", label=r["label"])
+                   ls=(":" if r.get("reset_on_refresh") is True else "-") if r["corrector"] else "--", label=r["label"])
     ax[0].set(xlabel="step", ylabel="KL(P || Q) on probe users", yscale="log", title="proposal quality during training")
     ax[0].legend(fontsize=7)
-    for on, ls in ((False, "--"), (True, "-")):
-        sel = sorted((r for r in rows if r["corrector"] == on and r["refresh_every"] > 1), key=lambda r: r["refresh_every"])
-        name = "corrector" if on else "stale cache"
+    for on, reset, ls in ((False, False, "--"), (True, False, "-"), (True, True, ":")):
+        sel = sorted((r for r in rows if r["corrector"] == on and (r.get("reset_on_refresh") is True) == reset
+                      and r["refresh_every"] > 1), key=lambda r: r["refresh_every"])
+        if not sel:
+            continue
+        name = ("corrector, reset at refresh" if reset else "corrector") if on else "stale cache"
         ax[1].plot([r["refresh_every"] for r in sel], [r["ndcg@10"] for r in sel], "o" + ls, label=name)
         ax[2].plot([r["refresh_every"] for r in sel], [r["kl_mean"] for r in sel], "o" + ls, label=name)
     ref = [r for r in rows if r["refresh_every"] == 1]
@@ -151,10 +154,11 @@ def write_report(rows, probes, stem: str, header) -> None:
              "| T | corrector | NDCG@10 | Recall@20 | mean KL(P‖Q) | final KL | refreshes | corrected builds | "
              "items encoded / step | ms/step (median) | refresh ms | corrected build ms | load |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = sorted(rows, key=lambda r: (r["refresh_every"], r["corrector"]))
+    rows = sorted(rows, key=lambda r: (r["refresh_every"], r["corrector"], r.get("reset_on_refresh") is True))
     for r in rows:
         ms = lambda v: "-" if v != v else f"{v * 1e3:.0f}"  # noqa: E731  (NaN -> "-")
-        lines.append(f"| {r['refresh_every']} | {'yes' if r['corrector'] else 'no'} | {r['ndcg@10']:.4f} | "
+        kind = ("yes, reset at refresh" if r.get("reset_on_refresh") is True else "yes") if r["corrector"] else "no"
+        lines.append(f"| {r['refresh_every']} | {kind} | {r['ndcg@10']:.4f} | "
                      f"{r['recall@20']:.4f} | {r['kl_mean']:.3f} | {r['kl_final']:.3f} | {r['refreshes']} | "
                      f"{r['corrected_builds']} | {r['encoded_items_mean']:.0f} / {r['num_items']} | "
                      f"{r['step_s_median'] * 1e3:.0f} | {ms(r['refresh_s_median'])} | {ms(r['corrected_build_s_median'])} | "
@@ -169,7 +173,7 @@ def _typed(row: dict) -> dict:
     for k, v in row.items():
         if k in ("label",):
             out[k] = v
-        elif k == "corrector":
+        elif k in ("corrector", "reset_on_refresh"):
             out[k] = v == "True"
         elif v == "":
             out[k] = float("nan")
