@@ -8,7 +8,10 @@ from .module import IMISoftmax
 from .distributed import ShardedIMISoftmax
 from .samplers import ExactSampler, MIDXSampler, Sampler, UniformSampler, UnigramSampler
 from .diagnose import DiagnoseReport, diagnose  # noqa: E402  (the function shadows the submodule name)
+from . import stale  # noqa: E402
+from .stale import EmbeddingCorrector, StaleEmbeddingIndex  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["IMISoftmax", "ShardedIMISoftmax", "MIDXSampler", "UniformSampler", "UnigramSampler", "ExactSampler",
-           "Sampler", "functional", "ops", "metrics", "optim", "diagnose", "DiagnoseReport"]
+           "Sampler", "functional", "ops", "metrics", "optim", "diagnose", "DiagnoseReport",
+           "stale", "EmbeddingCorrector", "StaleEmbeddingIndex"]
