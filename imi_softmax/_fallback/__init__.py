@@ -4,10 +4,11 @@ Each function takes and returns what the op of the same name in csrc/ops.cpp doe
 ops follow CONTRACT.md), so tests call them directly to compare with the kernels.
 """
 from .cells import assign_codewords, build_cells, update_cells
-from .loss import dense_weight_grad, sampled_softmax_backward, sampled_softmax_forward, sparse_weight_grad
+from .loss import (dense_weight_grad, sampled_softmax_backward, sampled_softmax_forward, sampled_softmax_train,
+                   sparse_weight_grad)
 from .optim import row_sparse_adam_, row_wise_adagrad_
 from .proposal import midx_log_prob, midx_sample, midx_sample_seeded
 
 __all__ = ["assign_codewords", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
-           "sampled_softmax_forward", "sampled_softmax_backward", "dense_weight_grad", "sparse_weight_grad",
+           "sampled_softmax_forward", "sampled_softmax_train", "sampled_softmax_backward", "dense_weight_grad", "sparse_weight_grad",
            "row_sparse_adam_", "row_wise_adagrad_"]
