@@ -211,3 +211,32 @@ def test_large_dense_weight_grad_from_fresh_zero_pages():
     assert grad_w.abs().sum() == 0
     grad_w.share_memory_()
     assert grad_w.is_shared() and grad_w.abs().sum() == 0
+
+
+def test_sparse_weight_grad_rows_from_recycled_mappings():
+    """The CPU sparse weight gradient's rows (>= 4 MiB) come from mappings that freed gradients handed
+    back, with stale contents: every row is still the float64 reference, a gradient still alive is
+    never overwritten by the next call, and smaller or larger calls in between get correct rows."""
+    n, d = 200_000, 64
+    g = torch.Generator().manual_seed(1)
+
+    def call(b, m1):
+        x = torch.randn(b, d, generator=g)
+        ids = torch.randint(0, n, (b, m1), generator=g)
+        coef = torch.randn(b, m1, generator=g)
+        uniq, rows, brows = ops.sparse_weight_grad(coef, ids, x, n)
+        ref = torch.zeros(n, d, dtype=torch.float64).index_add_(
+            0, ids.flatten(), (coef.double()[:, :, None] * x.double()[:, None, :]).reshape(-1, d))
+        ref_b = torch.zeros(n, dtype=torch.float64).index_add_(0, ids.flatten(), coef.double().flatten())
+        return uniq, rows, brows, ref[uniq], ref_b[uniq]
+
+    kept = call(128, 257)  # 32k rows x 64 x 4 bytes = 8 MiB
+    kept_rows = kept[1].clone()
+    for b, m1 in ((128, 257), (64, 257), (128, 257), (200, 257), (128, 257)):
+        uniq, rows, brows, ref, ref_b = call(b, m1)
+        assert rows.shape == (uniq.shape[0], d)
+        torch.testing.assert_close(rows.double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(brows.double(), ref_b, atol=1e-5, rtol=1e-5)
+        del uniq, rows, brows  # hands the mapping back for the next call
+    assert torch.equal(kept[1], kept_rows)
+    torch.testing.assert_close(kept[1].double(), kept[3], atol=1e-5, rtol=1e-5)
