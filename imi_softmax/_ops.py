@@ -194,7 +194,9 @@ def _train_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_coef, _grad_x):
                            "(F.cross_entropy) for higher-order gradients")
     if grad_loss is None:
         grad_loss = torch.zeros(x.shape[0], dtype=coef.dtype, device=x.device)
-    g = grad_loss.to(coef.dtype).unsqueeze(1)
+    # Ignored rows get exactly zero, as the backward op gives them, even where grad_loss is not
+    # finite (a mean over no target is 0/0): 0 * inf would be NaN.
+    g = torch.where(ids[:, 0] == ctx.ignore_index, 0.0, grad_loss.to(coef.dtype)).unsqueeze(1)
     gx = (grad_x * g).to(x.dtype) if ctx.needs_input_grad[0] else None
     grad_w, grad_b = _weight_grads(ctx, coef * g, ids, x, ctx.bias_shape)
     return gx, grad_w, grad_b, None, None, None, None, None
