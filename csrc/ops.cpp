@@ -67,6 +67,13 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def(
       "sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "
       "bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> (Tensor loss, Tensor lse)");
+  // The same forward for training: also coef [B, 1+M] (d loss_b / d u_bj for grad_loss = 1) and
+  // grad_x [B, d] (d loss_b / d x_b), both in the accumulation dtype, computed while the weight rows
+  // are in cache; autograd's backward scales them by grad_loss and never reads the weight again.
+  m.def(
+      "sampled_softmax_train(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "
+      "bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> "
+      "(Tensor loss, Tensor lse, Tensor coef, Tensor grad_x)");
   // Backward: grad of x and the per-column coefficients d loss_b / d u_bj (scaled by grad_loss).
   m.def(
       "sampled_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, "

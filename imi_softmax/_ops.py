@@ -91,6 +91,13 @@ def _forward_fake(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_in
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
+@torch.library.register_fake(_lib + "sampled_softmax_train")
+def _train_fake(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad):
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc),
+            x.new_empty(ids.shape, dtype=acc), x.new_empty(x.shape, dtype=acc))
+
+
 @torch.library.register_fake(_lib + "sampled_softmax_backward")
 def _backward_fake(grad_loss, x, weight, bias, ids, log_q, lse, remove_accidental_hits, ignore_index):
     return torch.empty_like(x), x.new_empty(ids.shape, dtype=acc_dtype(x.dtype))
@@ -117,13 +124,40 @@ def _row_wise_adagrad_fake(param, sum, rows, grad, lr, eps, weight_decay):
     return None
 
 
-def _setup_context(ctx, inputs, output):
+def _weight_grads(ctx, coef: Tensor, ids: Tensor, x: Tensor, bias_shape):
+    """(grad_w, grad_b) from the coefficients scaled by grad_loss: sparse COO or dense."""
+    num_classes, weight_shape = ctx.num_classes, ctx.weight_shape
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.sparse_grad:
+            uniq, rows, bias_rows = ops.sparse_weight_grad(coef, ids, x, num_classes)
+            index = uniq.unsqueeze(0)
+            grad_w = torch.sparse_coo_tensor(index, rows, weight_shape, is_coalesced=True, check_invariants=False)
+            if bias_shape is not None:
+                grad_b = torch.sparse_coo_tensor(index, bias_rows, bias_shape, is_coalesced=True,
+                                                 check_invariants=False)
+        else:
+            grad_w, grad_b = ops.dense_weight_grad(coef, ids, x, num_classes)
+            if bias_shape is None:
+                grad_b = None
+    return grad_w, grad_b
+
+
+def _save_flags(ctx, inputs):
     x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad = inputs
-    _, lse = output
-    ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
     ctx.remove_accidental_hits = remove_accidental_hits
     ctx.ignore_index = ignore_index
     ctx.sparse_grad = sparse_grad
+    ctx.num_classes = weight.shape[0]
+    ctx.weight_shape = weight.shape
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, ids, log_q = inputs[:5]
+    _, lse = output
+    ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
+    _save_flags(ctx, inputs)
     ctx.mark_non_differentiable(lse)
 
 
@@ -134,24 +168,44 @@ def _backward(ctx, grad_loss: Tensor, _grad_lse):
     grad_x, coef = ops.sampled_softmax_backward(
         grad_loss, x, weight, bias, ids, log_q, lse, ctx.remove_accidental_hits, ctx.ignore_index
     )
-    num_classes = weight.shape[0]
-    grad_w = grad_b = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        if ctx.sparse_grad:
-            uniq, rows, bias_rows = ops.sparse_weight_grad(coef, ids, x, num_classes)
-            index = uniq.unsqueeze(0)
-            grad_w = torch.sparse_coo_tensor(index, rows, weight.shape, is_coalesced=True, check_invariants=False)
-            if bias is not None:
-                grad_b = torch.sparse_coo_tensor(index, bias_rows, bias.shape, is_coalesced=True, check_invariants=False)
-        else:
-            grad_w, grad_b = ops.dense_weight_grad(coef, ids, x, num_classes)
-            if bias is None:
-                grad_b = None
+    grad_w, grad_b = _weight_grads(ctx, coef, ids, x, ctx.bias_shape)
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 torch.library.register_autograd(
     _lib + "sampled_softmax_forward", _backward, setup_context=_setup_context
+)
+
+
+def _train_setup_context(ctx, inputs, output):
+    # The weight is not saved: the forward already took everything the backward needs from it.
+    x, ids = inputs[0], inputs[3]
+    _, lse, coef, grad_x = output
+    ctx.save_for_backward(x, ids, coef, grad_x)
+    _save_flags(ctx, inputs)
+    ctx.mark_non_differentiable(lse, coef, grad_x)
+
+
+def _train_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_coef, _grad_x):
+    x, ids, coef, grad_x = ctx.saved_tensors
+    if grad_loss is not None and grad_loss.requires_grad:
+        # coef and grad_x are constants here: a graph through this backward would miss their
+        # dependence on x, W and b and give silently wrong second derivatives.
+        raise RuntimeError("sampled_softmax_loss does not support double backward (create_graph=True "
+                           "through the loss): differentiate the loss once, or use the full softmax "
+                           "(F.cross_entropy) for higher-order gradients")
+    if grad_loss is None:
+        grad_loss = torch.zeros(x.shape[0], dtype=coef.dtype, device=x.device)
+    # Ignored rows get exactly zero, as the backward op gives them, even where grad_loss is not
+    # finite (a mean over no target is 0/0): 0 * inf would be NaN.
+    g = torch.where(ids[:, 0] == ctx.ignore_index, 0.0, grad_loss.to(coef.dtype)).unsqueeze(1)
+    gx = (grad_x * g).to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_w, grad_b = _weight_grads(ctx, coef * g, ids, x, ctx.bias_shape)
+    return gx, grad_w, grad_b, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    _lib + "sampled_softmax_train", _train_backward, setup_context=_train_setup_context
 )
 
 
@@ -169,20 +223,6 @@ def _multilabel_backward_fake(grad_loss, x, weight, bias, ids, log_q, lse, num_p
     return torch.empty_like(x), x.new_empty(ids.shape, dtype=acc_dtype(x.dtype))
 
 
-def _weight_grads(ctx, coef: Tensor, ids: Tensor, x: Tensor, weight: Tensor, bias):
-    """(grad_weight, grad_bias) from per-column coefficients [B, C] (ids -1 skipped), dense or sparse COO."""
-    num_classes = weight.shape[0]
-    if ctx.sparse_grad:
-        uniq, rows, bias_rows = ops.sparse_weight_grad(coef, ids, x, num_classes)
-        index = uniq.unsqueeze(0)
-        grad_w = torch.sparse_coo_tensor(index, rows, weight.shape, is_coalesced=True, check_invariants=False)
-        grad_b = None if bias is None else torch.sparse_coo_tensor(index, bias_rows, bias.shape, is_coalesced=True,
-                                                                    check_invariants=False)
-        return grad_w, grad_b
-    grad_w, grad_b = ops.dense_weight_grad(coef, ids, x, num_classes)
-    return grad_w, (None if bias is None else grad_b)
-
-
 def _multilabel_setup_context(ctx, inputs, output):
     x, weight, bias, ids, log_q, num_positives, remove_accidental_hits, sparse_grad = inputs
     _, lse = output
@@ -190,6 +230,9 @@ def _multilabel_setup_context(ctx, inputs, output):
     ctx.num_positives = num_positives
     ctx.remove_accidental_hits = remove_accidental_hits
     ctx.sparse_grad = sparse_grad
+    ctx.num_classes = weight.shape[0]
+    ctx.weight_shape = weight.shape
+    ctx.bias_shape = None if bias is None else bias.shape
     ctx.mark_non_differentiable(lse)
 
 
@@ -199,9 +242,7 @@ def _multilabel_backward(ctx, grad_loss: Tensor, _grad_lse):
         grad_loss = torch.zeros_like(lse)
     grad_x, coef = ops.multilabel_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, ctx.num_positives,
                                                    ctx.remove_accidental_hits)
-    grad_w = grad_b = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        grad_w, grad_b = _weight_grads(ctx, coef, ids, x, weight, bias)
+    grad_w, grad_b = _weight_grads(ctx, coef, ids, x, ctx.bias_shape)
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 

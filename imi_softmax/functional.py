@@ -94,8 +94,13 @@ def _sampled_softmax_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     ids = torch.cat([kernel_target.unsqueeze(1), sample_ids.reshape(rows, m)], dim=1)
     tlq = torch.where(ignored, torch.zeros((), dtype=acc, device=x.device), target_log_q.reshape(-1).to(acc))
     log_q = torch.cat([tlq.unsqueeze(1), sample_log_q.reshape(rows, m).to(acc)], dim=1)
-    loss, _ = ops.sampled_softmax_forward(x.reshape(rows, d), weight, bias, ids, log_q,
-                                          bool(remove_accidental_hits), -1, bool(sparse_grad))
+    args = (x.reshape(rows, d), weight, bias, ids, log_q, bool(remove_accidental_hits), -1, bool(sparse_grad))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        # Training: the forward also computes the gradients for grad_loss = 1 while the weight rows
+        # are in cache, so the backward never gathers the weight again.
+        loss = ops.sampled_softmax_train(*args)[0]
+    else:
+        loss, _ = ops.sampled_softmax_forward(*args)
     if reduction == "none":
         return loss.reshape(batch_shape).to(x.dtype)
     total = loss.sum()

@@ -445,6 +445,34 @@ def test_loss_forward_backward_match_kernel_and_reference(dtype, remove_hits):
         torch.testing.assert_close(gw[u], rows)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("remove_hits", [True, False])
+def test_training_forward_matches_kernel_and_float64_autograd(dtype, remove_hits):
+    """sampled_softmax_train: the fallback equals the kernel, and its coef / grad_x (grad_loss = 1)
+    equal autograd of the float64 reference loss (ignored row: zeros)."""
+    x, w, b, target, ids, log_q, tlq = make_loss_inputs(B=7, N=40, d=5, M=9, dtype=dtype)
+    target = target.clone()
+    target[3] = -100
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    all_ids = torch.cat([target[:, None], ids], 1)
+    all_lq = torch.cat([tlq[:, None], log_q], 1).to(acc)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    got = fb.sampled_softmax_train(xd, wd, bd, all_ids, all_lq, remove_hits, -100, False)
+    want = ops.sampled_softmax_train(xd, wd, bd, all_ids, all_lq, remove_hits, -100, False)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, k in zip(got, want):
+        assert a.dtype == k.dtype == acc
+        torch.testing.assert_close(a, k, **tol)
+    loss, _, coef, gx = got
+    x64 = x.detach().double().requires_grad_()
+    ref = reference_loss(x64, w.detach().double(), b.detach().double(), target, ids, log_q, tlq, remove_hits)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), x64)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
+    assert (coef[3] == 0).all() and (gx[3] == 0).all()
+
+
 def test_loss_gradients_against_float64_autograd():
     """grad_x and the weight/bias grads from coef equal autograd of the float64 reference loss."""
     x, w, b, target, ids, log_q, tlq = make_loss_inputs(B=5, N=30, d=4, M=6)

@@ -219,6 +219,8 @@ def test_loss_ops_reject_bad_ids(col, bad_id, device):
     with pytest.raises(BAD, match=msg):
         ops.sampled_softmax_backward(torch.ones(B, device=device), x, w, b, ids, lq, torch.zeros(B, device=device),
                                      True, -1)
+    with pytest.raises(BAD, match=msg):
+        ops.sampled_softmax_train(x, w, b, ids, lq, True, -1, False)
 
 
 def test_loss_ignore_marker_only_in_column_0(device):
@@ -239,6 +241,8 @@ def test_loss_ops_reject_bad_shapes():
     x, w, b, ids, lq = _loss_args(ids)
     with pytest.raises(BAD, match="ids must be int64 \\[B, 1\\+M\\]"):
         ops.sampled_softmax_forward(x, w, b, ids, lq, True, -1, False)
+    with pytest.raises(BAD, match="ids must be int64 \\[B, 1\\+M\\]"):
+        ops.sampled_softmax_train(x, w, b, ids, lq, True, -1, False)
     ids = torch.zeros(B, 2, dtype=torch.long)
     x, w, b, ids, lq = _loss_args(ids)
     with pytest.raises(BAD, match="grad_loss and lse must be \\[B\\]"):

@@ -127,6 +127,16 @@ def test_sampled_softmax_forward(device, dtype, bias, remove_hits, sparse_grad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("remove_hits,sparse_grad", [(True, False), (False, True)])
+def test_sampled_softmax_train(device, dtype, bias, remove_hits, sparse_grad):
+    """The training forward (loss, lse, coef, grad_x); its registered backward only scales coef and grad_x."""
+    x, w, b, ids, lq = _loss_op_inputs(device, dtype, bias)
+    torch.library.opcheck(ops.sampled_softmax_train, (x, w, b, ids, lq, remove_hits, -100, sparse_grad),
+                          test_utils=ALL_UTILS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
 def test_sampled_softmax_backward_and_weight_grads(device, dtype, bias):
     x, w, b, ids, lq = (t.detach() if torch.is_tensor(t) else t for t in _loss_op_inputs(device, dtype, bias))
     loss, lse = ops.sampled_softmax_forward(x, w, b, ids, lq, True, -100, False)
@@ -145,9 +155,9 @@ def test_every_op_is_covered():
     """A new op in the library must get an opcheck here (the optimizer ops: in test_optim.py; the
     multi-label loss ops: in test_multilabel.py; retrieval ops: in test_search.py)."""
     covered = {"assign_codewords", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
-               "sampled_softmax_forward", "sampled_softmax_backward", "dense_weight_grad", "sparse_weight_grad",
-               "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward", "multilabel_softmax_backward",
-               "midx_search_cells", "midx_search"}
+               "sampled_softmax_forward", "sampled_softmax_train", "sampled_softmax_backward", "dense_weight_grad",
+               "sparse_weight_grad", "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward",
+               "multilabel_softmax_backward", "midx_search_cells", "midx_search"}
     # Every schema the library registered (dir(torch.ops.imi_softmax) lists only the ops already
     # looked up in this process, so it would miss an op that no earlier test called).
     defined = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("imi_softmax::")}

@@ -61,6 +61,65 @@ def test_sparse_grad_equals_dense(device):
     assert torch.equal(sparse[0].indices()[0], touched)
 
 
+@pytest.mark.parametrize("remove_hits", [True, False])
+def test_training_forward_saves_gradients_that_match_the_backward_op(device, remove_hits):
+    """sampled_softmax_train's coef and grad_x (for grad_loss = 1) equal what the backward op computes
+    from the forward's lse, its loss equals the forward's, and ignored rows get zeros; with a
+    non-uniform grad_loss the autograd gradients equal the float64 reference."""
+    x, w, b, t, ids, lq, tlq = make_inputs(device=device)
+    t[4] = -100
+    all_ids = torch.cat([torch.where(t == -100, -1, t)[:, None], ids], 1)
+    all_lq = torch.cat([torch.where(t == -100, 0.0, tlq)[:, None], lq], 1).double()
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    loss, lse, coef, gx = ops.sampled_softmax_train(xd, wd, bd, all_ids, all_lq, remove_hits, -1, False)
+    f_loss, f_lse = ops.sampled_softmax_forward(xd, wd, bd, all_ids, all_lq, remove_hits, -1, False)
+    assert torch.equal(loss, f_loss) and torch.equal(lse, f_lse)
+    one = torch.ones_like(lse)
+    b_gx, b_coef = ops.sampled_softmax_backward(one, xd, wd, bd, all_ids, all_lq, lse, remove_hits, -1)
+    assert torch.equal(coef, b_coef)
+    torch.testing.assert_close(gx, b_gx, rtol=1e-12, atol=1e-12)
+    assert (coef[4] == 0).all() and (gx[4] == 0).all()
+    weights = torch.linspace(-1.5, 2.0, t.shape[0], dtype=torch.float64, device=device)
+    rows = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq, remove_accidental_hits=remove_hits, reduction="none")
+    grads = torch.autograd.grad((rows * weights).sum(), (x, w, b))
+    ref = (reference_loss(x, w, b, t, ids, lq, tlq, remove_hits) * weights).sum()
+    for g, r in zip(grads, torch.autograd.grad(ref, (x, w, b))):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_training_forward_only_when_a_gradient_is_needed(device, monkeypatch):
+    """Under no_grad, or with nothing requiring grad, the loss runs the forward-only op (no grad_x
+    and coefficients are computed); with a gradient the training op. Both give the same loss."""
+    x, w, b, t, ids, lq, tlq = make_inputs(device=device)
+    calls = []
+    for name in ("sampled_softmax_forward", "sampled_softmax_train"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(IF.ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    with torch.no_grad():
+        a = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq)
+    c = IF.sampled_softmax_loss(x.detach(), w.detach(), b.detach(), t, ids, lq, tlq)
+    d = IF.sampled_softmax_loss(x.detach(), w, None, t, ids, lq, tlq)
+    e = IF.sampled_softmax_loss(x.detach(), w.detach(), b, t, ids, lq, tlq)
+    assert calls == ["sampled_softmax_forward", "sampled_softmax_forward", "sampled_softmax_train",
+                     "sampled_softmax_train"]
+    assert torch.equal(a, c) and not a.requires_grad and d.requires_grad and e.requires_grad
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer(device):
+    """The saved coefficients are constants of the backward: a second derivative through them would
+    miss their dependence on x, W and b, so it is an error, never a silent zero."""
+    x, w, b, t, ids, lq, tlq = make_inputs(device=device)
+    loss = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert gx.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(gx.sum(), w)
+    rows = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq, reduction="none")
+    v = torch.ones_like(rows, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(rows, x, grad_outputs=v, create_graph=True)
+
+
 # opcheck of every op (this one included): tests/test_opcheck.py
 
 
@@ -152,3 +211,32 @@ def test_large_dense_weight_grad_from_fresh_zero_pages():
     assert grad_w.abs().sum() == 0
     grad_w.share_memory_()
     assert grad_w.is_shared() and grad_w.abs().sum() == 0
+
+
+def test_sparse_weight_grad_rows_from_recycled_mappings():
+    """The CPU sparse weight gradient's rows (>= 4 MiB) come from mappings that freed gradients handed
+    back, with stale contents: every row is still the float64 reference, a gradient still alive is
+    never overwritten by the next call, and smaller or larger calls in between get correct rows."""
+    n, d = 200_000, 64
+    g = torch.Generator().manual_seed(1)
+
+    def call(b, m1):
+        x = torch.randn(b, d, generator=g)
+        ids = torch.randint(0, n, (b, m1), generator=g)
+        coef = torch.randn(b, m1, generator=g)
+        uniq, rows, brows = ops.sparse_weight_grad(coef, ids, x, n)
+        ref = torch.zeros(n, d, dtype=torch.float64).index_add_(
+            0, ids.flatten(), (coef.double()[:, :, None] * x.double()[:, None, :]).reshape(-1, d))
+        ref_b = torch.zeros(n, dtype=torch.float64).index_add_(0, ids.flatten(), coef.double().flatten())
+        return uniq, rows, brows, ref[uniq], ref_b[uniq]
+
+    kept = call(128, 257)  # 32k rows x 64 x 4 bytes = 8 MiB
+    kept_rows = kept[1].clone()
+    for b, m1 in ((128, 257), (64, 257), (128, 257), (200, 257), (128, 257)):
+        uniq, rows, brows, ref, ref_b = call(b, m1)
+        assert rows.shape == (uniq.shape[0], d)
+        torch.testing.assert_close(rows.double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(brows.double(), ref_b, atol=1e-5, rtol=1e-5)
+        del uniq, rows, brows  # hands the mapping back for the next call
+    assert torch.equal(kept[1], kept_rows)
+    torch.testing.assert_close(kept[1].double(), kept[3], atol=1e-5, rtol=1e-5)

@@ -105,3 +105,16 @@ def test_direct_op_calls_are_checked():
             op(torch.ones(1, 2), torch.tensor([[0, 1]]), torch.ones(1, 3), -1)
         with pytest.raises(RuntimeError, match="coef dtype must be the accumulation dtype"):
             op(torch.ones(1, 2, dtype=torch.float64), torch.tensor([[0, 1]]), torch.ones(1, 3), 5)
+
+
+def test_sampler_names_a_non_finite_query():
+    """The query's finiteness is checked from its scores (one check for both codebooks): a NaN or Inf
+    query still gets an error naming the query, before any draw."""
+    s = MIDXSampler(4).build(torch.randn(60, 8, generator=torch.Generator().manual_seed(0)))
+    for bad in (float("nan"), float("inf")):
+        q = torch.randn(3, 8)
+        q[1, 5] = bad
+        with pytest.raises(ValueError, match="query contains NaN or Inf"):
+            s.sample(q, 4)
+        with pytest.raises(ValueError, match="query contains NaN or Inf"):
+            s.log_prob(q, torch.zeros(3, 2, dtype=torch.long))

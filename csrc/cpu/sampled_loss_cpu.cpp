@@ -63,6 +63,57 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
   return {loss, lse};
 }
 
+// Forward for training: also the coefficients and the query gradient for grad_loss = 1, computed while
+// each row's weight rows are in cache (the backward only scales them; imi::sampled_row_forward_grad).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
+    int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
+  check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = contiguous_bias(bias_in);
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
+  const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  auto loss = at::empty({B}, acc_opts);
+  auto lse = at::empty({B}, acc_opts);
+  auto coef = at::empty({B, M1}, acc_opts);
+  auto grad_x = at::empty({B, d}, acc_opts);
+  int64_t first_bad = IMI_NO_BAD_POSITION;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_train_cpu", [&] {
+    using acc_t = typename imi::acc_type<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    acc_t* lp = loss.data_ptr<acc_t>();
+    acc_t* sp = lse.data_ptr<acc_t>();
+    acc_t* cp = coef.data_ptr<acc_t>();
+    acc_t* gxp = grad_x.data_ptr<acc_t>();
+    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
+      for (int64_t b0, b1; queue.next(b0, b1);)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
+        if (bad >= 0) {
+          imi::record_bad_position(&first_bad, b * M1 + bad);
+          lp[b] = sp[b] = std::numeric_limits<acc_t>::quiet_NaN();
+          std::fill(cp + b * M1, cp + (b + 1) * M1, acc_t(0));
+          std::fill(gxp + b * d, gxp + (b + 1) * d, acc_t(0));
+          continue;
+        }
+        imi::sampled_row_forward_grad<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
+                                                       remove_accidental_hits, ignore_index, lp + b, sp + b,
+                                                       cp + b * M1, gxp + b * d);
+      }
+    });
+  });
+  check_no_bad_position("sampled_softmax_train", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
+  return {loss, lse, coef, grad_x};
+}
+
 std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
     const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
@@ -118,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
 
 TORCH_LIBRARY_IMPL(imi_softmax, CPU, m) {
   m.impl("sampled_softmax_forward", &sampled_softmax_forward_cpu);
+  m.impl("sampled_softmax_train", &sampled_softmax_train_cpu);
   m.impl("sampled_softmax_backward", &sampled_softmax_backward_cpu);
 }
 

@@ -13,6 +13,7 @@
 #include "../tensor_views.h"
 #include "fresh_zeros.h"
 #include "parallel_chunks.h"
+#include "recycled_rows.h"
 #include "imi_softmax/sampled_loss.h"
 
 namespace imi_softmax {
@@ -135,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::
   const int64_t U = static_cast<int64_t>(g.classes.size());
   auto unique_ids = at::empty({U}, ids.options());
   std::copy(g.classes.begin(), g.classes.end(), unique_ids.data_ptr<int64_t>());
-  auto rows = fresh_zeros({U, x.size(1)}, x.options());  // fresh pages: every row is written once
+  // every row is written once: a mapping an earlier step's gradient handed back (no page faults)
+  auto rows = recycled_empty({U, x.size(1)}, x.options());
   auto bias_rows = at::empty({U}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_weight_grad_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;

@@ -95,6 +95,18 @@ cudaError_t launch_sampled_forward(const scalar_t* x, const scalar_t* weight, co
                                    typename imi::acc_type<scalar_t>::type* lse, int64_t* first_bad,
                                    cudaStream_t stream);
 
+// Training forward: also coef [B, M1] (grad_loss = 1) and grad_x [B, d], both acc_t.
+template <typename scalar_t>
+cudaError_t launch_sampled_train(const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
+                                 int64_t B, int64_t d, int64_t N, const int64_t* ids,
+                                 const typename imi::acc_type<scalar_t>::type* log_q, int64_t M1,
+                                 bool remove_accidental_hits, int64_t ignore_index,
+                                 typename imi::acc_type<scalar_t>::type* loss,
+                                 typename imi::acc_type<scalar_t>::type* lse,
+                                 typename imi::acc_type<scalar_t>::type* coef,
+                                 typename imi::acc_type<scalar_t>::type* grad_x, int64_t* first_bad,
+                                 cudaStream_t stream);
+
 template <typename scalar_t>
 cudaError_t launch_sampled_backward(const typename imi::acc_type<scalar_t>::type* grad_loss,
                                     const scalar_t* x, const scalar_t* weight,

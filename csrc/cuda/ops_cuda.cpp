@@ -486,6 +486,39 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cuda(
   return {loss, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
+    int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
+  check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor bias_arg = defined_or_empty(bias_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto log_q = log_q_in.contiguous();
+  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
+  const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  auto loss = at::empty({B}, acc_opts);
+  auto lse = at::empty({B}, acc_opts);
+  auto coef = at::empty({B, M1}, acc_opts);
+  auto grad_x = at::empty({B, d}, acc_opts);
+  const auto first_bad = bad_position_flag(ids.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_train_cuda", [&] {
+    using cuda_t = typename CudaType<scalar_t>::type;
+    using acc_t = typename imi::acc_type<cuda_t>::type;
+    C10_CUDA_CHECK(cuda::launch_sampled_train<cuda_t>(
+        cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d, N,
+        ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), M1, remove_accidental_hits, ignore_index,
+        loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), coef.data_ptr<acc_t>(), grad_x.data_ptr<acc_t>(),
+        first_bad.data_ptr<int64_t>(), stream));
+  });
+  check_no_bad_position("sampled_softmax_train", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
+  return {loss, lse, coef, grad_x};
+}
+
 std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
@@ -761,6 +794,7 @@ TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("midx_search_cells", &midx_search_cells_cuda);
   m.impl("midx_search", &midx_search_cuda);
   m.impl("sampled_softmax_forward", &sampled_softmax_forward_cuda);
+  m.impl("sampled_softmax_train", &sampled_softmax_train_cuda);
   m.impl("sampled_softmax_backward", &sampled_softmax_backward_cuda);
   m.impl("dense_weight_grad", &dense_weight_grad_cuda);
   m.impl("sparse_weight_grad", &sparse_weight_grad_cuda);

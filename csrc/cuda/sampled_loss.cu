@@ -142,6 +142,78 @@ sampled_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restrict
   }
 }
 
+// Training forward: the forward kernel's row, then (imi::sampled_row_forward_grad's formulas) the
+// coefficients for grad_loss = 1 and grad_x in acc_t while the row's weight rows are still in cache.
+// coef_row holds u_j (-inf when masked) between the passes.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+sampled_train_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                     const scalar_t* __restrict__ bias, int64_t B, int64_t d, int64_t N,
+                     const int64_t* __restrict__ ids,
+                     const typename imi::acc_type<scalar_t>::type* __restrict__ log_q, int64_t M1,
+                     bool remove_accidental_hits, int64_t ignore_index,
+                     typename imi::acc_type<scalar_t>::type* __restrict__ loss,
+                     typename imi::acc_type<scalar_t>::type* __restrict__ lse,
+                     typename imi::acc_type<scalar_t>::type* __restrict__ coef,
+                     typename imi::acc_type<scalar_t>::type* __restrict__ grad_x,
+                     int64_t* __restrict__ first_bad) {
+  using acc_t = typename imi::acc_type<scalar_t>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < B;
+       row += stride) {
+    const int64_t* ids_row = ids + row * M1;
+    const acc_t* lq_row = log_q + row * M1;
+    const scalar_t* x_row = x + row * d;
+    acc_t* coef_row = coef + row * M1;
+    acc_t* gx_row = grad_x + row * d;
+    const bool ok = warp_row_ids_ok(ids_row, row, M1, N, ignore_index, lane, first_bad);
+    if (!ok || imi::is_ignored_row(ids_row, ignore_index)) {
+      if (lane == 0) {
+        if (ok) {
+          imi::ignored_row_forward(loss + row, lse + row);
+        } else {
+          loss[row] = lse[row] = acc_t(NAN);
+        }
+      }
+      for (int64_t j = lane; j < M1; j += 32) coef_row[j] = acc_t(0);
+      for (int64_t i = lane; i < d; i += 32) gx_row[i] = acc_t(0);
+      continue;
+    }
+    imi::OnlineLSE<acc_t> state;
+    for (int64_t j = 0; j < M1; ++j) {
+      acc_t u = imi::neg_inf<acc_t>();
+      if (!imi::is_masked_column(ids_row, j, remove_accidental_hits)) {
+        u = warp_corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[j], lq_row[j], lane);
+        state.add(u);
+      }
+      if (lane == 0) coef_row[j] = u;
+    }
+    __syncwarp();  // lane 0's stores of u are visible to the whole warp after this
+    acc_t row_loss, row_lse;
+    imi::finish_row_forward(state, coef_row[0], &row_loss, &row_lse);
+    if (lane == 0) {
+      loss[row] = row_loss;
+      lse[row] = row_lse;
+    }
+    __syncwarp();  // every lane has read coef_row[0] before it is overwritten
+    for (int64_t j = lane; j < M1; j += 32) {
+      const bool masked = imi::is_masked_column(ids_row, j, remove_accidental_hits);
+      coef_row[j] = masked ? acc_t(0) : imi::softmax_coef<acc_t>(coef_row[j], row_lse, j == 0, acc_t(1));
+    }
+    __syncwarp();
+    for (int64_t i = lane; i < d; i += 32) {
+      acc_t acc = acc_t(0);
+      for (int64_t j = 0; j < M1; ++j) {
+        if (imi::is_masked_column(ids_row, j, remove_accidental_hits)) continue;
+        acc += imi::grad_x_term<scalar_t, acc_t>(coef_row[j], weight[ids_row[j] * d + i]);
+      }
+      gx_row[i] = acc;
+    }
+    __syncwarp();
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -155,6 +227,23 @@ cudaError_t launch_sampled_forward(const scalar_t* x, const scalar_t* weight, co
   if (B == 0) return cudaSuccess;
   sampled_forward_kernel<scalar_t><<<row_grid(B), kThreads, 0, stream>>>(
       x, weight, bias, B, d, N, ids, log_q, M1, remove_accidental_hits, ignore_index, loss, lse, first_bad);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_sampled_train(const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
+                                 int64_t B, int64_t d, int64_t N, const int64_t* ids,
+                                 const typename imi::acc_type<scalar_t>::type* log_q, int64_t M1,
+                                 bool remove_accidental_hits, int64_t ignore_index,
+                                 typename imi::acc_type<scalar_t>::type* loss,
+                                 typename imi::acc_type<scalar_t>::type* lse,
+                                 typename imi::acc_type<scalar_t>::type* coef,
+                                 typename imi::acc_type<scalar_t>::type* grad_x, int64_t* first_bad,
+                                 cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  sampled_train_kernel<scalar_t><<<row_grid(B), kThreads, 0, stream>>>(
+      x, weight, bias, B, d, N, ids, log_q, M1, remove_accidental_hits, ignore_index, loss, lse, coef, grad_x,
+      first_bad);
   return cudaGetLastError();
 }
 
@@ -178,6 +267,12 @@ cudaError_t launch_sampled_backward(const typename imi::acc_type<scalar_t>::type
   template cudaError_t launch_sampled_forward<T>(                                                \
       const T*, const T*, const T*, int64_t, int64_t, int64_t, const int64_t*,                   \
       const typename imi::acc_type<T>::type*, int64_t, bool, int64_t,                            \
+      typename imi::acc_type<T>::type*, typename imi::acc_type<T>::type*, int64_t*,              \
+      cudaStream_t);                                                                             \
+  template cudaError_t launch_sampled_train<T>(                                                  \
+      const T*, const T*, const T*, int64_t, int64_t, int64_t, const int64_t*,                   \
+      const typename imi::acc_type<T>::type*, int64_t, bool, int64_t,                            \
+      typename imi::acc_type<T>::type*, typename imi::acc_type<T>::type*,                        \
       typename imi::acc_type<T>::type*, typename imi::acc_type<T>::type*, int64_t*,              \
       cudaStream_t);                                                                             \
   template cudaError_t launch_sampled_backward<T>(                                               \

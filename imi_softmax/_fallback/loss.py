@@ -66,6 +66,24 @@ def sampled_softmax_forward(x, weight, bias, ids, log_q, remove_accidental_hits:
     return torch.where(ignored, zero, loss), torch.where(ignored, zero, lse)
 
 
+def sampled_softmax_train(x, weight, bias, ids, log_q, remove_accidental_hits: bool, ignore_index: int,
+                          sparse_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss [B], lse [B], coef [B, 1+M], grad_x [B, d]), all in the accumulation dtype: the forward and
+    its gradients for grad_loss = 1 (coef = d loss_b / d u_bj, grad_x = sum_j coef_bj w_{ids_bj})."""
+    _check_loss_inputs("sampled_softmax_train", x, weight, bias, ids, log_q, ignore_index)
+    acc = acc_dtype(x.dtype)
+    u, ignored, safe = _corrected_logits(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index)
+    lse = torch.logsumexp(u, dim=1)
+    loss = lse - u[:, 0]
+    zero = torch.zeros_like(lse)
+    loss, lse = torch.where(ignored, zero, loss), torch.where(ignored, zero, lse)
+    coef = torch.exp(u - lse[:, None])  # exp(-inf) = 0 for masked columns
+    coef[:, 0] -= 1
+    coef = torch.where(ignored[:, None], torch.zeros_like(coef), coef)
+    grad_x = torch.einsum("bm,bmd->bd", coef, weight[safe].to(acc))
+    return loss, lse, coef, grad_x
+
+
 def sampled_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, remove_accidental_hits: bool,
                              ignore_index: int) -> Tuple[Tensor, Tensor]:
     """(grad_x [B, d] in x's dtype, coef [B, 1+M] = d loss_b / d u_bj * grad_loss_b)."""

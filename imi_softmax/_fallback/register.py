@@ -35,6 +35,9 @@ SCHEMAS = {
     "sampled_softmax_forward": ("sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
                                 "Tensor log_q, bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> "
                                 "(Tensor loss, Tensor lse)", loss.sampled_softmax_forward),
+    "sampled_softmax_train": ("sampled_softmax_train(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
+                              "Tensor log_q, bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> "
+                              "(Tensor loss, Tensor lse, Tensor coef, Tensor grad_x)", loss.sampled_softmax_train),
     "sampled_softmax_backward": ("sampled_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, "
                                  "Tensor ids, Tensor log_q, Tensor lse, bool remove_accidental_hits, "
                                  "int ignore_index) -> (Tensor grad_x, Tensor coef)", loss.sampled_softmax_backward),

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
-from .._validation import check_class_ids, check_finite, check_fp32_range, check_positive_int, check_tensor
+from .._validation import _compiling, check_class_ids, check_finite, check_fp32_range, check_positive_int, check_tensor
 from ..kmeans import assign, assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
 
@@ -322,16 +322,21 @@ class MIDXSampler(Sampler):
         index = self._require_index() if index is None else index
         c1, c2 = index.codebook1, index.codebook2
         q = query.detach().to(torch.float32)
+        k = c1.shape[0]
         with no_autocast(q.device):
             if self.quantizer == "rq":
-                s1, s2 = q @ c1.T, q @ c2.T
+                # one product and one check for both codebooks: each op is a parallel region, and a
+                # region waits for every thread (sampling is a few ms, so they showed)
+                both = q @ torch.cat([c1, c2]).T                 # [B, 2K]
             else:
                 h = q.shape[1] // 2
-                s1, s2 = q[:, :h] @ c1.T, q[:, h:] @ c2.T
-        fix = "the query or the weight is too large: " + _OVERFLOW_FIX
-        check_fp32_range("proposal scores query @ codewords(weight)", s1, fix, cause=q)
-        check_fp32_range("proposal scores query @ codewords(weight)", s2, fix, cause=q)
-        return s1, s2
+                both = torch.cat([q[:, :h] @ c1.T, q[:, h:] @ c2.T], 1)
+        if not _compiling() and both.numel() and not bool(torch.isfinite(both.sum())):
+            # A NaN / Inf query makes its scores non-finite, so the query's own check runs only here.
+            check_finite("query", q)
+            check_fp32_range("proposal scores query @ codewords(weight)", both,
+                             "the query or the weight is too large: " + _OVERFLOW_FIX, cause=q)
+        return both[:, :k], both[:, k:]
 
     @staticmethod
     def _check_index_ids(name: str, index: MIDXIndex, query: Tensor, ids: Tensor) -> None:
@@ -346,7 +351,7 @@ class MIDXSampler(Sampler):
             raise ValueError(f"query must be [B, {index.in_features}], got {tuple(query.shape)}")
         if query.device != index.codebook1.device:
             raise ValueError(f"query is on {query.device} but the index is on {index.codebook1.device}; rebuild or move it")
-        check_finite("query", query)
+        # finiteness: checked in scores(), where a NaN / Inf query shows as non-finite scores
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Draw num_samples classes per query row: (ids [B, M] int64, log_q [B, M] float32)."""

@@ -185,4 +185,46 @@ IMI_HD void sampled_row_backward(const scalar_t* x_row, const scalar_t* weight,
   for (int64_t i = 0; i < d; ++i) grad_x_row[i] = static_cast<scalar_t>(gx_acc[i]);
 }
 
+
+// Training forward: sampled_row_forward and, while the row's weight rows are still in cache, the
+// softmax coefficients for an upstream gradient of 1 (coef_row[M1]: d loss_b / d u_bj) and the query
+// gradient gx_row[d] = sum_j coef_j w_{id_j} in acc_t (column order, masked columns skipped). The
+// backward then only scales both by grad_loss_b and never reads W again. coef_row holds u_j (-inf
+// when masked) between the two passes. Every id of the row must have passed first_invalid_column.
+template <typename scalar_t, typename acc_t>
+IMI_HD void sampled_row_forward_grad(const scalar_t* x_row, const scalar_t* weight,
+                                     const scalar_t* bias, int64_t d, const int64_t* ids_row,
+                                     const acc_t* log_q_row, int64_t M1, bool remove_accidental_hits,
+                                     int64_t ignore_index, acc_t* loss, acc_t* lse, acc_t* coef_row,
+                                     acc_t* gx_row) {
+  for (int64_t i = 0; i < d; ++i) gx_row[i] = acc_t(0);
+  if (is_ignored_row(ids_row, ignore_index)) {
+    ignored_row_forward(loss, lse);
+    for (int64_t j = 0; j < M1; ++j) coef_row[j] = acc_t(0);
+    return;
+  }
+  for (int64_t j = 0; j < IMI_ROW_PREFETCH_DISTANCE; ++j) prefetch_row(weight, d, ids_row, j, M1);
+  OnlineLSE<acc_t> state;
+  for (int64_t j = 0; j < M1; ++j) {
+    prefetch_row(weight, d, ids_row, j + IMI_ROW_PREFETCH_DISTANCE, M1);
+    if (is_masked_column(ids_row, j, remove_accidental_hits)) {
+      coef_row[j] = neg_inf<acc_t>();
+      continue;
+    }
+    const acc_t u = corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[j], log_q_row[j]);
+    coef_row[j] = u;
+    state.add(u);
+  }
+  finish_row_forward(state, coef_row[0], loss, lse);
+  const acc_t l = *lse;
+  for (int64_t j = 0; j < M1; ++j) {
+    const bool masked = is_masked_column(ids_row, j, remove_accidental_hits);
+    const acc_t c = masked ? acc_t(0) : softmax_coef<acc_t>(coef_row[j], l, j == 0, acc_t(1));
+    coef_row[j] = c;
+    if (masked) continue;
+    const scalar_t* w = weight + ids_row[j] * d;
+    for (int64_t i = 0; i < d; ++i) gx_row[i] += grad_x_term<scalar_t, acc_t>(c, w[i]);
+  }
+}
+
 }  // namespace imi
