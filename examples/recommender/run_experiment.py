@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data import load_dataset, make_split
-from .model import HEADS
+from .model import ALL_HEADS, HEADS, M_FREE_HEADS
 from .train import Config, METRIC_KEYS, eval_user_set, evaluate, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,7 @@ def run_grid(args) -> list:
                   progress=not args.no_progress)
     all_users = eval_user_set(split, None, args.seed)
     rows = []
-    runs = [(h, m) for h in args.heads for m in ([0] if h == "full" else args.num_samples)]
+    runs = [(h, m) for h in args.heads for m in ([0] if h in M_FREE_HEADS else args.num_samples)]
     for n, (head, m) in enumerate(runs, 1):
         cfg = base.replace(head=head, num_samples=max(m, 1))
         t0 = time.perf_counter()
@@ -138,10 +138,11 @@ def plot(rows, path: Path, args) -> None:
     fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 4), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], ms):
         for head in args.heads:
-            pts = [r for r in rows if r["head"] == head and (head == "full" or r["M"] == m) and not r.get("final_all_users")]
+            pts = [r for r in rows if r["head"] == head and (head in M_FREE_HEADS or r["M"] == m)
+                   and not r.get("final_all_users")]
             if pts:
                 ax.plot([r["cum_train_time_s"] for r in pts], [r["ndcg@10"] for r in pts], marker="o",
-                        label=head, linestyle="--" if head == "full" else "-")
+                        label=head, linestyle="--" if head in M_FREE_HEADS else "-")
         ax.set_title(f"{rows[0]['data']}, M={m}")
         ax.set_xlabel("cumulative training time (s)")
         ax.grid(alpha=0.3)
@@ -155,7 +156,7 @@ def plot(rows, path: Path, args) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="ml10m")
-    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=ALL_HEADS)
     p.add_argument("--num-samples", nargs="+", type=int, default=[32, 128, 256])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--dim", type=int, default=64)
