@@ -69,6 +69,12 @@ class TopCellsSampler(Sampler):
     def selection(self, query: Tensor, index: Optional[MIDXIndex] = None) -> Tuple[Tensor, Tensor]:
         """(selected [B, K*K] bool, log_mass [B] float32): the cells S(h) of each query and
         log sum_{c in S(h)} n[c]."""
+        selected, log_mass, _, _ = self._selection(query, index)
+        return selected, log_mass
+
+    def _selection(self, query: Tensor, index: Optional[MIDXIndex] = None):
+        """selection() plus the prefix itself: top [B, L] cell numbers in ranking order and their
+        log n [B, L] (-inf past each row's prefix), L the longest prefix of the batch."""
         index = self.midx._require_index() if index is None else index
         self.midx._check_query(index, query)
         last = self._last
@@ -79,7 +85,7 @@ class TopCellsSampler(Sampler):
         self._last = (query, query._version, index, self.budget, out)
         return out
 
-    def _select(self, query: Tensor, index: MIDXIndex) -> Tuple[Tensor, Tensor]:
+    def _select(self, query: Tensor, index: MIDXIndex):
         s1, s2 = self.midx.scores(query, index)
         b, k = s1.shape
         cells = (s1.unsqueeze(2) + s2.unsqueeze(1)).reshape(b, k * k)
@@ -87,10 +93,14 @@ class TopCellsSampler(Sampler):
         order = torch.sort(cells, dim=1, descending=True, stable=True).indices       # [B, K*K]
         sorted_counts = counts[order]
         before = torch.cumsum(sorted_counts, dim=1) - sorted_counts  # classes in the cells ranked above
-        selected = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, before < self.budget)
-        log_n = index.log_n.reshape(1, k * k).to(torch.float32)
-        log_mass = torch.logsumexp(log_n.masked_fill(~selected, float("-inf")), dim=1)
-        return selected, log_mass
+        take = before < self.budget                                  # a prefix of each row
+        selected = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, take)
+        # the prefixes are short (budget classes): the masses and the draws work on them only
+        longest = int(take.sum(1).max()) if b > 0 else 0
+        top = order[:, :longest]
+        top_log_n = index.log_n.reshape(k * k).to(torch.float32)[top].masked_fill(~take[:, :longest], float("-inf"))
+        log_mass = torch.logsumexp(top_log_n, dim=1) if longest > 0 else torch.empty(0, device=query.device)
+        return selected, log_mass, top, top_log_n
 
     def _class_log_q(self, index: MIDXIndex, selected: Tensor, log_mass: Tensor, ids: Tensor) -> Tensor:
         """log Q of ids [B, L] given the selection (float32 [B, L])."""
@@ -108,7 +118,7 @@ class TopCellsSampler(Sampler):
         index = self.midx._require_index()
         self.midx._check_query(index, query)
         self.midx._check_index_ids("ids", index, query, ids)
-        selected, log_mass = self.selection(query, index)
+        selected, log_mass, _, _ = self._selection(query, index)
         flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
         return self._class_log_q(index, selected, log_mass, flat).reshape(ids.shape)
 
@@ -120,14 +130,17 @@ class TopCellsSampler(Sampler):
         b, m = query.shape[0], num_samples
         if b * m == 0:
             return self._empty_draw(query, m)
-        selected, log_mass = self.selection(query, index)
-        k = self.midx.num_codewords
-        # cell ~ n[c] among the selected cells, shifted by the row's log mass (no underflow to 0)
-        log_n = index.log_n.reshape(1, k * k).to(torch.float32)
-        cell_w = torch.exp(log_n - log_mass.unsqueeze(1)).masked_fill(~selected, 0.0)
+        selected, log_mass, top, top_log_n = self._selection(query, index)
+        # cell ~ n[c] over the row's prefix by inverse CDF, shifted by the row's log mass (no
+        # underflow to 0); searchsorted(right) never lands on a zero-mass (empty or padding) cell,
+        # and the clamp to the last positive cell absorbs a u * total rounded up to total
+        w = torch.exp((top_log_n - log_mass.unsqueeze(1)).to(torch.float64))
+        cdf = torch.cumsum(w, dim=1)
+        last = (torch.arange(w.shape[1], device=w.device) * (w > 0)).amax(1, keepdim=True)
         gen_device = generator.device if generator is not None else query.device
-        cell = torch.multinomial(cell_w.to(gen_device, torch.float64), m, replacement=True,
-                                 generator=generator).to(query.device)
+        u_cell = torch.rand((b, m), dtype=torch.float64, generator=generator, device=gen_device).to(query.device)
+        slot = torch.minimum(torch.searchsorted(cdf, u_cell * cdf[:, -1:], right=True), last)
+        cell = top.gather(1, slot)
         begin = index.offsets[cell]
         size = index.offsets[cell + 1] - begin
         u = torch.rand((b, m), dtype=torch.float64, generator=generator, device=gen_device).to(query.device)
