@@ -73,6 +73,20 @@ def run_grid(args) -> list:
     return rows
 
 
+def read_rows(paths) -> list:
+    """Rows of write_outputs' CSVs, numbers parsed back."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                for k, v in r.items():
+                    if k not in ("data", "head") and v != "":
+                        r[k] = float(v) if any(c in v for c in ".eEn") else int(v)
+                r["final_all_users"] = r.get("final_all_users") or ""
+                rows.append(r)
+    return rows
+
+
 def final_rows(rows):
     out = {}
     for r in rows:  # the last row of each run is its final evaluation (all users when requested)
@@ -174,9 +188,12 @@ def main(argv=None):
     p.add_argument("--machine", default=default_machine())
     p.add_argument("--out", default=None, help="output stem (default results/<data>_<machine>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-csv", nargs="+", default=None,
+                   help="write the table and plot from these CSVs of earlier runs (e.g. parts of the grid run "
+                        "as parallel processes; every run is seeded on its own, so the metrics are the same)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run_grid(args)
+    rows = read_rows(args.from_csv) if args.from_csv else run_grid(args)
     stem = Path(args.out) if args.out else RESULTS / f"{rows[0]['data']}_{args.machine}"
     print(write_outputs(rows, stem, args))
     print(f"total wall time {time.perf_counter() - t0:.0f}s; wrote {stem}.csv/.md/.png")
