@@ -423,8 +423,10 @@ class IMISoftmax(nn.Module):
         flat_t = target.reshape(-1)
         # ignored rows score class 0 (any valid id): the loss masks them, and the sampler's checks pass
         safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)
+        # a batch-aware sampler (in-batch negatives) must not take the placeholders as the batch's targets
+        batch = {"valid": flat_t != self.ignore_index} if getattr(self.sampler, "batch_aware", False) else {}
         ids, log_q, target_log_q = self.sampler.sample_with_targets(
-            flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator)
+            flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator, **batch)
         target_log_q = target_log_q.squeeze(1)
         touched = self._touched
         if touched is not None:  # the rows this step's gradient reaches: O(B * M)

@@ -135,7 +135,7 @@ def test_recommender_learns(planted_split, head):
     assert np.isfinite(heldout_loss(res.model, split, users))
 
 
-@pytest.mark.parametrize("head", ["uniform", "unigram", "midx-pq"])
+@pytest.mark.parametrize("head", ["uniform", "unigram", "midx-pq", "midx-hard", "inbatch", "inbatch-midx"])
 def test_other_heads_train(planted_split, head):
     split, _ = planted_split
     cfg = Config(head=head, num_samples=32, epochs=1, max_steps=10, batch_users=64, targets_per_user=4, dim=16,

@@ -10,9 +10,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from imi_softmax import IMISoftmax
+from imi_softmax import IMISoftmax, InBatchSampler, MIDXSampler, MixtureSampler, TopCellsSampler
 
 HEADS = ("full", "uniform", "unigram", "midx-pq", "midx-rq")
+# composed proposals (issue 13): MIDX + 10% hard negatives from the query's top cells, in-batch
+# negatives with the streaming logQ estimate, in-batch + M MIDX draws (mixed negative sampling)
+MIXTURE_HEADS = ("midx-hard", "inbatch", "inbatch-midx")
+ALL_HEADS = HEADS + MIXTURE_HEADS
+HARD_FRACTION = 0.1
+HARD_BUDGET = 256  # classes in the query's top cells that the hard component draws from
+# heads whose negatives do not depend on M (trained once per grid)
+M_FREE_HEADS = ("full", "inbatch")
 
 
 class UserEncoder(nn.Module):
@@ -51,15 +59,18 @@ class OutputHead(nn.Module):
     """Scores all items with ``forward(q)`` [*, N]; ``loss(q, target)`` is the training loss.
 
     kind: "full" (nn.Linear + F.cross_entropy) or "uniform" | "unigram" | "midx-pq" | "midx-rq"
-    (imi_softmax.IMISoftmax with that sampler and ``num_samples`` negatives per row).
+    (imi_softmax.IMISoftmax with that sampler and ``num_samples`` negatives per row), or one of
+    MIXTURE_HEADS: "midx-hard" (MIDX rq mixed with 10% TopCellsSampler draws), "inbatch" (the
+    batch's targets as negatives, logQ from the streaming frequency estimate; M unused),
+    "inbatch-midx" (the batch's targets + M MIDX draws, balance-heuristic correction).
     """
 
     def __init__(self, kind: str, dim: int, num_items: int, num_samples: int = 256,
                  item_counts: Optional[np.ndarray] = None, refresh_every: int = 50,
                  num_codewords: int = 64, sparse: bool = False, **head_kwargs):
         super().__init__()
-        if kind not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+        if kind not in ALL_HEADS:
+            raise ValueError(f"head must be one of {ALL_HEADS}, got {kind!r}")
         self.kind = kind
         if kind == "full":
             self.layer = nn.Linear(dim, num_items)
@@ -71,6 +82,14 @@ class OutputHead(nn.Module):
             kw.update(sampler="unigram", class_counts=torch.as_tensor(np.asarray(item_counts), dtype=torch.float64))
         elif kind == "uniform":
             kw.update(sampler="uniform")
+        elif kind == "midx-hard":
+            midx = MIDXSampler(num_codewords, "rq")
+            kw.update(sampler=MixtureSampler([(midx, 1 - HARD_FRACTION),
+                                              (TopCellsSampler(midx, budget=HARD_BUDGET), HARD_FRACTION)]))
+        elif kind == "inbatch":  # the batch's targets are the negatives: no sampled ones
+            kw.update(sampler=InBatchSampler(num_items), num_samples=0)
+        elif kind == "inbatch-midx":
+            kw.update(sampler=InBatchSampler(num_items, mix_with=MIDXSampler(num_codewords, "rq")))
         else:
             kw.update(sampler="midx", quantizer=kind.split("-")[1], num_codewords=num_codewords)
         self.layer = IMISoftmax(dim, num_items, **kw)

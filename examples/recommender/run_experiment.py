@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data import load_dataset, make_split
-from .model import HEADS
+from .model import ALL_HEADS, HEADS, M_FREE_HEADS
 from .train import Config, METRIC_KEYS, eval_user_set, evaluate, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,7 @@ def run_grid(args) -> list:
                   progress=not args.no_progress)
     all_users = eval_user_set(split, None, args.seed)
     rows = []
-    runs = [(h, m) for h in args.heads for m in ([0] if h == "full" else args.num_samples)]
+    runs = [(h, m) for h in args.heads for m in ([0] if h in M_FREE_HEADS else args.num_samples)]
     for n, (head, m) in enumerate(runs, 1):
         cfg = base.replace(head=head, num_samples=max(m, 1))
         t0 = time.perf_counter()
@@ -70,6 +70,20 @@ def run_grid(args) -> list:
         print(f"[{n}/{len(runs)}] {head:8s} M={m or '-':>3} epochs={args.epochs} "
               f"ndcg@10={f['ndcg@10']:.4f} recall@20={f['recall@20']:.4f} "
               f"s/epoch={f['cum_train_time_s'] / len(res.history):.1f} wall={time.perf_counter() - t0:.0f}s", flush=True)
+    return rows
+
+
+def read_rows(paths) -> list:
+    """Rows of write_outputs' CSVs, numbers parsed back."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                for k, v in r.items():
+                    if k not in ("data", "head") and v != "":
+                        r[k] = float(v) if any(c in v for c in ".eEn") else int(v)
+                r["final_all_users"] = r.get("final_all_users") or ""
+                rows.append(r)
     return rows
 
 
@@ -138,10 +152,11 @@ def plot(rows, path: Path, args) -> None:
     fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 4), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], ms):
         for head in args.heads:
-            pts = [r for r in rows if r["head"] == head and (head == "full" or r["M"] == m) and not r.get("final_all_users")]
+            pts = [r for r in rows if r["head"] == head and (head in M_FREE_HEADS or r["M"] == m)
+                   and not r.get("final_all_users")]
             if pts:
                 ax.plot([r["cum_train_time_s"] for r in pts], [r["ndcg@10"] for r in pts], marker="o",
-                        label=head, linestyle="--" if head == "full" else "-")
+                        label=head, linestyle="--" if head in M_FREE_HEADS else "-")
         ax.set_title(f"{rows[0]['data']}, M={m}")
         ax.set_xlabel("cumulative training time (s)")
         ax.grid(alpha=0.3)
@@ -155,7 +170,7 @@ def plot(rows, path: Path, args) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="ml10m")
-    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=ALL_HEADS)
     p.add_argument("--num-samples", nargs="+", type=int, default=[32, 128, 256])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--dim", type=int, default=64)
@@ -173,9 +188,12 @@ def main(argv=None):
     p.add_argument("--machine", default=default_machine())
     p.add_argument("--out", default=None, help="output stem (default results/<data>_<machine>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-csv", nargs="+", default=None,
+                   help="write the table and plot from these CSVs of earlier runs (e.g. parts of the grid run "
+                        "as parallel processes; every run is seeded on its own, so the metrics are the same)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run_grid(args)
+    rows = read_rows(args.from_csv) if args.from_csv else run_grid(args)
     stem = Path(args.out) if args.out else RESULTS / f"{rows[0]['data']}_{args.machine}"
     print(write_outputs(rows, stem, args))
     print(f"total wall time {time.perf_counter() - t0:.0f}s; wrote {stem}.csv/.md/.png")

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make "examples.recommender" im
 
 from .data import Split, load_dataset, make_split
 from .metrics import metrics_from_hits, random_recall_at_k
-from .model import HEADS, Recommender
+from .model import ALL_HEADS, Recommender
 
 METRIC_KEYS = ("recall@20", "recall@50", "ndcg@10", "ndcg@50")
 
@@ -38,7 +38,7 @@ METRIC_KEYS = ("recall@20", "recall@50", "ndcg@10", "ndcg@50")
 class Config:
     data: str = "ml100k"              # ml10m | ml100k | movielens-small | path to .npz/.csv/.parquet
     data_path: Optional[str] = None
-    head: str = "full"                # full | uniform | unigram | midx-pq | midx-rq
+    head: str = "full"                # full | uniform | unigram | midx-pq | midx-rq | model.MIXTURE_HEADS
     num_samples: int = 256            # M
     dim: int = 64
     hidden: int = 128
@@ -275,7 +275,7 @@ def main(argv=None) -> Result:
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-            p.add_argument(name, type=typ, default=f.default, choices=HEADS if f.name == "head" else None)
+            p.add_argument(name, type=typ, default=f.default, choices=ALL_HEADS if f.name == "head" else None)
     args = p.parse_args(argv)
     res = train(Config(**vars(args)))
     print(json.dumps(res.final, indent=1))
