@@ -257,6 +257,7 @@ class MIDXSampler(Sampler):
         steps = self.kl_refine_steps if steps is None else check_positive_int("steps", steps, minimum=0)
         lr = self.kl_refine_lr if lr is None else _check_lr(lr, "lr")
         self._check_query(index, queries)
+        check_finite("query", queries)  # refinement does not go through scores(), where sampling checks it
         check_tensor("weight", weight, dims=(2,))
         if tuple(weight.shape) != (index.num_classes, index.in_features):
             raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
