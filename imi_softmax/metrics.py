@@ -40,20 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._targets import csr_to_padded as _csr_to_padded
+from ._targets import _as_tensor, csr_to_padded as _csr_to_padded
 
 Target = Union[Tensor, Tuple[Tensor, Tensor]]
 
 __all__ = ["precision_at_k", "recall_at_k", "ndcg_at_k", "psp_at_k", "psndcg_at_k", "propensity",
            "ranked_hits", "precision_from_hits", "recall_from_hits", "ndcg_from_hits", "evaluate"]
-
-
-def _as_tensor(x, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
 def _check_k(k) -> int:
