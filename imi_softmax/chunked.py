@@ -46,6 +46,29 @@ def _chunk_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor], start: int,
         return F.linear(x.to(lin), w, b).to(acc)
 
 
+def _grad_buffers(x: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype, need_x: bool,
+                  need_w: bool, need_b: bool):
+    """(x in ``acc``, grad_x zeros or None, grad_w, grad_b buffers or None) for a chunked backward:
+    grad_x accumulates over chunks, grad_w / grad_b are written chunk by chunk."""
+    xa = x.to(acc)
+    grad_x = torch.zeros_like(xa) if need_x else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+    return xa, grad_x, grad_w, grad_b
+
+
+def _add_chunk_grads(coef: Tensor, xa: Tensor, weight: Tensor, bias: Optional[Tensor], start: int, stop: int,
+                     grad_x: Optional[Tensor], grad_w: Optional[Tensor], grad_b: Optional[Tensor]) -> None:
+    """Adds chunk [start, stop)'s share to grad_x and writes its rows of grad_w / grad_b (those not None),
+    given coef = d loss / d logits of the chunk [B, stop - start] in the accumulation dtype."""
+    if grad_x is not None:
+        grad_x.addmm_(coef, weight[start:stop].to(xa.dtype))
+    if grad_w is not None:
+        grad_w[start:stop] = (coef.T @ xa).to(weight.dtype)
+    if grad_b is not None:
+        grad_b[start:stop] = coef.sum(0).to(bias.dtype)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """mean over rows with target != ignore_index of logsumexp_j(o_bj) - o_b,target."""
 
@@ -88,10 +111,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         valid = target != ctx.ignore_index
         # d loss / d o_bj = (softmax_bj - [j = t_b]) * g / count on valid rows, 0 on ignored ones
         scale = torch.where(valid, grad_loss.to(acc) / count.to(acc), torch.zeros_like(lse))
-        xa = x.to(acc)
-        grad_x = torch.zeros_like(xa) if need_x else None
-        grad_w = torch.empty_like(weight) if need_w else None
-        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        xa, grad_x, grad_w, grad_b = _grad_buffers(x, weight, bias, acc, need_x, need_w, need_b)
         with no_autocast(x.device):
             for start in range(0, n, ctx.chunk):
                 stop = min(start + ctx.chunk, n)
@@ -101,12 +121,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 local = (target - start).clamp(0, stop - start - 1).unsqueeze(1)
                 coef.scatter_add_(1, local, -inside.to(acc).unsqueeze(1))
                 coef.mul_(scale.unsqueeze(1))
-                if need_x:
-                    grad_x.addmm_(coef, weight[start:stop].to(acc))
-                if need_w:
-                    grad_w[start:stop] = (coef.T @ xa).to(weight.dtype)
-                if grad_b is not None:
-                    grad_b[start:stop] = coef.sum(0).to(bias.dtype)
+                _add_chunk_grads(coef, xa, weight, bias, start, stop, grad_x, grad_w, grad_b)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -182,22 +197,14 @@ class _ChunkedNegativeLogSumExp(torch.autograd.Function):
         live = ~lse.isneginf()
         g = torch.where(live, grad_lse.to(acc), torch.zeros_like(lse))
         shift = torch.where(live, lse, torch.zeros_like(lse))
-        xa = x.to(acc)
-        grad_x = torch.zeros_like(xa) if need_x else None
-        grad_w = torch.empty_like(weight) if need_w else None
-        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        xa, grad_x, grad_w, grad_b = _grad_buffers(x, weight, bias, acc, need_x, need_w, need_b)
         with no_autocast(x.device):
             for start in range(0, n, ctx.chunk):
                 stop = min(start + ctx.chunk, n)
                 logits = _mask_positives(_chunk_logits(x, weight, bias, start, stop, ctx.lin, acc), positives,
                                          start, stop)
                 coef = logits.sub_(shift.unsqueeze(1)).exp_().mul_(g.unsqueeze(1))
-                if need_x:
-                    grad_x.addmm_(coef, weight[start:stop].to(acc))
-                if need_w:
-                    grad_w[start:stop] = (coef.T @ xa).to(weight.dtype)
-                if grad_b is not None:
-                    grad_b[start:stop] = coef.sum(0).to(bias.dtype)
+                _add_chunk_grads(coef, xa, weight, bias, start, stop, grad_x, grad_w, grad_b)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w, grad_b, None, None, None
