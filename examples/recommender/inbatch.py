@@ -22,7 +22,6 @@ Writes results/inbatch_<data>_<machine>.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -42,6 +41,7 @@ from imi_softmax.data import ClusteredBatchSampler
 
 from .data import load_dataset, make_split
 from .model import UserEncoder
+from .report import write_csv
 from .train import _slices, eval_user_set, evaluate_scorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,11 +129,7 @@ def run_arm(split, arm: str, fraction: float, logq: bool, a, eval_users, all_use
 def write(rows, stem: Path, a, info: str):
     stem.parent.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(stem.with_suffix(".csv"), rows, keys)
     finals = {}
     for r in rows:
         finals[(r["arm"], r["logq"])] = r

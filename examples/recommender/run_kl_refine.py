@@ -12,7 +12,6 @@ refreshes (and so the refinement's cost). Writes results/kl_refine_<data>_<machi
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ if __package__ in (None, ""):
 import torch
 
 from .data import load_dataset, make_split
+from .report import write_csv
 from .train import Config, METRIC_KEYS, eval_user_set, evaluate, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,11 +77,7 @@ def main(argv=None):
     stem = Path(a.out) if a.out else RESULTS / f"kl_refine_{split.name}_cpu{os.cpu_count()}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(stem.with_suffix(".csv"), rows, keys)
     lines = [f"# KL-refined codebooks, downstream: {split.name}, midx-rq, M = {a.num_samples}, {a.epochs} epochs", "",
              f"Command: `python examples/recommender/run_kl_refine.py {' '.join(sys.argv[1:])}`; {info}", "",
              f"Index refresh every {a.refresh_every} steps, one in {a.full_refresh_every} a full rebuild (k-means, then "
