@@ -130,14 +130,7 @@ def main(argv=None):
                     "recall@20": res["metrics"]["recall@20"], "load_before": load0, "load_after": os.getloadavg()[0]})
         rows.append(row)
         probes += [{"label": cfg.label, **pr} for pr in res["probes"]]
-        with open(RESULTS / f"{stem}.csv", "w", newline="") as f:  # rewritten after every run
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        with open(RESULTS / f"{stem}_probes.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["label", "step", "cache_age", "kl", "ess_limit", "cache_mse", "corrected_mse"])
-            w.writeheader()
-            w.writerows(probes)
+        write_csvs(rows, probes, stem)  # rewritten after every run
     (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "args": vars(a), "config": asdict(base)},
                                                      indent=1, default=str))
     header = [f"# Stale item embeddings: {split.name}, {rows[0]['steps']} steps of {base.batch_users} users x "
@@ -147,6 +140,18 @@ def main(argv=None):
               f"Machine: {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
               f"commit {info['commit']}, {info['time']}; shared machine (load avg per row): timings are noisy."]
     write_report(rows, probes, stem, header)
+
+
+def write_csvs(rows, probes, stem: str) -> None:
+    """results/<stem>.csv (one row a run, COLUMNS) and results/<stem>_probes.csv (one row a probe)."""
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(RESULTS / f"{stem}_probes.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["label", "step", "cache_age", "kl", "ess_limit", "cache_mse", "corrected_mse"])
+        w.writeheader()
+        w.writerows(probes)
 
 
 def write_report(rows, probes, stem: str, header) -> None:
@@ -193,14 +198,7 @@ def merge(data: str, tags, header) -> None:
         with open(RESULTS / f"stale_{data}{t}_probes.csv") as f:
             probes += [_typed(r) for r in csv.DictReader(f)]
     stem = f"stale_{data}"
-    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    with open(RESULTS / f"{stem}_probes.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["label", "step", "cache_age", "kl", "ess_limit", "cache_mse", "corrected_mse"])
-        w.writeheader()
-        w.writerows(probes)
+    write_csvs(rows, probes, stem)
     write_report(rows, probes, stem, header)
 
 if __name__ == "__main__":
