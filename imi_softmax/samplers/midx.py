@@ -258,12 +258,7 @@ class MIDXSampler(Sampler):
         lr = self.kl_refine_lr if lr is None else _check_lr(lr, "lr")
         self._check_query(index, queries)
         check_finite("query", queries)  # refinement does not go through scores(), where sampling checks it
-        check_tensor("weight", weight, dims=(2,))
-        if tuple(weight.shape) != (index.num_classes, index.in_features):
-            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
-                             f"{tuple(weight.shape)}: build(weight, bias) first")
-        if weight.device != index.codebook1.device:
-            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}")
+        self._check_weight(index, weight, "build(weight, bias) first")
         check_finite("weight", weight)
         if bias is not None:
             check_tensor("bias", bias, dims=(1,))
@@ -346,6 +341,17 @@ class MIDXSampler(Sampler):
             raise ValueError(f"{name} must be [B, ...] with B = {query.shape[0]} (query rows), got {tuple(ids.shape)}")
         check_class_ids(name, ids, index.num_classes)
 
+    @staticmethod
+    def _check_weight(index: MIDXIndex, weight: Tensor, shape_fix: str) -> None:
+        """weight is a [N, d] tensor matching the index, on its device; ``shape_fix`` ends the
+        shape error with what the caller should do."""
+        check_tensor("weight", weight, dims=(2,))
+        if tuple(weight.shape) != (index.num_classes, index.in_features):
+            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
+                             f"{tuple(weight.shape)}: {shape_fix}")
+        if weight.device != index.codebook1.device:
+            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}")
+
     def _check_query(self, index: MIDXIndex, query: Tensor) -> None:
         check_tensor("query", query, dims=(2,))
         if query.shape[1] != index.in_features:
@@ -423,12 +429,7 @@ class MIDXSampler(Sampler):
                 raise RuntimeError("this sampler's index was loaded from a state dict without its class vectors: "
                                    "pass weight= (and bias=) to search")
             weight, bias = self._vectors
-        check_tensor("weight", weight, dims=(2,))
-        if tuple(weight.shape) != (index.num_classes, index.in_features):
-            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
-                             f"{tuple(weight.shape)}: rebuild the index for a new shape")
-        if weight.device != index.codebook1.device:
-            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}")
+        self._check_weight(index, weight, "rebuild the index for a new shape")
         if bias is not None:
             check_tensor("bias", bias, dims=(1,))
             if bias.shape[0] != index.num_classes or bias.dtype != weight.dtype or bias.device != weight.device:
