@@ -71,6 +71,35 @@ def check_fp32_range(name: str, value: Tensor, fix: str, cause: Optional[Tensor]
     raise ValueError(f"{name} overflows float32 (|value| > 3.4e38){largest}; {fix}")
 
 
+def check_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
+    """x [*, d] and weight [N, d] floating tensors of one dtype, bias None or [N] in that dtype: the
+    inputs of a sampled loss. Returns N."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [*, {weight.shape[1]}] to match weight [N, d], got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them")
+    n = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,), dtypes=(weight.dtype,))
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    return n
+
+
+def check_samples(sample_ids: Tensor, sample_log_q: Tensor, batch_shape: torch.Size) -> None:
+    """sample_ids [*batch_shape, M] (a tensor; its ids are checked later, on its device) and
+    sample_log_q floating, of the same shape."""
+    check_tensor("sample_ids", sample_ids)
+    if sample_ids.dim() != len(batch_shape) + 1 or sample_ids.shape[:-1] != batch_shape:
+        raise ValueError(f"sample_ids must be [{', '.join(map(str, batch_shape))}, M], got {tuple(sample_ids.shape)}")
+    check_tensor("sample_log_q", sample_log_q, dtypes=FLOAT_DTYPES)
+    if sample_log_q.shape != sample_ids.shape:
+        raise ValueError(f"sample_log_q must match sample_ids' shape {tuple(sample_ids.shape)}, "
+                         f"got {tuple(sample_log_q.shape)}")
+
+
 def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: Optional[int] = None) -> None:
     """Ids must lie in [0, num_classes), except ignore_index where it is allowed."""
     if ids.dtype != torch.int64:

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from ._ops import acc_dtype, ops
-from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_same_device, check_tensor
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_linear_inputs, check_same_device,
+                          check_samples, check_tensor)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -37,27 +38,12 @@ def sampled_softmax_loss(
     or "sum") or per-row losses [*] ("none"). M = 0 is allowed: the loss over the target alone (0).
     ``sparse_grad=True`` makes weight.grad (and bias.grad) sparse COO tensors over the touched rows.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must be [*, {weight.shape[1]}] to match weight [N, d], got {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them")
-    n, d = weight.shape
-    if bias is not None:
-        check_tensor("bias", bias, dims=(1,), dtypes=(weight.dtype,))
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    n = check_linear_inputs(x, weight, bias)
     batch_shape = x.shape[:-1]
     check_tensor("target", target)
     if target.shape != batch_shape:
         raise ValueError(f"target must have shape {tuple(batch_shape)} (x without its last dim), got {tuple(target.shape)}")
-    check_tensor("sample_ids", sample_ids)
-    if sample_ids.shape[:-1] != batch_shape or sample_ids.dim() != x.dim():
-        raise ValueError(f"sample_ids must be [{', '.join(map(str, batch_shape))}, M], got {tuple(sample_ids.shape)}")
-    check_tensor("sample_log_q", sample_log_q, dtypes=FLOAT_DTYPES)
-    if sample_log_q.shape != sample_ids.shape:
-        raise ValueError(f"sample_log_q must match sample_ids' shape {tuple(sample_ids.shape)}, got {tuple(sample_log_q.shape)}")
+    check_samples(sample_ids, sample_log_q, batch_shape)
     check_tensor("target_log_q", target_log_q, dtypes=FLOAT_DTYPES)
     if target_log_q.shape != batch_shape:
         raise ValueError(f"target_log_q must have shape {tuple(batch_shape)}, got {tuple(target_log_q.shape)}")

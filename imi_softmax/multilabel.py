@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ._ops import acc_dtype, ops
 from ._targets import csr_to_padded
-from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_same_device, check_tensor
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_linear_inputs, check_same_device,
+                          check_samples, check_tensor)
 
 MultiLabelTarget = Union[Tensor, Tuple[Tensor, Tensor]]
 REDUCTIONS = ("mean", "sum", "none")
@@ -108,29 +109,13 @@ def multilabel_sampled_softmax_loss(
     int64, sample_log_q [*, M]; target_log_q: log Q of the positives, [*, L] (padded) or [nnz] (CSR).
     Returns a scalar ("mean", "sum") or [B, L] per-positive losses ("none", 0 at pads).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must be [*, {weight.shape[1]}] to match weight [N, d], got {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them")
-    n = weight.shape[0]
-    if bias is not None:
-        check_tensor("bias", bias, dims=(1,), dtypes=(weight.dtype,))
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    n = check_linear_inputs(x, weight, bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     batch_shape = x.shape[:-1]
-    check_tensor("sample_ids", sample_ids)
-    if sample_ids.dim() != x.dim() or sample_ids.shape[:-1] != batch_shape:
-        raise ValueError(f"sample_ids must be [{', '.join(map(str, batch_shape))}, M], got {tuple(sample_ids.shape)}")
-    check_tensor("sample_log_q", sample_log_q, dtypes=FLOAT_DTYPES)
-    if sample_log_q.shape != sample_ids.shape:
-        raise ValueError(f"sample_log_q must match sample_ids' shape {tuple(sample_ids.shape)}, "
-                         f"got {tuple(sample_log_q.shape)}")
+    check_samples(sample_ids, sample_log_q, batch_shape)
     positives = padded_positives(target, batch_shape, n, ignore_index)
     tlq = scatter_target_log_q(target, target_log_q, positives)
     check_same_device(x=x, weight=weight, bias=bias, positives=positives, sample_ids=sample_ids,
