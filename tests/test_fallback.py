@@ -408,16 +408,23 @@ def test_underflowed_rows_draw_and_score_like_the_kernels():
 
 # --- loss and weight gradients -------------------------------------------------------------------
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("remove_hits", [True, False])
-def test_loss_forward_backward_match_kernel_and_reference(dtype, remove_hits):
+def _op_inputs_with_ignored_row(dtype):
+    """make_loss_inputs (B=7, N=40, d=5, M=9) with row 3 ignored (-100), plus the accumulation dtype and the
+    op-level ids [B, 1 + M] (target first) and log Q [B, 1 + M] in that dtype."""
     x, w, b, target, ids, log_q, tlq = make_loss_inputs(B=7, N=40, d=5, M=9, dtype=dtype)
     target = target.clone()
     target[3] = -100
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     all_ids = torch.cat([target[:, None], ids], 1)
     all_lq = torch.cat([tlq[:, None], log_q], 1).to(acc)
+    return x, w, b, target, ids, log_q, tlq, acc, all_ids, all_lq
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("remove_hits", [True, False])
+def test_loss_forward_backward_match_kernel_and_reference(dtype, remove_hits):
+    x, w, b, target, ids, log_q, tlq, acc, all_ids, all_lq = _op_inputs_with_ignored_row(dtype)
     x, w, b = x.detach(), w.detach(), b.detach()
     loss, lse = fb.sampled_softmax_forward(x, w, b, all_ids, all_lq, remove_hits, -100, False)
     k_loss, k_lse = ops.sampled_softmax_forward(x, w, b, all_ids, all_lq, remove_hits, -100, False)
@@ -451,12 +458,7 @@ def test_loss_forward_backward_match_kernel_and_reference(dtype, remove_hits):
 def test_training_forward_matches_kernel_and_float64_autograd(dtype, remove_hits):
     """sampled_softmax_train: the fallback equals the kernel, and its coef / grad_x (grad_loss = 1)
     equal autograd of the float64 reference loss (ignored row: zeros)."""
-    x, w, b, target, ids, log_q, tlq = make_loss_inputs(B=7, N=40, d=5, M=9, dtype=dtype)
-    target = target.clone()
-    target[3] = -100
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    all_ids = torch.cat([target[:, None], ids], 1)
-    all_lq = torch.cat([tlq[:, None], log_q], 1).to(acc)
+    x, w, b, target, ids, log_q, tlq, acc, all_ids, all_lq = _op_inputs_with_ignored_row(dtype)
     xd, wd, bd = x.detach(), w.detach(), b.detach()
     got = fb.sampled_softmax_train(xd, wd, bd, all_ids, all_lq, remove_hits, -100, False)
     want = ops.sampled_softmax_train(xd, wd, bd, all_ids, all_lq, remove_hits, -100, False)
