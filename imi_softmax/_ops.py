@@ -1,4 +1,6 @@
 """Python side of the custom ops: fake (meta) kernels for torch.compile and autograd formulas."""
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -143,14 +145,19 @@ def _weight_grads(ctx, coef: Tensor, ids: Tensor, x: Tensor, bias_shape):
     return grad_w, grad_b
 
 
-def _save_flags(ctx, inputs):
-    x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad = inputs
-    ctx.remove_accidental_hits = remove_accidental_hits
-    ctx.ignore_index = ignore_index
+def _save_weight_grad_flags(ctx, weight: Tensor, bias: Optional[Tensor], sparse_grad: bool) -> None:
+    """What _weight_grads reads from ctx: the gradient layout and the shapes to build it in."""
     ctx.sparse_grad = sparse_grad
     ctx.num_classes = weight.shape[0]
     ctx.weight_shape = weight.shape
     ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _save_flags(ctx, inputs):
+    x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad = inputs
+    ctx.remove_accidental_hits = remove_accidental_hits
+    ctx.ignore_index = ignore_index
+    _save_weight_grad_flags(ctx, weight, bias, sparse_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -229,10 +236,7 @@ def _multilabel_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
     ctx.num_positives = num_positives
     ctx.remove_accidental_hits = remove_accidental_hits
-    ctx.sparse_grad = sparse_grad
-    ctx.num_classes = weight.shape[0]
-    ctx.weight_shape = weight.shape
-    ctx.bias_shape = None if bias is None else bias.shape
+    _save_weight_grad_flags(ctx, weight, bias, sparse_grad)
     ctx.mark_non_differentiable(lse)
 
 
