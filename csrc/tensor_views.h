@@ -419,6 +419,19 @@ inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
                                         named("ids", ids), named("log_q", log_q)});
 }
 
+// The loss ops' inputs made contiguous (bias: undefined when absent). Held by value in the op, so
+// the raw pointers its loop or kernel reads stay valid until the op returns.
+struct LossTensors {
+  at::Tensor x, weight, ids, log_q, bias;
+};
+
+inline LossTensors contiguous_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& ids,
+                                          const at::Tensor& log_q) {
+  return {x.contiguous(), weight.contiguous(), ids.contiguous(), log_q.contiguous(),
+          bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor()};
+}
+
 // sampled_softmax_backward's grad_loss and lse: [B] on x's device, any floating dtype (converted).
 inline void check_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
   TORCH_CHECK(grad_loss.numel() == x.size(0) && lse.numel() == x.size(0),

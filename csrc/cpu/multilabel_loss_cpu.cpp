@@ -22,11 +22,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cpu(
     const at::Tensor& ids_in, const at::Tensor& log_q_in, int64_t num_positives, bool remove_accidental_hits,
     bool /*sparse_grad: used by autograd only*/) {
   check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B, L}, acc_opts);
@@ -67,11 +64,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cpu(
     const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
   check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers, so they must outlive the loop.

@@ -16,20 +16,13 @@
 namespace imi_softmax {
 namespace {
 
-at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {
-  return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = contiguous_bias(bias_in);
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -70,11 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = contiguous_bias(bias_in);
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -120,11 +110,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
     const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = contiguous_bias(bias_in);
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers, so they must outlive the loop.

@@ -62,10 +62,6 @@ std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
   return t->contiguous();
 }
 
-at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
 // cub treats a null scratch pointer as a size query: always hand it a real allocation.
 at::Tensor scratch_bytes(size_t bytes, const at::TensorOptions& like) {
   return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 16)}, like.dtype(at::kByte));
@@ -460,13 +456,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cuda(
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -491,13 +483,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -525,13 +513,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
     const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers after this statement.
@@ -723,13 +707,9 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cuda(
     const at::Tensor& ids_in, const at::Tensor& log_q_in, int64_t num_positives, bool remove_accidental_hits,
     bool /*sparse_grad: used by autograd only*/) {
   check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B, L}, acc_opts);
@@ -754,13 +734,9 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
     const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
   check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers after this statement.
