@@ -30,11 +30,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_forward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     // tens of us a row (M + 1 random weight rows): chunks of 4 rows (parallel_chunks.h)
@@ -74,11 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_train_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();
@@ -122,11 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     const acc_t* gp = grad_loss.data_ptr<acc_t>();
     const acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();

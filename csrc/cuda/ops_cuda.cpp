@@ -379,11 +379,7 @@ std::tuple<at::Tensor, at::Tensor> search_visit_cuda(const at::Tensor& s1, const
 
 std::tuple<at::Tensor, at::Tensor> midx_search_cells_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
                                                           const at::Tensor& offsets, int64_t budget) {
-  check_query_scores(s1_in, s2_in);
-  const int64_t KK = s1_in.size(1) * s1_in.size(1);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() == KK + 1,
-              "midx_search_cells: offsets must be int64 [K*K+1] = [", KK + 1, "], got ", offsets.scalar_type(), " ",
-              offsets.sizes());
+  const int64_t KK = check_search_cells_shapes(s1_in, s2_in, offsets);
   check_same_device("midx_search_cells", {named("s1", s1_in), named("s2", s2_in), named("offsets", offsets)});
   const c10::cuda::CUDAGuard guard(s1_in.device());
   const int64_t n = offsets[KK].item<int64_t>();  // the class count; check_offsets checks the rest
@@ -399,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> midx_search_cuda(const at::Tensor& query_in, 
   const int64_t N = check_search_inputs("midx_search", query_in, weight_in, bias_in, s1_in, s2_in, offsets, class_ids,
                                         k, budget);
   const auto query = query_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor bias = contiguous_or_undefined(bias_in);
   const auto s1 = s1_in.contiguous(), s2 = s2_in.contiguous();
   const int64_t B = query.size(0), K = s1.size(1), d = query.size(1);
   const auto acc = acc_scalar_type(weight.scalar_type());
