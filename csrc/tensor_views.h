@@ -443,6 +443,20 @@ inline LossTensors contiguous_loss_inputs(const at::Tensor& x, const at::Tensor&
   return {x.contiguous(), weight.contiguous(), ids.contiguous(), log_q.contiguous(), contiguous_or_undefined(bias)};
 }
 
+// The loss backward ops' grad_loss and lse converted to the accumulation dtype, and their outputs
+// grad_x (x's dtype) and coef [B, width] (accumulation dtype). Held by value in the op, so the raw
+// pointers its loop or kernel reads stay valid until the op returns.
+struct LossBackwardTensors {
+  at::Tensor grad_loss, lse, grad_x, coef;
+};
+
+inline LossBackwardTensors loss_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& lse,
+                                                 const at::Tensor& x, int64_t width) {
+  const auto acc = acc_scalar_type(x.scalar_type());
+  return {grad_loss.to(acc).contiguous(), lse.to(acc).contiguous(), at::empty_like(x),
+          at::empty({x.size(0), width}, x.options().dtype(acc))};
+}
+
 // sampled_softmax_backward's grad_loss and lse: [B] on x's device, any floating dtype (converted).
 inline void check_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
   TORCH_CHECK(grad_loss.numel() == x.size(0) && lse.numel() == x.size(0),

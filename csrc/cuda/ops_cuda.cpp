@@ -513,12 +513,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
-  const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers after this statement.
-  const auto grad_loss = grad_loss_in.to(acc).contiguous();
-  const auto lse = lse_in.to(acc).contiguous();
-  auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, M1}, x.options().dtype(acc));
+  auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, M1);
   const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cuda", [&] {
@@ -734,12 +730,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
-  const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers after this statement.
-  const auto grad_loss = grad_loss_in.to(acc).contiguous();
-  const auto lse = lse_in.to(acc).contiguous();
-  auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, LM}, x.options().dtype(acc));
+  auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, LM);
   const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_backward_cuda", [&] {
