@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cpu(
     bool /*sparse_grad: used by autograd only*/) {
   check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B, L}, acc_opts);
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cpu(
   check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   // Named locals: the kernel reads through their pointers, so they must outlive the loop.
   auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, LM);

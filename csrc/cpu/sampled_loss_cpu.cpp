@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
   const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   // Named locals: the kernel reads through their pointers, so they must outlive the loop.
   auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, M1);
