@@ -101,6 +101,11 @@ inline bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->numel() > 0;
 }
 
+// An optional tensor made contiguous, or an undefined tensor when absent (the ops pass nullptr then).
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 inline void check_query_scores(const at::Tensor& s1, const at::Tensor& s2) {
   TORCH_CHECK(s1.dim() == 2 && s2.dim() == 2 && s1.sizes() == s2.sizes(),
               "imi_softmax: s1 and s2 must both be [B, K], got ", s1.sizes(), " and ", s2.sizes());
@@ -419,6 +424,39 @@ inline void check_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
                                         named("ids", ids), named("log_q", log_q)});
 }
 
+// The loss ops' inputs made contiguous (bias: undefined when absent). Held by value in the op, so
+// the raw pointers its loop or kernel reads stay valid until the op returns.
+struct LossTensors {
+  at::Tensor x, weight, ids, log_q, bias;
+
+  // The CPU row loops' raw pointers: x, weight, bias (nullptr when absent), ids, log_q.
+  template <typename scalar_t, typename acc_t>
+  std::tuple<const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, const acc_t*> pointers() const {
+    return {x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+            ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>()};
+  }
+};
+
+inline LossTensors contiguous_loss_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& ids,
+                                          const at::Tensor& log_q) {
+  return {x.contiguous(), weight.contiguous(), ids.contiguous(), log_q.contiguous(), contiguous_or_undefined(bias)};
+}
+
+// The loss backward ops' grad_loss and lse converted to the accumulation dtype, and their outputs
+// grad_x (x's dtype) and coef [B, width] (accumulation dtype). Held by value in the op, so the raw
+// pointers its loop or kernel reads stay valid until the op returns.
+struct LossBackwardTensors {
+  at::Tensor grad_loss, lse, grad_x, coef;
+};
+
+inline LossBackwardTensors loss_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& lse,
+                                                 const at::Tensor& x, int64_t width) {
+  const auto acc = acc_scalar_type(x.scalar_type());
+  return {grad_loss.to(acc).contiguous(), lse.to(acc).contiguous(), at::empty_like(x),
+          at::empty({x.size(0), width}, x.options().dtype(acc))};
+}
+
 // sampled_softmax_backward's grad_loss and lse: [B] on x's device, any floating dtype (converted).
 inline void check_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x) {
   TORCH_CHECK(grad_loss.numel() == x.size(0) && lse.numel() == x.size(0),
@@ -482,6 +520,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
 
 // The cells a search visits for `budget` candidates: at most one per candidate and at most K*K.
 inline int64_t search_max_cells(int64_t K, int64_t budget) { return std::min<int64_t>(K * K, budget); }
+
+// midx_search_cells' s1/s2 [B, K] and the shape of offsets [K*K+1]; returns K*K.
+inline int64_t check_search_cells_shapes(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& offsets) {
+  check_query_scores(s1, s2);
+  const int64_t KK = s1.size(1) * s1.size(1);
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() == KK + 1,
+              "midx_search_cells: offsets must be int64 [K*K+1] = [", KK + 1, "], got ", offsets.scalar_type(), " ",
+              offsets.sizes());
+  return KK;
+}
 
 // s1/s2 [B, K] float32, offsets [K*K+1] int64 (checked in full, O(K^2), against n classes), budget >= 1.
 inline void check_search_cells_inputs(const char* op, const at::Tensor& s1, const at::Tensor& s2,

@@ -22,11 +22,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cpu(
     const at::Tensor& ids_in, const at::Tensor& log_q_in, int64_t num_positives, bool remove_accidental_hits,
     bool /*sparse_grad: used by autograd only*/) {
   check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B, L}, acc_opts);
@@ -34,11 +31,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cpu(
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_forward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     // L + M random weight rows a row, as the single-label op: chunks of 4 rows (parallel_chunks.h)
@@ -67,26 +60,15 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cpu(
     const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
   check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
-  const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers, so they must outlive the loop.
-  const auto grad_loss = grad_loss_in.to(acc).contiguous();
-  const auto lse = lse_in.to(acc).contiguous();
-  auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, LM}, x.options().dtype(acc));
+  auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, LM);
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_backward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     const acc_t* gp = grad_loss.data_ptr<acc_t>();
     const acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();

@@ -16,20 +16,13 @@
 namespace imi_softmax {
 namespace {
 
-at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {
-  return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = contiguous_bias(bias_in);
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -37,11 +30,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_forward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     // tens of us a row (M + 1 random weight rows): chunks of 4 rows (parallel_chunks.h)
@@ -70,11 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = contiguous_bias(bias_in);
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -84,11 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_train_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();
@@ -120,26 +102,15 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
     const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = contiguous_bias(bias_in);
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids;  // log_q, bias: via in.pointers
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
-  const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers, so they must outlive the loop.
-  const auto grad_loss = grad_loss_in.to(acc).contiguous();
-  const auto lse = lse_in.to(acc).contiguous();
-  auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, M1}, x.options().dtype(acc));
+  auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, M1);
   int64_t first_bad = IMI_NO_BAD_POSITION;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const acc_t* lqp = log_q.data_ptr<acc_t>();
+    const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
     const acc_t* gp = grad_loss.data_ptr<acc_t>();
     const acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();

@@ -44,11 +44,7 @@ struct VisitScratch {
 
 std::tuple<at::Tensor, at::Tensor> midx_search_cells_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
                                                          const at::Tensor& offsets, int64_t budget) {
-  check_query_scores(s1_in, s2_in);
-  const int64_t KK = s1_in.size(1) * s1_in.size(1);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() == KK + 1,
-              "midx_search_cells: offsets must be int64 [K*K+1] = [", KK + 1, "], got ", offsets.scalar_type(), " ",
-              offsets.sizes());
+  const int64_t KK = check_search_cells_shapes(s1_in, s2_in, offsets);
   const int64_t n = offsets[KK].item<int64_t>();  // the class count; check_offsets checks the rest
   check_search_cells_inputs("midx_search_cells", s1_in, s2_in, offsets, n, budget);
   const auto s1 = s1_in.contiguous(), s2 = s2_in.contiguous();
@@ -139,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> midx_search_cpu(const at::Tensor& query_in, c
   const int64_t N = check_search_inputs("midx_search", query_in, weight_in, bias_in, s1_in, s2_in, offsets, class_ids,
                                         k, budget);
   const auto query = query_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor bias = contiguous_or_undefined(bias_in);
   const auto s1 = s1_in.contiguous(), s2 = s2_in.contiguous();
   const int64_t B = query.size(0), K = s1.size(1);
   const auto acc = acc_scalar_type(weight.scalar_type());

@@ -12,6 +12,7 @@
 // bad id is skipped and its smallest bad position recorded in *first_bad.
 #include "device_utils.cuh"
 #include "launchers.h"
+#include "warp_rows.cuh"
 
 #include "imi_softmax/multilabel_loss.h"
 
@@ -19,30 +20,10 @@ namespace imi_softmax {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t warp_logit(const scalar_t* __restrict__ x_row, const scalar_t* __restrict__ weight,
-                                            const scalar_t* __restrict__ bias, int64_t d, int64_t id, acc_t log_q,
-                                            int lane) {
-  const acc_t dot = warp_sum(imi::dot_partial<scalar_t, acc_t>(x_row, weight + id * d, lane, d, 32));
-  return imi::corrected_logit_from_dot<scalar_t, acc_t>(dot, bias, id, log_q);
-}
-
 __device__ __forceinline__ bool warp_row_ids_ok(const int64_t* __restrict__ ids_row, int64_t row, int64_t L,
                                                 int64_t LM, int64_t N, int lane, int64_t* __restrict__ first_bad) {
-  int64_t bad = LM;
-  for (int64_t c = lane; c < LM; c += 32)
-    if (!imi::valid_multilabel_id(ids_row[c], c, L, N)) { bad = c; break; }
-  if (__ballot_sync(kFullMask, bad < LM) == 0u) return true;
-  if (bad < LM) imi::record_bad_position(first_bad, row * LM + bad);
-  return false;
-}
-
-inline unsigned row_grid(int64_t B) {
-  const int64_t blocks = ceil_div(B, kWarps);
-  return static_cast<unsigned>(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
+  return warp_row_ids_valid(ids_row, row, LM, lane, first_bad,
+                            [=](int64_t id, int64_t c) { return imi::valid_multilabel_id(id, c, L, N); });
 }
 
 template <typename scalar_t>
@@ -68,13 +49,14 @@ multilabel_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __rest
     }
     for (int64_t p = 0; p < L; ++p) {
       acc_t u = acc_t(0);
-      if (!imi::is_pad(ids_row[p])) u = warp_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[p], lq_row[p], lane);
+      if (!imi::is_pad(ids_row[p]))
+        u = warp_corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[p], lq_row[p], lane);
       if (lane == 0) loss_row[p] = u;
     }
     imi::OnlineLSE<acc_t> state;
     for (int64_t c = L; c < LM; ++c) {
       if (imi::is_masked_negative(ids_row, L, c, remove_accidental_hits)) continue;
-      state.add(warp_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[c], lq_row[c], lane));
+      state.add(warp_corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[c], lq_row[c], lane));
     }
     const acc_t S = state.value();
     __syncwarp();  // lane 0's u_p stores are visible to the whole warp after this
@@ -116,7 +98,7 @@ multilabel_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restr
       const int64_t id = ids_row[c];
       acc_t k = acc_t(0);
       if (!(c < L ? imi::is_pad(id) : imi::is_masked_negative(ids_row, L, c, remove_accidental_hits))) {
-        const acc_t u = warp_logit<scalar_t, acc_t>(x_row, weight, bias, d, id, lq_row[c], lane);
+        const acc_t u = warp_corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, id, lq_row[c], lane);
         k = c < L ? imi::positive_coef<acc_t>(u, lse_row[c], g_row[c])
                   : imi::negative_coef<acc_t>(u, ids_row, L, g_row, lse_row);
       }

@@ -62,10 +62,6 @@ std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
   return t->contiguous();
 }
 
-at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
 // cub treats a null scratch pointer as a size query: always hand it a real allocation.
 at::Tensor scratch_bytes(size_t bytes, const at::TensorOptions& like) {
   return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 16)}, like.dtype(at::kByte));
@@ -383,11 +379,7 @@ std::tuple<at::Tensor, at::Tensor> search_visit_cuda(const at::Tensor& s1, const
 
 std::tuple<at::Tensor, at::Tensor> midx_search_cells_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
                                                           const at::Tensor& offsets, int64_t budget) {
-  check_query_scores(s1_in, s2_in);
-  const int64_t KK = s1_in.size(1) * s1_in.size(1);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() == KK + 1,
-              "midx_search_cells: offsets must be int64 [K*K+1] = [", KK + 1, "], got ", offsets.scalar_type(), " ",
-              offsets.sizes());
+  const int64_t KK = check_search_cells_shapes(s1_in, s2_in, offsets);
   check_same_device("midx_search_cells", {named("s1", s1_in), named("s2", s2_in), named("offsets", offsets)});
   const c10::cuda::CUDAGuard guard(s1_in.device());
   const int64_t n = offsets[KK].item<int64_t>();  // the class count; check_offsets checks the rest
@@ -403,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> midx_search_cuda(const at::Tensor& query_in, 
   const int64_t N = check_search_inputs("midx_search", query_in, weight_in, bias_in, s1_in, s2_in, offsets, class_ids,
                                         k, budget);
   const auto query = query_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor bias = contiguous_or_undefined(bias_in);
   const auto s1 = s1_in.contiguous(), s2 = s2_in.contiguous();
   const int64_t B = query.size(0), K = s1.size(1), d = query.size(1);
   const auto acc = acc_scalar_type(weight.scalar_type());
@@ -460,13 +452,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cuda(
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -491,13 +479,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
     const at::Tensor& ids_in, const at::Tensor& log_q_in, bool remove_accidental_hits,
     int64_t ignore_index, bool /*sparse_grad: used by autograd only*/) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B}, acc_opts);
@@ -525,20 +509,12 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cuda(
     const at::Tensor& lse_in, bool remove_accidental_hits, int64_t ignore_index) {
   check_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
   check_loss_backward_inputs(grad_loss_in, lse_in, x_in);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), M1 = ids.size(1), N = weight.size(0);
-  const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers after this statement.
-  const auto grad_loss = grad_loss_in.to(acc).contiguous();
-  const auto lse = lse_in.to(acc).contiguous();
-  auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, M1}, x.options().dtype(acc));
+  auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, M1);
   const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cuda", [&] {
@@ -723,13 +699,9 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cuda(
     const at::Tensor& ids_in, const at::Tensor& log_q_in, int64_t num_positives, bool remove_accidental_hits,
     bool /*sparse_grad: used by autograd only*/) {
   check_multilabel_inputs("multilabel_softmax_forward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   const auto acc_opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   auto loss = at::empty({B, L}, acc_opts);
@@ -754,20 +726,12 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
     const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
   check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
-  const at::Tensor bias_arg = defined_or_empty(bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const auto ids = ids_in.contiguous();
-  const auto log_q = log_q_in.contiguous();
-  const at::Tensor bias = bias_arg.defined() ? bias_arg.contiguous() : at::Tensor();
+  const LossTensors in = contiguous_loss_inputs(x_in, weight_in, bias_in, ids_in, log_q_in);
+  const at::Tensor &x = in.x, &weight = in.weight, &ids = in.ids, &log_q = in.log_q, &bias = in.bias;
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
-  const auto acc = acc_scalar_type(x.scalar_type());
   // Named locals: the kernel reads through their pointers after this statement.
-  const auto grad_loss = grad_loss_in.to(acc).contiguous();
-  const auto lse = lse_in.to(acc).contiguous();
-  auto grad_x = at::empty_like(x);
-  auto coef = at::empty({B, LM}, x.options().dtype(acc));
+  auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, LM);
   const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_backward_cuda", [&] {

@@ -13,6 +13,7 @@
 // is skipped and its smallest bad position recorded in *first_bad, which the launch code reads back.
 #include "device_utils.cuh"
 #include "launchers.h"
+#include "warp_rows.cuh"
 
 #include "imi_softmax/sampled_loss.h"
 
@@ -20,35 +21,11 @@ namespace imi_softmax {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-
-// u_j of column (id, log_q) with the dot product split across the lanes of a warp.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t warp_corrected_logit(const scalar_t* __restrict__ x_row,
-                                                      const scalar_t* __restrict__ weight,
-                                                      const scalar_t* __restrict__ bias, int64_t d,
-                                                      int64_t id, acc_t log_q, int lane) {
-  const acc_t dot = warp_sum(imi::dot_partial<scalar_t, acc_t>(x_row, weight + id * d, lane, d, 32));
-  return imi::corrected_logit_from_dot<scalar_t, acc_t>(dot, bias, id, log_q);
-}
-
-// Whether the row's ids are all usable (the same verdict on every lane); if not, the lane holding
-// the smallest bad column records it.
 __device__ __forceinline__ bool warp_row_ids_ok(const int64_t* __restrict__ ids_row, int64_t row, int64_t M1,
                                                 int64_t N, int64_t ignore_index, int lane,
                                                 int64_t* __restrict__ first_bad) {
-  int64_t bad = M1;
-  for (int64_t j = lane; j < M1; j += 32)
-    if (!imi::valid_column_id(ids_row[j], j, N, ignore_index)) { bad = j; break; }
-  if (__ballot_sync(kFullMask, bad < M1) == 0u) return true;
-  if (bad < M1) imi::record_bad_position(first_bad, row * M1 + bad);
-  return false;
-}
-
-inline unsigned row_grid(int64_t B) {
-  const int64_t blocks = ceil_div(B, kWarps);
-  return static_cast<unsigned>(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
+  return warp_row_ids_valid(ids_row, row, M1, lane, first_bad,
+                            [=](int64_t id, int64_t j) { return imi::valid_column_id(id, j, N, ignore_index); });
 }
 
 template <typename scalar_t>
