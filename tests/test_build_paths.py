@@ -199,3 +199,18 @@ def test_suite_runs_the_compiled_kernels_in_ci():
     if not os.environ.get("CI") or os.environ.get("IMI_FORCE_FALLBACK"):
         pytest.skip("only asserted in CI (CI=true), where the compiled library must load")
     assert not loader.USING_FALLBACK, loader.FALLBACK_REASON
+
+
+def test_a_compiled_library_older_than_the_python_code_names_the_rebuild(monkeypatch):
+    """A _C built from an older checkout lacks the newer ops: importing must say so and how to rebuild,
+    not fail later with torch's "operator ... does not exist"."""
+    from imi_softmax import _loader
+
+    assert _loader.missing_ops() == []  # this build has every op the package uses
+    assert _loader.missing_ops(["midx_sample", "no_such_op"]) == ["no_such_op"]
+    monkeypatch.setattr(_loader, "USING_FALLBACK", False)
+    monkeypatch.setattr(_loader, "missing_ops", lambda names=None: ["midx_search"])
+    if _loader._forced():
+        pytest.skip("IMI_FORCE_FALLBACK is set: the compiled library is not loaded")
+    with pytest.raises(ImportError, match=r"older than its Python code: it lacks the ops midx_search\. Fix: rebuild"):
+        _loader.load_library()
