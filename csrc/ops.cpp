@@ -85,6 +85,13 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def(
       "multilabel_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "
       "int num_positives, bool remove_accidental_hits, bool sparse_grad) -> (Tensor loss, Tensor lse)");
+  // Training forward for fixed positive weights pos_weight [B, L] (the reduction's): row_loss [B] =
+  // sum_p pos_weight_bp loss_bp, and coef / grad_x of row_loss computed while each row's weight rows
+  // are in cache; autograd's backward scales them by grad_row_loss and never reads the weight again.
+  m.def(
+      "multilabel_softmax_train(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "
+      "Tensor pos_weight, int num_positives, bool remove_accidental_hits, bool sparse_grad) -> "
+      "(Tensor row_loss, Tensor coef, Tensor grad_x)");
   // Backward: grad of x and the per-column coefficients sum_p grad_loss_bp d loss_bp / d u_bc.
   m.def(
       "multilabel_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor ids, "

@@ -494,6 +494,17 @@ inline void check_multilabel_backward_inputs(const at::Tensor& grad_loss, const 
   check_same_device("multilabel_softmax_backward", {named("x", x), named("grad_loss", grad_loss), named("lse", lse)});
 }
 
+// multilabel_softmax_train's pos_weight: [B, L] on x's device, in the accumulation dtype of x.
+inline void check_multilabel_pos_weight(const at::Tensor& pos_weight, const at::Tensor& x, int64_t num_positives) {
+  const std::vector<int64_t> want{x.size(0), num_positives};
+  TORCH_CHECK(pos_weight.sizes() == at::IntArrayRef(want), "multilabel_softmax_train: pos_weight must be [B, L] = [",
+              x.size(0), ", ", num_positives, "], got ", pos_weight.sizes());
+  TORCH_CHECK(pos_weight.scalar_type() == acc_scalar_type(x.scalar_type()),
+              "multilabel_softmax_train: pos_weight must have the accumulation dtype of x (",
+              acc_scalar_type(x.scalar_type()), "), got ", pos_weight.scalar_type());
+  check_same_device("multilabel_softmax_train", {named("x", x), named("pos_weight", pos_weight)});
+}
+
 // What the weight-gradient ops' ids may hold (checked at use: imi::weight_grad_entry).
 inline std::string weight_grad_ids_allowed(int64_t num_classes) {
   return "[0, num_classes = " + std::to_string(num_classes) + ") (-1, or any id with coef 0, is skipped)";

@@ -225,6 +225,13 @@ def _multilabel_forward_fake(x, weight, bias, ids, log_q, num_positives, remove_
     return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
 
 
+@torch.library.register_fake(_lib + "multilabel_softmax_train")
+def _multilabel_train_fake(x, weight, bias, ids, log_q, pos_weight, num_positives, remove_accidental_hits,
+                           sparse_grad):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(ids.shape, dtype=acc), x.new_empty(x.shape, dtype=acc)
+
+
 @torch.library.register_fake(_lib + "multilabel_softmax_backward")
 def _multilabel_backward_fake(grad_loss, x, weight, bias, ids, log_q, lse, num_positives, remove_accidental_hits):
     return torch.empty_like(x), x.new_empty(ids.shape, dtype=acc_dtype(x.dtype))
@@ -252,4 +259,36 @@ def _multilabel_backward(ctx, grad_loss: Tensor, _grad_lse):
 
 torch.library.register_autograd(
     _lib + "multilabel_softmax_forward", _multilabel_backward, setup_context=_multilabel_setup_context
+)
+
+
+def _multilabel_train_setup_context(ctx, inputs, output):
+    # The weight is not saved: the forward already took everything the backward needs from it.
+    x, weight, bias, ids, log_q, pos_weight, num_positives, remove_accidental_hits, sparse_grad = inputs
+    _, coef, grad_x = output
+    ctx.save_for_backward(x, ids, coef, grad_x)
+    ctx.num_positives = num_positives
+    _save_weight_grad_flags(ctx, weight, bias, sparse_grad)
+    ctx.mark_non_differentiable(coef, grad_x)
+
+
+def _multilabel_train_backward(ctx, grad_row_loss: Tensor, _grad_coef, _grad_x):
+    x, ids, coef, grad_x = ctx.saved_tensors
+    if grad_row_loss is not None and grad_row_loss.requires_grad:
+        # as _train_backward: coef and grad_x are constants of this graph
+        raise RuntimeError("the multi-label sampled softmax loss does not support double backward "
+                           "(create_graph=True through the loss): differentiate the loss once")
+    if grad_row_loss is None:
+        grad_row_loss = torch.zeros(x.shape[0], dtype=coef.dtype, device=x.device)
+    # A row without positives gets exactly zero, as the backward op gives it, even where its grad is
+    # not finite (a mean over no positive is 0/0): 0 * inf would be NaN.
+    has_positive = (ids[:, : ctx.num_positives] >= 0).any(1)
+    g = torch.where(has_positive, grad_row_loss.to(coef.dtype), 0.0).unsqueeze(1)
+    gx = (grad_x * g).to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_w, grad_b = _weight_grads(ctx, coef * g, ids, x, ctx.bias_shape)
+    return gx, grad_w, grad_b, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    _lib + "multilabel_softmax_train", _multilabel_train_backward, setup_context=_multilabel_train_setup_context
 )

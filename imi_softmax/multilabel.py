@@ -140,6 +140,20 @@ def multilabel_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], positives
     tlq = torch.where(pad, torch.zeros((), dtype=acc, device=x.device), target_log_q.to(acc))
     ids = torch.cat([positives, sample_ids], dim=1)
     log_q = torch.cat([tlq, sample_log_q.to(acc)], dim=1)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad and reduction != "none":
+        # The training forward: the reduction's weight of each positive is known here, so the op returns
+        # the gradients of sum_p w_p loss_p with the loss and the backward never reads W again.
+        count = (~pad).sum(1, keepdim=True)
+        scale = 1.0 / count.clamp_min(1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc,
+                                                                                          device=x.device)
+        pos_weight = torch.where(pad, torch.zeros((), dtype=acc, device=x.device), scale.expand_as(tlq))
+        row_loss, _, _ = ops.multilabel_softmax_train(x, weight, bias, ids, log_q, pos_weight, positives.shape[1],
+                                                      bool(remove_accidental_hits), bool(sparse_grad))
+        total = row_loss.sum()
+        if reduction == "mean":
+            total = total / (count > 0).sum().to(acc)
+        return total.to(x.dtype)
     loss, _ = ops.multilabel_softmax_forward(x, weight, bias, ids, log_q, positives.shape[1],
                                              bool(remove_accidental_hits), bool(sparse_grad))
     if reduction == "none":

@@ -193,6 +193,92 @@ def test_opcheck_backward(device, dtype):
                           test_utils=ALL_UTILS)
 
 
+def _pos_weight(ids, L, dtype, mean=True):
+    pad = ids[:, :L] < 0
+    count = (~pad).sum(1, keepdim=True).clamp_min(1).to(dtype)
+    w = 1.0 / count if mean else torch.ones_like(count)
+    return torch.where(pad, torch.zeros((), dtype=dtype, device=ids.device), w.expand(pad.shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("remove_hits", [True, False])
+@pytest.mark.parametrize("mean", [True, False])
+def test_train_op_equals_forward_then_backward(device, dtype, bias, remove_hits, mean):
+    """multilabel_softmax_train's row loss, coefficients and query gradient (read once from W) equal the
+    forward op's per-positive losses weighted by pos_weight and the backward op run with grad_loss =
+    pos_weight: the same formulas in the same order, up to the vectorized dot products' rounding (a
+    different call site may split the sum differently)."""
+    x, w, b, ids, lq, L = (t.detach() if torch.is_tensor(t) else t for t in _op_inputs(device, dtype, bias))
+    acc = acc_dtype(dtype)
+    pw = _pos_weight(ids, L, acc, mean)
+    row_loss, coef, gx = ops.multilabel_softmax_train(x, w, b, ids, lq, pw, L, remove_hits, False)
+    loss, lse = ops.multilabel_softmax_forward(x, w, b, ids, lq, L, remove_hits, False)
+    ref_gx, ref_coef = ops.multilabel_softmax_backward(pw, x, w, b, ids, lq, lse, L, remove_hits)
+    assert row_loss.dtype == coef.dtype == gx.dtype == acc and gx.shape == x.shape
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(coef, ref_coef, **tol)
+    if dtype == torch.bfloat16:  # the backward op rounds grad_x to bf16; the training op keeps float32
+        torch.testing.assert_close(gx.to(dtype), ref_gx, rtol=1e-2, atol=1e-2)
+    else:
+        torch.testing.assert_close(gx, ref_gx, **tol)
+    torch.testing.assert_close(row_loss, (loss * pw).sum(1), rtol=1e-6 if acc == torch.float32 else 1e-12, atol=0)
+    assert torch.all(coef[3] == 0) and torch.all(gx[3] == 0) and row_loss[3] == 0  # the all-pad row
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_opcheck_train(device, dtype, bias, sparse_grad):
+    x, w, b, ids, lq, L = _op_inputs(device, dtype, bias)
+    pw = _pos_weight(ids, L, acc_dtype(dtype))
+    torch.library.opcheck(ops.multilabel_softmax_train, (x, w, b, ids, lq, pw, L, True, sparse_grad),
+                          test_utils=ALL_UTILS)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_loss_takes_the_training_op_only_when_a_gradient_is_needed(monkeypatch, reduction, sparse_grad):
+    """With a gradient to compute, "mean"/"sum" run the training op (W read once); under no_grad, or with
+    nothing requiring grad, the forward-only op. Both give the same loss, and the training op's gradients
+    equal those of the forward/backward pair (reduction "none", reduced by hand)."""
+    import imi_softmax.multilabel as ml
+    x, w, b, target, ids, log_q, tlq, rows = make_case(torch.float32)
+    calls = []
+    for name in ("multilabel_softmax_forward", "multilabel_softmax_train"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ml.ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    kw = dict(ignore_index=PAD, reduction=reduction, sparse_grad=sparse_grad)
+    with torch.no_grad():
+        a = IF.multilabel_sampled_softmax_loss(x, w, b, target, ids, log_q, tlq, **kw)
+    c = IF.multilabel_sampled_softmax_loss(x, w, b, target, ids, log_q, tlq, **kw)
+    gc = torch.autograd.grad(c, (x, w, b))
+    per = IF.multilabel_sampled_softmax_loss(x, w, b, target, ids, log_q, tlq, **{**kw, "reduction": "none"})
+    count = (target != PAD).sum(1)
+    ref = per.sum() if reduction == "sum" else (per.sum(1)[count > 0] / count[count > 0]).mean()
+    gref = torch.autograd.grad(ref, (x, w, b))
+    assert calls == ["multilabel_softmax_forward", "multilabel_softmax_train", "multilabel_softmax_forward"]
+    torch.testing.assert_close(c, a, rtol=1e-6, atol=0)
+    torch.testing.assert_close(c, ref, rtol=1e-6, atol=0)
+    for g, r in zip(gc, gref):
+        g, r = (t.to_dense() if t.is_sparse else t for t in (g, r))
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_train_op_double_backward_raises():
+    """As the single-label training op: the saved coefficients are constants of the backward, so a
+    second derivative through them is an error, never a silently wrong (zero) answer."""
+    x, w, b, target, ids, log_q, tlq, _ = make_case()
+    loss = IF.multilabel_sampled_softmax_loss(x, w, b, target, ids, log_q, tlq, ignore_index=PAD)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert gx.grad_fn is None
+    v = torch.ones((), dtype=loss.dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss * v, x, create_graph=True)
+
+
 @pytest.mark.skipif(USING_FALLBACK, reason="the compiled library is not loaded: nothing to compare with")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -209,6 +295,10 @@ def test_fallback_equals_compiled_op(device, dtype, remove_hits):
     f_gx, f_coef = fb.multilabel_softmax_backward(grad, x, w, b, ids, lq, lse, L, remove_hits)
     torch.testing.assert_close(f_gx, gx, **tol)
     torch.testing.assert_close(f_coef, coef, **tol)
+    pw = _pos_weight(ids, L, loss.dtype)
+    for got, want in zip(fb.multilabel_softmax_train(x, w, b, ids, lq, pw, L, remove_hits, False),
+                         ops.multilabel_softmax_train(x, w, b, ids, lq, pw, L, remove_hits, False)):
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
@@ -417,6 +507,8 @@ def test_op_checks_ids(device, column, value):
     grad = torch.ones(x.shape[0], L, dtype=x.dtype, device=device)
     with pytest.raises(RuntimeError, match=f"class id {value} at \\[2, {column}\\]"):
         ops.multilabel_softmax_backward(grad, x, w, b, ids, lq, torch.zeros_like(grad), L, True)
+    with pytest.raises(RuntimeError, match=f"class id {value} at \\[2, {column}\\]"):
+        ops.multilabel_softmax_train(x, w, b, ids, lq, grad, L, True, False)
 
 
 def test_op_checks_num_positives_and_shapes():
@@ -427,6 +519,11 @@ def test_op_checks_num_positives_and_shapes():
         ops.multilabel_softmax_forward(x, w, b, ids, lq[:, 1:], L, True, False)
     with pytest.raises(RuntimeError, match="grad_loss and lse must be \\[B, L\\]"):
         ops.multilabel_softmax_backward(torch.ones(x.shape[0]), x, w, b, ids, lq, torch.ones(x.shape[0]), L, True)
+    pw = _pos_weight(ids, L, x.dtype)
+    with pytest.raises(RuntimeError, match="pos_weight must be \\[B, L\\]"):
+        ops.multilabel_softmax_train(x, w, b, ids, lq, pw[:, 1:], L, True, False)
+    with pytest.raises(RuntimeError, match="pos_weight must have the accumulation dtype"):
+        ops.multilabel_softmax_train(x, w, b, ids, lq, pw.float(), L, True, False)
 
 
 # --- metrics: the propensity-scored ones take the CSR form too -----------------------------------------

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "../tensor_views.h"
-#include "parallel_chunks.h"
+#include "checked_rows.h"
 #include "imi_softmax/sampled_loss.h"
 
 namespace imi_softmax {
@@ -31,22 +31,16 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_forward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
     const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
+    const auto first_bad_column = [&](int64_t b) { return imi::first_invalid_column(idp + b * M1, M1, N, ignore_index); };
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
-    // tens of us a row (M + 1 random weight rows): chunks of 4 rows (parallel_chunks.h)
-    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
-      for (int64_t b0, b1; queue.next(b0, b1);)
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
-        if (bad >= 0) {
-          imi::record_bad_position(&first_bad, b * M1 + bad);
-          lp[b] = sp[b] = std::numeric_limits<acc_t>::quiet_NaN();
-          continue;
-        }
-        imi::sampled_row_forward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
-                                                  remove_accidental_hits, ignore_index, lp + b, sp + b);
-      }
-    });
+    for_each_checked_row(
+        B, M1, &first_bad, NoScratch{}, first_bad_column,
+        [&](int64_t b) { lp[b] = sp[b] = std::numeric_limits<acc_t>::quiet_NaN(); },
+        [&](int64_t b, NoScratch&) {
+          imi::sampled_row_forward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
+                                                    remove_accidental_hits, ignore_index, lp + b, sp + b);
+        });
   });
   check_no_bad_position("sampled_softmax_forward", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {loss, lse};
@@ -71,26 +65,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_softmax_train
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_train_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
     const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
+    const auto first_bad_column = [&](int64_t b) { return imi::first_invalid_column(idp + b * M1, M1, N, ignore_index); };
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();
     acc_t* gxp = grad_x.data_ptr<acc_t>();
-    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
-      for (int64_t b0, b1; queue.next(b0, b1);)
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
-        if (bad >= 0) {
-          imi::record_bad_position(&first_bad, b * M1 + bad);
+    for_each_checked_row(
+        B, M1, &first_bad, NoScratch{}, first_bad_column,
+        [&](int64_t b) {
           lp[b] = sp[b] = std::numeric_limits<acc_t>::quiet_NaN();
           std::fill(cp + b * M1, cp + (b + 1) * M1, acc_t(0));
           std::fill(gxp + b * d, gxp + (b + 1) * d, acc_t(0));
-          continue;
-        }
-        imi::sampled_row_forward_grad<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
-                                                       remove_accidental_hits, ignore_index, lp + b, sp + b,
-                                                       cp + b * M1, gxp + b * d);
-      }
-    });
+        },
+        [&](int64_t b, NoScratch&) {
+          imi::sampled_row_forward_grad<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
+                                                         remove_accidental_hits, ignore_index, lp + b, sp + b,
+                                                         cp + b * M1, gxp + b * d);
+        });
   });
   check_no_bad_position("sampled_softmax_train", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {loss, lse, coef, grad_x};
@@ -111,26 +102,22 @@ std::tuple<at::Tensor, at::Tensor> sampled_softmax_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampled_softmax_backward_cpu", [&] {
     using acc_t = typename imi::acc_type<scalar_t>::type;
     const auto [xp, wp, bp, idp, lqp] = in.pointers<scalar_t, acc_t>();
+    const auto first_bad_column = [&](int64_t b) { return imi::first_invalid_column(idp + b * M1, M1, N, ignore_index); };
     const acc_t* gp = grad_loss.data_ptr<acc_t>();
     const acc_t* sp = lse.data_ptr<acc_t>();
     acc_t* cp = coef.data_ptr<acc_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    parallel_chunks(B, 4, [&](ChunkQueue& queue) {
-      std::vector<acc_t> gx_acc(d);
-      for (int64_t b0, b1; queue.next(b0, b1);)
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t bad = imi::first_invalid_column(idp + b * M1, M1, N, ignore_index);
-        if (bad >= 0) {
-          imi::record_bad_position(&first_bad, b * M1 + bad);
+    for_each_checked_row(
+        B, M1, &first_bad, std::vector<acc_t>(d), first_bad_column,
+        [&](int64_t b) {
           std::fill(cp + b * M1, cp + (b + 1) * M1, acc_t(0));
           std::fill(gxp + b * d, gxp + (b + 1) * d, scalar_t(0));
-          continue;
-        }
-        imi::sampled_row_backward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
-                                                   remove_accidental_hits, ignore_index, gp[b], sp[b],
-                                                   cp + b * M1, gx_acc.data(), gxp + b * d);
-      }
-    });
+        },
+        [&](int64_t b, std::vector<acc_t>& gx_acc) {
+          imi::sampled_row_backward<scalar_t, acc_t>(xp + b * d, wp, bp, d, idp + b * M1, lqp + b * M1, M1,
+                                                     remove_accidental_hits, ignore_index, gp[b], sp[b],
+                                                     cp + b * M1, gx_acc.data(), gxp + b * d);
+        });
   });
   check_no_bad_position("sampled_softmax_backward", "ids", first_bad, ids, loss_ids_allowed(N, ignore_index));
   return {grad_x, coef};

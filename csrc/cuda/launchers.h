@@ -129,12 +129,13 @@ cudaError_t launch_multilabel_forward(const scalar_t* x, const scalar_t* weight,
                                       typename imi::acc_type<scalar_t>::type* lse, int64_t* first_bad,
                                       cudaStream_t stream);
 
-template <typename scalar_t>
+// grad_x is gx_t: scalar_t (the backward op) or acc_t (the training forward, scaled later).
+template <typename scalar_t, typename gx_t>
 cudaError_t launch_multilabel_backward(const typename imi::acc_type<scalar_t>::type* grad_loss, const scalar_t* x,
                                        const scalar_t* weight, const scalar_t* bias, int64_t B, int64_t d, int64_t N,
                                        const int64_t* ids, const typename imi::acc_type<scalar_t>::type* log_q,
                                        int64_t L, int64_t LM, const typename imi::acc_type<scalar_t>::type* lse,
-                                       bool remove_accidental_hits, scalar_t* grad_x,
+                                       bool remove_accidental_hits, gx_t* grad_x,
                                        typename imi::acc_type<scalar_t>::type* coef, int64_t* first_bad,
                                        cudaStream_t stream);
 

@@ -7,7 +7,10 @@
 //   * the forward passes once over the L positives (lane 0 parks u_p in the loss row) and once over
 //     the M negatives (online logsumexp S), then the lanes finish the positives from S;
 //   * the backward stores the coefficients, then each lane sums grad_x[b, i] over the columns in
-//     column order for its features.
+//     column order for its features;
+//   * the training forward (multilabel_softmax_train) is the forward kernel then the backward kernel
+//     with grad_loss = the positive weights and grad_x kept in acc_t: on a GPU the second read of the
+//     rows is cheap next to the CPU's cache misses, so no third kernel body is kept.
 // Ids are checked at use, before any weight row is read (imi::valid_multilabel_id): a row holding a
 // bad id is skipped and its smallest bad position recorded in *first_bad.
 #include "device_utils.cuh"
@@ -68,7 +71,8 @@ multilabel_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __rest
   }
 }
 
-template <typename scalar_t>
+// gx_t: scalar_t for the backward op, acc_t for the training forward (the autograd backward scales it).
+template <typename scalar_t, typename gx_t>
 __global__ void __launch_bounds__(kThreads)
 multilabel_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restrict__ grad_loss,
                            const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
@@ -76,7 +80,7 @@ multilabel_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restr
                            const int64_t* __restrict__ ids,
                            const typename imi::acc_type<scalar_t>::type* __restrict__ log_q, int64_t L, int64_t LM,
                            const typename imi::acc_type<scalar_t>::type* __restrict__ lse, bool remove_accidental_hits,
-                           scalar_t* __restrict__ grad_x, typename imi::acc_type<scalar_t>::type* __restrict__ coef,
+                           gx_t* __restrict__ grad_x, typename imi::acc_type<scalar_t>::type* __restrict__ coef,
                            int64_t* __restrict__ first_bad) {
   using acc_t = typename imi::acc_type<scalar_t>::type;
   const int lane = threadIdx.x & 31;
@@ -88,10 +92,10 @@ multilabel_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restr
     const acc_t* g_row = grad_loss + row * L;
     const acc_t* lse_row = lse + row * L;
     acc_t* coef_row = coef + row * LM;
-    scalar_t* gx_row = grad_x + row * d;
+    gx_t* gx_row = grad_x + row * d;
     if (!warp_row_ids_ok(ids_row, row, L, LM, N, lane, first_bad)) {
       for (int64_t c = lane; c < LM; c += 32) coef_row[c] = acc_t(0);
-      for (int64_t i = lane; i < d; i += 32) gx_row[i] = from_acc<scalar_t>(acc_t(0));
+      for (int64_t i = lane; i < d; i += 32) gx_row[i] = from_acc<gx_t>(acc_t(0));
       continue;
     }
     for (int64_t c = 0; c < LM; ++c) {
@@ -112,7 +116,7 @@ multilabel_backward_kernel(const typename imi::acc_type<scalar_t>::type* __restr
         if (imi::is_pad(ids_row[c]) || k == acc_t(0)) continue;  // pads, masked negatives
         acc += imi::grad_x_term<scalar_t, acc_t>(k, weight[ids_row[c] * d + i]);
       }
-      gx_row[i] = from_acc<scalar_t>(acc);
+      gx_row[i] = from_acc<gx_t>(acc);
     }
     __syncwarp();
   }
@@ -133,16 +137,16 @@ cudaError_t launch_multilabel_forward(const scalar_t* x, const scalar_t* weight,
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename gx_t>
 cudaError_t launch_multilabel_backward(const typename imi::acc_type<scalar_t>::type* grad_loss, const scalar_t* x,
                                        const scalar_t* weight, const scalar_t* bias, int64_t B, int64_t d, int64_t N,
                                        const int64_t* ids, const typename imi::acc_type<scalar_t>::type* log_q,
                                        int64_t L, int64_t LM, const typename imi::acc_type<scalar_t>::type* lse,
-                                       bool remove_accidental_hits, scalar_t* grad_x,
+                                       bool remove_accidental_hits, gx_t* grad_x,
                                        typename imi::acc_type<scalar_t>::type* coef, int64_t* first_bad,
                                        cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  multilabel_backward_kernel<scalar_t><<<row_grid(B), kThreads, 0, stream>>>(
+  multilabel_backward_kernel<scalar_t, gx_t><<<row_grid(B), kThreads, 0, stream>>>(
       grad_loss, x, weight, bias, B, d, N, ids, log_q, L, LM, lse, remove_accidental_hits, grad_x, coef, first_bad);
   return cudaGetLastError();
 }
@@ -152,17 +156,27 @@ cudaError_t launch_multilabel_backward(const typename imi::acc_type<scalar_t>::t
       const T*, const T*, const T*, int64_t, int64_t, int64_t, const int64_t*,                          \
       const typename imi::acc_type<T>::type*, int64_t, int64_t, bool, typename imi::acc_type<T>::type*, \
       typename imi::acc_type<T>::type*, int64_t*, cudaStream_t);                                        \
-  template cudaError_t launch_multilabel_backward<T>(                                                   \
+  template cudaError_t launch_multilabel_backward<T, T>(                                                \
       const typename imi::acc_type<T>::type*, const T*, const T*, const T*, int64_t, int64_t, int64_t,  \
       const int64_t*, const typename imi::acc_type<T>::type*, int64_t, int64_t,                         \
       const typename imi::acc_type<T>::type*, bool, T*, typename imi::acc_type<T>::type*, int64_t*,     \
       cudaStream_t);
+#define IMI_INSTANTIATE_MULTILABEL_ACC_GX(T)                                                            \
+  template cudaError_t launch_multilabel_backward<T, typename imi::acc_type<T>::type>(                  \
+      const typename imi::acc_type<T>::type*, const T*, const T*, const T*, int64_t, int64_t, int64_t,  \
+      const int64_t*, const typename imi::acc_type<T>::type*, int64_t, int64_t,                         \
+      const typename imi::acc_type<T>::type*, bool, typename imi::acc_type<T>::type*,                   \
+      typename imi::acc_type<T>::type*, int64_t*, cudaStream_t);
 
 IMI_INSTANTIATE_MULTILABEL(float)
 IMI_INSTANTIATE_MULTILABEL(double)
 IMI_INSTANTIATE_MULTILABEL(__half)
 IMI_INSTANTIATE_MULTILABEL(__nv_bfloat16)
+// float and double already have gx_t = acc_t above
+IMI_INSTANTIATE_MULTILABEL_ACC_GX(__half)
+IMI_INSTANTIATE_MULTILABEL_ACC_GX(__nv_bfloat16)
 #undef IMI_INSTANTIATE_MULTILABEL
+#undef IMI_INSTANTIATE_MULTILABEL_ACC_GX
 
 }  // namespace cuda
 }  // namespace imi_softmax

@@ -28,6 +28,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "../tensor_views.h"
 #include "launchers.h"
@@ -720,10 +721,11 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_forward_cuda(
   return {loss, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
+// grad_x in x's dtype (the backward op) or, for the training forward, in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> multilabel_backward_cuda_impl(
     const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, const at::Tensor& ids_in, const at::Tensor& log_q_in,
-    const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits) {
+    const at::Tensor& lse_in, int64_t num_positives, bool remove_accidental_hits, bool grad_x_in_acc) {
   check_multilabel_inputs("multilabel_softmax_backward", x_in, weight_in, bias_in, ids_in, log_q_in, num_positives);
   check_multilabel_backward_inputs(grad_loss_in, lse_in, x_in, num_positives);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -732,18 +734,49 @@ std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
   const int64_t B = x.size(0), d = x.size(1), LM = ids.size(1), N = weight.size(0), L = num_positives;
   // Named locals: the kernel reads through their pointers after this statement.
   auto [grad_loss, lse, grad_x, coef] = loss_backward_tensors(grad_loss_in, lse_in, x, LM);
+  if (grad_x_in_acc) grad_x = at::empty(x.sizes(), coef.options());
   const auto first_bad = bad_position_flag(ids.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multilabel_softmax_backward_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = typename imi::acc_type<cuda_t>::type;
-    C10_CUDA_CHECK(cuda::launch_multilabel_backward<cuda_t>(
-        grad_loss.data_ptr<acc_t>(), cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d, N,
-        ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), L, LM, lse.data_ptr<acc_t>(), remove_accidental_hits,
-        mptr<scalar_t>(grad_x), coef.data_ptr<acc_t>(), first_bad.data_ptr<int64_t>(), stream));
+    const auto launch = [&](auto* gx) {
+      using gx_t = std::remove_pointer_t<decltype(gx)>;
+      // (the extra parentheses keep the template argument list's comma out of the macro's arguments)
+      C10_CUDA_CHECK((cuda::launch_multilabel_backward<cuda_t, gx_t>(
+          grad_loss.data_ptr<acc_t>(), cptr<scalar_t>(x), cptr<scalar_t>(weight), cptr_or_null<scalar_t>(bias), B, d,
+          N, ids.data_ptr<int64_t>(), log_q.data_ptr<acc_t>(), L, LM, lse.data_ptr<acc_t>(), remove_accidental_hits,
+          gx, coef.data_ptr<acc_t>(), first_bad.data_ptr<int64_t>(), stream)));
+    };
+    if (grad_x_in_acc) launch(grad_x.data_ptr<acc_t>());
+    else launch(mptr<scalar_t>(grad_x));
   });
   check_no_bad_position("multilabel_softmax_backward", "ids", first_bad, ids, multilabel_ids_allowed(N));
   return {grad_x, coef};
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_softmax_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& ids, const at::Tensor& log_q, const at::Tensor& lse, int64_t num_positives,
+    bool remove_accidental_hits) {
+  return multilabel_backward_cuda_impl(grad_loss, x, weight, bias, ids, log_q, lse, num_positives,
+                                       remove_accidental_hits, /*grad_x_in_acc=*/false);
+}
+
+// Training forward: the forward op, then the backward with grad_loss = pos_weight and grad_x in the
+// accumulation dtype (multilabel_loss.cu says why no fused kernel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multilabel_softmax_train_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& ids,
+    const at::Tensor& log_q, const at::Tensor& pos_weight, int64_t num_positives, bool remove_accidental_hits,
+    bool sparse_grad) {
+  check_multilabel_inputs("multilabel_softmax_train", x, weight, bias, ids, log_q, num_positives);
+  check_multilabel_pos_weight(pos_weight, x, num_positives);
+  auto [loss, lse] = multilabel_softmax_forward_cuda(x, weight, bias, ids, log_q, num_positives,
+                                                     remove_accidental_hits, sparse_grad);
+  auto [grad_x, coef] = multilabel_backward_cuda_impl(pos_weight, x, weight, bias, ids, log_q, lse, num_positives,
+                                                      remove_accidental_hits, /*grad_x_in_acc=*/true);
+  // pads hold loss 0 and weight 0; a row with a bad id raised above
+  return {(loss * pos_weight).sum(1), coef, grad_x};
 }
 
 }  // namespace
@@ -768,6 +801,7 @@ TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("multilabel_softmax_forward", &multilabel_softmax_forward_cuda);
+  m.impl("multilabel_softmax_train", &multilabel_softmax_train_cuda);
   m.impl("multilabel_softmax_backward", &multilabel_softmax_backward_cuda);
 }
 

@@ -6,7 +6,7 @@ ops follow CONTRACT.md), so tests call them directly to compare with the kernels
 from .cells import assign_codewords, build_cells, update_cells
 from .loss import (dense_weight_grad, sampled_softmax_backward, sampled_softmax_forward, sampled_softmax_train,
                    sparse_weight_grad)
-from .multilabel import multilabel_softmax_backward, multilabel_softmax_forward
+from .multilabel import multilabel_softmax_backward, multilabel_softmax_forward, multilabel_softmax_train
 from .optim import row_sparse_adam_, row_wise_adagrad_
 from .proposal import midx_log_prob, midx_sample, midx_sample_seeded
 from .search import midx_search, midx_search_cells
@@ -15,4 +15,4 @@ __all__ = ["assign_codewords", "build_cells", "update_cells", "midx_sample", "mi
            "midx_search_cells", "midx_search",
            "sampled_softmax_forward", "sampled_softmax_train", "sampled_softmax_backward", "dense_weight_grad",
            "sparse_weight_grad", "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward",
-           "multilabel_softmax_backward"]
+           "multilabel_softmax_backward", "multilabel_softmax_train"]

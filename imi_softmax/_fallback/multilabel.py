@@ -69,6 +69,13 @@ def multilabel_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, num
     want = (x.shape[0], num_positives)
     if tuple(grad_loss.shape) != want or tuple(lse.shape) != want:
         raise RuntimeError(f"multilabel_softmax_backward: grad_loss and lse must be [B, L] = {list(want)}")
+    grad_x, coef = _coef_and_grad_x(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits,
+                                    grad_loss, lse)
+    return grad_x.to(x.dtype), coef
+
+
+def _coef_and_grad_x(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits, grad_loss, lse):
+    """(grad_x [B, d], coef [B, L+M]) in the accumulation dtype for the upstream gradient grad_loss [B, L]."""
     acc = acc_dtype(x.dtype)
     u, pad, safe = _logits(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits)
     g = torch.where(pad, torch.zeros((), dtype=acc, device=x.device), grad_loss.to(acc))
@@ -79,5 +86,20 @@ def multilabel_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, num
     terms = g.unsqueeze(1) * torch.exp(un.unsqueeze(2) - lse.unsqueeze(1))  # [B, M, L]; exp(-inf) = 0 when masked
     neg_coef = torch.where(pad.unsqueeze(1), torch.zeros_like(terms), terms).sum(2)
     coef = torch.cat([pos_coef, neg_coef], dim=1)
-    grad_x = torch.einsum("bc,bcd->bd", coef, weight[safe].to(acc))
-    return grad_x.to(x.dtype), coef
+    return torch.einsum("bc,bcd->bd", coef, weight[safe].to(acc)), coef
+
+
+def multilabel_softmax_train(x, weight, bias, ids, log_q, pos_weight, num_positives: int,
+                             remove_accidental_hits: bool, sparse_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(row_loss [B] = sum_p pos_weight_p loss_p, coef [B, L+M] and grad_x [B, d] of row_loss), all in the
+    accumulation dtype: the forward, then the backward with grad_loss = pos_weight."""
+    _check("multilabel_softmax_train", x, weight, bias, ids, log_q, num_positives)
+    acc = acc_dtype(x.dtype)
+    if tuple(pos_weight.shape) != (x.shape[0], num_positives) or pos_weight.dtype != acc:
+        raise RuntimeError(f"multilabel_softmax_train: pos_weight must be {acc} [B, L] = "
+                           f"{[x.shape[0], num_positives]}, got {pos_weight.dtype} {tuple(pos_weight.shape)}")
+    loss, lse = multilabel_softmax_forward(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits,
+                                           sparse_grad)
+    grad_x, coef = _coef_and_grad_x(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits,
+                                    pos_weight, lse)
+    return (loss * pos_weight).sum(1), coef, grad_x

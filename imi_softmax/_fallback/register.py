@@ -44,6 +44,10 @@ SCHEMAS = {
     "multilabel_softmax_forward": ("multilabel_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
                                    "Tensor log_q, int num_positives, bool remove_accidental_hits, bool sparse_grad) -> "
                                    "(Tensor loss, Tensor lse)", multilabel.multilabel_softmax_forward),
+    "multilabel_softmax_train": ("multilabel_softmax_train(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
+                                 "Tensor log_q, Tensor pos_weight, int num_positives, bool remove_accidental_hits, "
+                                 "bool sparse_grad) -> (Tensor row_loss, Tensor coef, Tensor grad_x)",
+                                 multilabel.multilabel_softmax_train),
     "multilabel_softmax_backward": ("multilabel_softmax_backward(Tensor grad_loss, Tensor x, Tensor weight, "
                                     "Tensor? bias, Tensor ids, Tensor log_q, Tensor lse, int num_positives, "
                                     "bool remove_accidental_hits) -> (Tensor grad_x, Tensor coef)",

@@ -125,4 +125,52 @@ IMI_HD void multilabel_row_backward(const scalar_t* x_row, const scalar_t* weigh
   for (int64_t i = 0; i < d; ++i) grad_x_row[i] = static_cast<scalar_t>(gx_acc[i]);
 }
 
+
+// Training forward with fixed positive weights pw_row[L] (the reduction's: 1/count for "mean", 1 for
+// "sum", 0 at pads): row_loss = sum_p pw_p loss_p, and, while the row's weight rows are still in cache,
+// the coefficients d row_loss / d u_c (coef_row[LM]) and the query gradient gx_row[d] =
+// sum_c coef_c w_{id_c} in acc_t: multilabel_row_forward followed by multilabel_row_backward with
+// g_row = pw_row, in the same operation order (so the same values), reading W once. lse_row[L] is
+// scratch (the positives' lse); coef_row holds u_c (-inf when skipped) between the two passes. Every id
+// of the row must have passed first_invalid_multilabel_column.
+template <typename scalar_t, typename acc_t>
+IMI_HD void multilabel_row_forward_grad(const scalar_t* x_row, const scalar_t* weight, const scalar_t* bias, int64_t d,
+                                        const int64_t* ids_row, const acc_t* log_q_row, int64_t L, int64_t LM,
+                                        bool remove_accidental_hits, const acc_t* pw_row, acc_t* row_loss,
+                                        acc_t* lse_row, acc_t* coef_row, acc_t* gx_row) {
+  for (int64_t i = 0; i < d; ++i) gx_row[i] = acc_t(0);
+  for (int64_t c = 0; c < IMI_ROW_PREFETCH_DISTANCE; ++c) prefetch_row(weight, d, ids_row, c, LM);
+  OnlineLSE<acc_t> state;
+  for (int64_t c = 0; c < LM; ++c) {
+    prefetch_row(weight, d, ids_row, c + IMI_ROW_PREFETCH_DISTANCE, LM);
+    if (c < L ? is_pad(ids_row[c]) : is_masked_negative(ids_row, L, c, remove_accidental_hits)) {
+      coef_row[c] = neg_inf<acc_t>();
+      continue;
+    }
+    const acc_t u = corrected_logit<scalar_t, acc_t>(x_row, weight, bias, d, ids_row[c], log_q_row[c]);
+    coef_row[c] = u;
+    if (c >= L) state.add(u);
+  }
+  const acc_t S = state.value();
+  acc_t total = acc_t(0);
+  for (int64_t p = 0; p < L; ++p) {
+    if (is_pad(ids_row[p])) { lse_row[p] = acc_t(0); continue; }
+    acc_t loss_p;
+    finish_positive_forward<acc_t>(coef_row[p], S, &loss_p, lse_row + p);
+    total += pw_row[p] * loss_p;
+  }
+  *row_loss = total;
+  for (int64_t c = 0; c < LM; ++c) {
+    const acc_t u = coef_row[c];
+    if (c < L ? is_pad(ids_row[c]) : is_masked_negative(ids_row, L, c, remove_accidental_hits)) {
+      coef_row[c] = acc_t(0);
+      continue;
+    }
+    const acc_t k = c < L ? positive_coef<acc_t>(u, lse_row[c], pw_row[c]) : negative_coef<acc_t>(u, ids_row, L, pw_row, lse_row);
+    coef_row[c] = k;
+    const scalar_t* w = weight + ids_row[c] * d;
+    for (int64_t i = 0; i < d; ++i) gx_row[i] += grad_x_term<scalar_t, acc_t>(k, w[i]);
+  }
+}
+
 }  // namespace imi
