@@ -28,16 +28,18 @@ int main(int argc, char** argv) {
   const int64_t K = argc > 2 ? atol(argv[2]) : 64;
   std::mt19937_64 rng(1);
   std::normal_distribution<double> normal(0, 1);
-  std::vector<int64_t> code1(N), code2(N), count(K * K, 0);
+  std::vector<int32_t> code1(N), code2(N);  // the index's per-class arrays are int32
+  std::vector<int64_t> count(K * K, 0);
   for (int64_t i = 0; i < N; ++i) {
-    code1[i] = std::min<int64_t>(K - 1, static_cast<int64_t>(std::abs(normal(rng)) * K / 3));
-    code2[i] = static_cast<int64_t>(rng() % K);
+    code1[i] = static_cast<int32_t>(std::min<int64_t>(K - 1, static_cast<int64_t>(std::abs(normal(rng)) * K / 3)));
+    code2[i] = static_cast<int32_t>(rng() % K);
     count[code1[i] * K + code2[i]]++;
   }
-  std::vector<int64_t> offsets(K * K + 1, 0), class_ids(N), fill(K * K);
+  std::vector<int64_t> offsets(K * K + 1, 0), fill(K * K);
+  std::vector<int32_t> class_ids(N);
   for (int64_t c = 0; c < K * K; ++c) offsets[c + 1] = offsets[c] + count[c];
   for (int64_t c = 0; c < K * K; ++c) fill[c] = offsets[c];
-  for (int64_t i = 0; i < N; ++i) class_ids[fill[code1[i] * K + code2[i]]++] = i;
+  for (int64_t i = 0; i < N; ++i) class_ids[fill[code1[i] * K + code2[i]]++] = static_cast<int32_t>(i);
   std::vector<float> log_n(K * K), mass(K * K);
   float log_n_max = -INFINITY;
   for (int64_t c = 0; c < K * K; ++c) {

@@ -19,6 +19,8 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def("assign_codewords(Tensor x, Tensor centroids) -> (Tensor codes, Tensor sqdist)");
   // Index build: cells CSR from the two code vectors, per-cell masses from the bias snapshot, and
   // per-cell alias tables over exp(bias) (alias_prob/alias_pos/beta_csr are empty without bias).
+  // The index's per-class arrays (code1, code2, class_ids, alias_pos) are int32 (N < 2^31; every
+  // op below takes exactly int32 for them and raises naming the dtype otherwise), offsets int64.
   m.def(
       "build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
       "(Tensor offsets, Tensor class_ids, Tensor alias_prob, Tensor alias_pos, Tensor beta_csr, "

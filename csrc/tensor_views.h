@@ -65,6 +65,28 @@ inline void check_num_codewords(const char* op, int64_t K) {
               kMaxCodewords, "], got ", K);
 }
 
+// ---- index arrays: int32 -----------------------------------------------------------------------
+
+// The index's per-class arrays (code1, code2, class_ids, alias_pos) are int32: class ids and CSR
+// positions must fit, so an index holds fewer than 2^31 classes. Beyond that the head is sharded
+// (each shard's index has its own ids from 0).
+constexpr int64_t kMaxIndexClasses = INT32_MAX;
+
+inline void check_index_classes(const char* op, int64_t n) {
+  TORCH_CHECK(n <= kMaxIndexClasses, op, ": an index holds at most 2^31 - 1 = ", kMaxIndexClasses,
+              " classes (its class ids and positions are int32), got ", n,
+              ": shard the head over processes (IMISoftmax(..., process_group=pg)) so that each shard holds fewer");
+}
+
+// An index array (code1, code2, class_ids, alias_pos): int32 [n], contiguous. The error names the
+// dtype and the fix (an older index kept int64 arrays: MIDXSampler.load_state_dict converts them).
+inline void check_index_array(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32 (the MIDX index's class ids, codes ",
+              "and positions are int32), got ", t.scalar_type(), ": convert it with .to(torch.int32) or rebuild the index");
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), op, ": ", name, " must be contiguous [N], got ", t.sizes());
+  check_index_classes(op, t.numel());
+}
+
 // ---- positions recorded at use -----------------------------------------------------------------
 
 // A one-entry int64 flag for imi::record_bad_position, on the device of `like`.
@@ -186,17 +208,16 @@ inline void check_sampling_tables(const char* op, int64_t K, const at::Tensor& o
                                   const std::optional<at::Tensor>& alias_prob,
                                   const std::optional<at::Tensor>& alias_pos,
                                   const std::optional<at::Tensor>& beta_csr) {
-  TORCH_CHECK(class_ids.scalar_type() == at::kLong && class_ids.dim() == 1 && class_ids.is_contiguous(),
-              op, ": class_ids must be contiguous int64 [N]");
+  check_index_array(op, "class_ids", class_ids);
   const int64_t n = class_ids.numel();
   TORCH_CHECK(n >= 1, op, ": the index holds no class (class_ids is empty)");
   check_offsets(op, K, offsets, n);
   TORCH_CHECK(present(alias_prob) == present(alias_pos) && present(alias_prob) == present(beta_csr),
               op, ": alias_prob, alias_pos and beta_csr must be given together");
   if (!present(alias_prob)) return;
-  TORCH_CHECK(alias_prob->scalar_type() == at::kFloat && alias_pos->scalar_type() == at::kLong &&
-                  beta_csr->scalar_type() == at::kFloat,
-              op, ": alias_prob and beta_csr must be float32, alias_pos int64");
+  TORCH_CHECK(alias_prob->scalar_type() == at::kFloat && beta_csr->scalar_type() == at::kFloat,
+              op, ": alias_prob and beta_csr must be float32");
+  check_index_array(op, "alias_pos", *alias_pos);
   TORCH_CHECK(alias_prob->is_contiguous() && alias_pos->is_contiguous() && beta_csr->is_contiguous(),
               op, ": alias tables must be contiguous");
   TORCH_CHECK(alias_prob->numel() == n && alias_pos->numel() == n && beta_csr->numel() == n, op,
@@ -210,23 +231,24 @@ inline void set_sampling_tables(imi::CellIndex& ix, const at::Tensor& offsets, c
                                 const std::optional<at::Tensor>& beta_csr) {
   check_sampling_tables("midx_sample", ix.K, offsets, class_ids, alias_prob, alias_pos, beta_csr);
   ix.offsets = offsets.data_ptr<int64_t>();
-  ix.class_ids = class_ids.data_ptr<int64_t>();
+  ix.class_ids = class_ids.data_ptr<int32_t>();
   ix.alias_prob = optional_ptr<float>(alias_prob);
-  ix.alias_pos = optional_ptr<int64_t>(alias_pos);
+  ix.alias_pos = optional_ptr<int32_t>(alias_pos);
   ix.beta_csr = optional_ptr<float>(beta_csr);
 }
 
-// code1 / code2 [N] int64 and beta [N] float32 (by class id) or absent. Code values are read at
+// code1 / code2 [N] int32 and beta [N] float32 (by class id) or absent. Code values are read at
 // use: check_ids_and_codes checks those of the ids an op is given.
-inline void check_codes(const at::Tensor& code1, const at::Tensor& code2) {
-  TORCH_CHECK(code1.scalar_type() == at::kLong && code2.scalar_type() == at::kLong && code1.dim() == 1 &&
-                  code1.sizes() == code2.sizes() && code1.is_contiguous() && code2.is_contiguous(),
-              "imi_softmax: code1/code2 must be contiguous int64 [N] of equal length");
+inline void check_codes(const at::Tensor& code1, const at::Tensor& code2, const char* op = "imi_softmax") {
+  check_index_array(op, "code1", code1);
+  check_index_array(op, "code2", code2);
+  TORCH_CHECK(code1.sizes() == code2.sizes(), op, ": code1/code2 must have equal length, got ", code1.sizes(),
+              " and ", code2.sizes());
 }
 
 inline void check_class_codes(const char* op, const std::optional<at::Tensor>& beta, const at::Tensor& code1,
                               const at::Tensor& code2) {
-  check_codes(code1, code2);
+  check_codes(code1, code2, op);
   if (!present(beta)) return;
   TORCH_CHECK(beta->scalar_type() == at::kFloat && beta->is_contiguous() && beta->numel() == code1.numel(),
               op, ": beta must be contiguous float32 [N] = [", code1.numel(), "], got ", beta->scalar_type(), " ",
@@ -237,8 +259,8 @@ inline void set_class_codes(imi::CellIndex& ix, const std::optional<at::Tensor>&
                             const at::Tensor& code1, const at::Tensor& code2) {
   check_class_codes("midx_log_prob", beta, code1, code2);
   ix.beta = optional_ptr<float>(beta);
-  ix.code1 = code1.data_ptr<int64_t>();
-  ix.code2 = code2.data_ptr<int64_t>();
+  ix.code1 = code1.data_ptr<int32_t>();
+  ix.code2 = code2.data_ptr<int32_t>();
 }
 
 // ids [B, L]: every id in [0, N = len(code1)) and its codes in [0, K) (a negative id is allowed
@@ -263,8 +285,8 @@ inline void check_ids_and_codes(const char* op, const char* name, const at::Tens
   if (!imi::in_range(id, n))
     check_no_bad_position(op, name, pos, ids,
                           "[0, " + std::to_string(n) + ")" + (negative_marker ? " (or negative: ignored)" : ""));
-  TORCH_CHECK(false, op, ": class ", id, " (in ", name, ") has codes (", code1[id].item<int64_t>(), ", ",
-              code2[id].item<int64_t>(), ") outside [0, K = ", K, ")");
+  TORCH_CHECK(false, op, ": class ", id, " (in ", name, ") has codes (", code1[id].item<int32_t>(), ", ",
+              code2[id].item<int32_t>(), ") outside [0, K = ", K, ")");
 }
 
 // The sampling op's optional targets [B, L] (scored with the draws' query preparation) and the class
@@ -290,7 +312,7 @@ inline SampleTargets sample_targets_inputs(const char* op, int64_t B, int64_t K,
               op, ": targets need code1 and code2");
   t.code1 = code1->contiguous();
   t.code2 = code2->contiguous();
-  check_codes(t.code1, t.code2);
+  check_codes(t.code1, t.code2, op);
   check_ids_and_codes(op, "targets", *targets, t.code1, t.code2, K, /*negative_marker=*/true);
   if (present(beta)) t.beta = beta->contiguous();
   check_class_codes(op, t.beta, t.code1, t.code2);
@@ -303,7 +325,7 @@ inline SampleTargets sample_targets_inputs(const char* op, int64_t B, int64_t K,
 
 // ---- build_cells / assign_codewords ------------------------------------------------------------
 
-// code1 / code2 int64 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and
+// code1 / code2 int32 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and
 // beta (undefined when absent). Code values are checked by the backends (in the counting loop on
 // CPU, one min/max read on CUDA).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const at::Tensor& code1,
@@ -311,9 +333,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const a
                                                                          const std::optional<at::Tensor>& beta,
                                                                          int64_t K) {
   check_num_codewords("build_cells", K);
-  TORCH_CHECK(code1.dim() == 1 && code1.sizes() == code2.sizes() && code1.scalar_type() == at::kLong &&
-                  code2.scalar_type() == at::kLong,
-              "build_cells: code1 and code2 must be int64 [N] of equal length");
+  TORCH_CHECK(code1.dim() == 1 && code1.sizes() == code2.sizes(),
+              "build_cells: code1 and code2 must be [N] of equal length, got ", code1.sizes(), " and ", code2.sizes());
+  TORCH_CHECK(code1.scalar_type() == at::kInt && code2.scalar_type() == at::kInt,
+              "build_cells: code1 and code2 must be int32 (the index's codes are int32), got ", code1.scalar_type(),
+              " and ", code2.scalar_type(), ": convert them with .to(torch.int32)");
+  check_index_classes("build_cells", code1.numel());
   const bool has_beta = beta.has_value() && beta->defined();
   check_same_device("build_cells", {named("code1", code1), named("code2", code2), named("beta", beta)});
   at::Tensor b;
@@ -344,7 +369,7 @@ inline bool update_cells_inputs(const char* op, int64_t K, const at::Tensor& off
                          named("code2", code2), named("beta", beta), named("changed", changed),
                          named("new_code1", new_code1), named("new_code2", new_code2), named("new_beta", new_beta)});
   check_cell_masses(K, log_n, cell_mass, log_n_max);
-  check_codes(code1, code2);
+  check_codes(code1, code2, op);
   const int64_t N = code1.numel();
   TORCH_CHECK(class_ids.dim() == 1 && class_ids.numel() == N, op, ": class_ids must be [N] = [", N,
               "] (one entry per class of code1), got ", class_ids.sizes());
@@ -360,11 +385,12 @@ inline bool update_cells_inputs(const char* op, int64_t K, const at::Tensor& off
               ": changed must be contiguous int64 [C] (the re-assigned class ids, ascending), got ",
               changed.scalar_type(), " ", changed.sizes());
   const int64_t C = changed.numel();
-  TORCH_CHECK(new_code1.scalar_type() == at::kLong && new_code2.scalar_type() == at::kLong && new_code1.dim() == 1 &&
+  TORCH_CHECK(new_code1.scalar_type() == at::kInt && new_code2.scalar_type() == at::kInt && new_code1.dim() == 1 &&
                   new_code2.dim() == 1 && new_code1.numel() == C && new_code2.numel() == C &&
                   new_code1.is_contiguous() && new_code2.is_contiguous(),
-              op, ": new_code1 and new_code2 must be contiguous int64 [C] = [", C, "] like changed, got ",
-              new_code1.sizes(), " and ", new_code2.sizes());
+              op, ": new_code1 and new_code2 must be contiguous int32 [C] = [", C, "] like changed (the index's ",
+              "codes are int32), got ", new_code1.scalar_type(), " ", new_code1.sizes(), " and ",
+              new_code2.scalar_type(), " ", new_code2.sizes());
   const bool has_new_beta = new_beta.has_value() && new_beta->defined();
   TORCH_CHECK(has_new_beta == has_beta, op, ": new_beta must be given exactly when the index has a bias (beta)");
   if (has_beta)

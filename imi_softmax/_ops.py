@@ -26,13 +26,13 @@ def _assign_codewords_fake(x, centroids):
 @torch.library.register_fake(_lib + "build_cells")
 def _build_cells_fake(code1, code2, beta, num_codewords):
     n, kk = code1.shape[0], num_codewords * num_codewords
-    f32 = dict(dtype=torch.float32)
+    f32, i32 = dict(dtype=torch.float32), dict(dtype=torch.int32)  # index arrays int32, offsets int64
     per_class = n if beta is not None else 0
     return (
-        code1.new_empty(kk + 1),
-        code1.new_empty(n),
+        code1.new_empty(kk + 1, dtype=torch.int64),
+        code1.new_empty(n, **i32),
         code1.new_empty(per_class, **f32),
-        code1.new_empty(per_class),
+        code1.new_empty(per_class, **i32),
         code1.new_empty(per_class, **f32),
         code1.new_empty((num_codewords, num_codewords), **f32),
         code1.new_empty((num_codewords, num_codewords), **f32),
@@ -46,7 +46,8 @@ def _update_cells_fake(offsets, class_ids, alias_prob, alias_pos, beta_csr, log_
     n = code1.shape[0]
     f32 = dict(dtype=torch.float32)
     per_class = n if beta is not None else 0
-    return (code1.new_empty(n), code1.new_empty(n), code1.new_empty(per_class, **f32)) + tuple(
+    i32 = dict(dtype=torch.int32)
+    return (code1.new_empty(n, **i32), code1.new_empty(n, **i32), code1.new_empty(per_class, **f32)) + tuple(
         _build_cells_fake(code1, code2, beta, num_codewords))
 
 

@@ -14,11 +14,12 @@ def assign(x: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def assign_residual(x: Tensor, first: Tensor, first_codes: Tensor, centroids: Tensor,
-                    chunk: int = 65536) -> Tensor:
+                    chunk: int = 65536, dtype: torch.dtype = torch.int64) -> Tensor:
     """Codes of the residuals x - first[first_codes] against centroids, without materializing the
-    whole [N, d] residual (chunks of rows). Returns codes [N] int64."""
+    whole [N, d] residual (chunks of rows). Returns codes [N] of ``dtype`` (the MIDX index keeps
+    int32 codes: asking for them here spares a whole int64 copy)."""
     n = x.shape[0]
-    codes = torch.empty(n, dtype=torch.int64, device=x.device)
+    codes = torch.empty(n, dtype=dtype, device=x.device)
     # One residual buffer for every chunk: a fresh [chunk, d] tensor per chunk costs page faults.
     # It has the centroids' dtype, so bf16/fp16 rows are widened one chunk at a time.
     buf = x.new_empty((min(chunk, n), x.shape[1]), dtype=first.dtype)
@@ -31,11 +32,11 @@ def assign_residual(x: Tensor, first: Tensor, first_codes: Tensor, centroids: Te
     return codes
 
 
-def assign_chunked(x: Tensor, centroids: Tensor, chunk: int = 65536) -> Tensor:
+def assign_chunked(x: Tensor, centroids: Tensor, chunk: int = 65536, dtype: torch.dtype = torch.int64) -> Tensor:
     """Codes of the rows of x [N, d] (any float dtype) against float32 centroids, widening one
-    chunk of rows at a time: no float32 copy of a bf16/fp16 x. Returns codes [N] int64."""
+    chunk of rows at a time: no float32 copy of a bf16/fp16 x. Returns codes [N] of ``dtype``."""
     n = x.shape[0]
-    codes = torch.empty(n, dtype=torch.int64, device=x.device)
+    codes = torch.empty(n, dtype=dtype, device=x.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         codes[start:stop] = ops.assign_codewords(x[start:stop].to(centroids.dtype), centroids)[0]

@@ -96,7 +96,7 @@ def random_index(n, k, bias, seed, device="cpu", code2_values=None):
         allowed = torch.as_tensor(code2_values)
         code2 = allowed[torch.randint(0, allowed.numel(), (n,), generator=g)]
     beta = torch.randn(n, generator=g) * 2 if bias else None
-    code1, code2 = code1.to(device), code2.to(device)
+    code1, code2 = code1.to(device, torch.int32), code2.to(device, torch.int32)  # the index's codes are int32
     beta = beta.to(device) if beta is not None else None
     return (code1, code2, beta), ops.build_cells(code1, code2, beta, k)
 

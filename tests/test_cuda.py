@@ -95,7 +95,7 @@ def test_build_cells_matches_cpu(bias, k):
 
 
 def test_build_cells_rejects_out_of_range_codes():
-    c = torch.tensor([0, 1, 4], device=CUDA)
+    c = torch.tensor([0, 1, 4], dtype=torch.int32, device=CUDA)  # the index's codes are int32
     with pytest.raises(RuntimeError, match="codes must lie"):
         ops.build_cells(c, torch.zeros_like(c), None, 4)
 

@@ -34,8 +34,8 @@ def index_args(s: MIDXSampler):
 def one_cell_index(n: int, beta=None):
     """build_cells with every class in the single cell of K = 1: (offsets, class_ids, alias_prob,
     alias_pos, beta_csr, log_n, cell_mass, log_n_max). code1 and code2 share one zero tensor, so the
-    2^25 case holds two int64 [N] tensors (codes and class_ids, 256 MiB each) at its peak."""
-    zeros = torch.zeros(n, dtype=torch.int64)
+    2^25 case holds two int32 [N] tensors (codes and class_ids, 128 MiB each) at its peak."""
+    zeros = torch.zeros(n, dtype=torch.int32)
     out = ops.build_cells(zeros, zeros, beta, 1)
     del zeros
     return out
@@ -189,8 +189,8 @@ def test_log_q_normalized_for_scores_and_biases_up_to_1e4(score_center, score_sp
     rounding of terms of size |log Q|. Draws land on classes with mass; their log Q is log_prob's."""
     n, K, B = 4000, 16, 6
     g = torch.Generator().manual_seed(7)
-    code1 = torch.randint(0, K, (n,), generator=g)
-    code2 = torch.randint(0, K, (n,), generator=g)
+    code1 = torch.randint(0, K, (n,), generator=g).int()  # the index's codes are int32
+    code2 = torch.randint(0, K, (n,), generator=g).int()
     if bias_center is None:
         beta = None
     elif bias_center == "mixed":

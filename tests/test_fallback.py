@@ -91,7 +91,7 @@ def _codes(n, K, seed):
     code1 = (torch.rand(n, generator=g) ** 2 * K).long()
     code2 = torch.randint(0, K, (n,), generator=g) * (torch.rand(n, generator=g) < 0.8)
     code2[(code1 == 1) & (code2 == 2)] = 3  # cell (1, 2) stays empty
-    return code1, code2.long()
+    return code1.int(), code2.int()  # the index's codes are int32
 
 
 @needs_kernels
@@ -114,8 +114,8 @@ def test_build_cells_matches_kernel(with_beta):
 def test_build_cells_log_count_is_the_libm_logf(count):
     """Without a bias log n = logf(count), which glibc does not round correctly for these counts
     (float(math.log(count)) is one ulp away): the fallback must call the same logf."""
-    code1 = torch.zeros(count + 2, dtype=torch.long)
-    code2 = torch.zeros(count + 2, dtype=torch.long)
+    code1 = torch.zeros(count + 2, dtype=torch.int32)
+    code2 = torch.zeros(count + 2, dtype=torch.int32)
     code2[-2:] = 1
     for a, b in zip(fb.build_cells(code1, code2, None, 2), ops.build_cells(code1, code2, None, 2)):
         assert torch.equal(a, b)
@@ -190,7 +190,7 @@ def test_underflowed_rows_take_the_log_space_path():
     log-space path must keep Q normalized and the draws equal to log_prob."""
     K, n = 4, 240
     i = torch.arange(n)
-    code1, code2 = i % K, (i // K) % K
+    code1, code2 = (i % K).int(), ((i // K) % K).int()
     code2[code1 == 0] = 0
     beta = torch.randn(n, generator=torch.Generator().manual_seed(2))
     offsets, class_ids, prob, pos, bcsr, log_n, mass, log_n_max = fb.build_cells(code1, code2, beta, K)
@@ -299,7 +299,7 @@ def test_bad_targets_ids_and_aliases_raise_the_kernels_messages():
     n = s.class_ids.numel()
     off = s.offsets
     cell_end = off[torch.searchsorted(off, torch.arange(n), right=True)]
-    outside = cell_end % n  # the first position after each one's cell: never inside it
+    outside = (cell_end % n).int()  # the first position after each one's cell: never inside it
     tables = list(_tables(s))
     tables[5], tables[6] = torch.zeros(n), outside  # always take the alias
     same_error(lambda m: m.midx_sample_seeded(s1, s2, *tables, 16, 7, 0))
@@ -329,7 +329,7 @@ def _equal_mass_index(K=4, per_cell=24):
     n = K * K * per_cell
     i = torch.arange(n)
     cell = i % (K * K)
-    code1, code2 = cell // K, cell % K
+    code1, code2 = (cell // K).int(), (cell % K).int()  # the index's codes are int32
     beta = torch.linspace(-2, 2, per_cell)[i // (K * K)].contiguous()
     return code1, code2, beta
 
@@ -388,7 +388,7 @@ def test_underflowed_rows_draw_and_score_like_the_kernels():
     """The exact log-space path (a row whose scaled mass underflows) equals the kernels' too."""
     K, n = 4, 240
     i = torch.arange(n)
-    code1, code2 = i % K, (i // K) % K
+    code1, code2 = (i % K).int(), ((i // K) % K).int()
     code2[code1 == 0] = 0
     beta = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 3
     tables = ops.build_cells(code1, code2, beta, K)

@@ -22,8 +22,8 @@ def _update_args(old, cells, changed, new1, new2, new_beta):
 def _random_change(n, k, count, bias, seed, beta_scale=2.0):
     g = torch.Generator().manual_seed(seed)
     changed = torch.randperm(n, generator=g)[:count].sort().values
-    new1 = torch.randint(0, k, (count,), generator=g)
-    new2 = torch.randint(0, k, (count,), generator=g)
+    new1 = torch.randint(0, k, (count,), generator=g).int()  # the index's codes are int32
+    new2 = torch.randint(0, k, (count,), generator=g).int()
     new_beta = torch.randn(count, generator=g) * beta_scale if bias else None
     return changed, new1, new2, new_beta
 
@@ -97,7 +97,7 @@ def test_update_cells_refuses_bad_input(impl):
     with pytest.raises(RuntimeError, match="changed"):
         call(changed=torch.tensor([1, 2, 3, 4, n]))
     with pytest.raises(RuntimeError, match="out of range"):
-        call(new1=torch.tensor([0, 1, k, 0, 0]))
+        call(new1=torch.tensor([0, 1, k, 0, 0], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="new_code1"):
         call(new1=new1[:3])
     with pytest.raises(RuntimeError, match="new_beta"):

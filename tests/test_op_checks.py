@@ -93,10 +93,11 @@ def test_sample_rejects_bad_tables(index, device):
         (dict(alias_prob=s.alias_prob[:-1]), "len\\(class_ids\\)"),
         (dict(alias_pos=s.alias_pos[:-1]), "len\\(class_ids\\)"),
         (dict(beta_csr=torch.cat([s.beta_csr, s.beta_csr])), "len\\(class_ids\\)"),
-        (dict(alias_pos=s.alias_pos.int()), "alias_pos int64"),
+        (dict(alias_pos=s.alias_pos.long()), "alias_pos must be int32"),
         (dict(class_ids=s.class_ids[:0], offsets=torch.zeros(K * K + 1, dtype=torch.long)), "no class"),
         (dict(class_ids=s.class_ids[:-1]), "end at len\\(class_ids\\) = 19"),
-        (dict(class_ids=s.class_ids.float()), "class_ids must be contiguous int64"),
+        (dict(class_ids=s.class_ids.float()), "class_ids must be int32"),
+        (dict(class_ids=s.class_ids.long()), "class_ids must be int32.*convert"),
         (dict(log_n=s.log_n.reshape(-1)[:-1]), "K\\*K"),
         (dict(cell_mass=s.cell_mass.double()), "float32"),
         (dict(log_n_max=torch.zeros(2)), "log_n_max"),
@@ -134,7 +135,7 @@ def test_log_prob_rejects_bad_ids(index, bad_id, device):
         ops.midx_log_prob(*on(device, log_prob_args(index, ids)))
 
 
-@pytest.mark.parametrize("bad_code", [K, -1, 10**12])
+@pytest.mark.parametrize("bad_code", [K, -1, 2**31 - 1])  # the codes are int32
 def test_log_prob_rejects_bad_codes_of_the_ids_it_reads(index, bad_code, device):
     s = index[0]
     ids = torch.tensor([[3, 4]] * B)
@@ -162,10 +163,10 @@ def test_log_prob_rejects_bad_class_tables(index):
 
 # ---- build_cells / assign_codewords --------------------------------------------------------------
 
-@pytest.mark.parametrize("bad_code", [4, -1, 10**12, -(2**63)])
+@pytest.mark.parametrize("bad_code", [4, -1, 2**31 - 1, -(2**31)])  # the codes are int32
 def test_build_cells_rejects_bad_codes(bad_code, device):
-    c1 = torch.tensor([0, 1, 2, 3], device=device)
-    c2 = torch.tensor([0, 1, bad_code, 3], device=device)
+    c1 = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=device)
+    c2 = torch.tensor([0, 1, bad_code, 3], dtype=torch.int32, device=device)
     with pytest.raises(BAD, match="out of range"):
         ops.build_cells(c1, c2, None, 4)
     with pytest.raises(BAD, match="out of range"):
@@ -174,13 +175,13 @@ def test_build_cells_rejects_bad_codes(bad_code, device):
 
 @pytest.mark.parametrize("k", [0, -3, 8193, 2**32, 2**62])
 def test_build_cells_rejects_bad_num_codewords(k):
-    c = torch.zeros(3, dtype=torch.long)
+    c = torch.zeros(3, dtype=torch.int32)
     with pytest.raises(BAD, match="num_codewords"):
         ops.build_cells(c, c, None, k)
 
 
 def test_build_cells_rejects_bad_beta_and_codes():
-    c = torch.zeros(3, dtype=torch.long)
+    c = torch.zeros(3, dtype=torch.int32)
     with pytest.raises(BAD, match="beta must be float32"):
         ops.build_cells(c, c, torch.zeros(2), 2)
     with pytest.raises(BAD, match="beta must be float32"):
@@ -369,7 +370,7 @@ def test_sample_rejects_alias_positions_outside_their_cell(index, alias):
     s, _, _ = index
     bad_pos = s.alias_pos.clone()
     if alias == "huge":
-        bad_pos.fill_(10**12)
+        bad_pos.fill_(2**31 - 1)  # int32: the largest position the table can hold
     else:
         bad_pos.copy_(torch.roll(torch.arange(N), 1))  # every alias points at a neighbouring position
         sizes = s.offsets.diff()

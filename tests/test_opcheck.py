@@ -29,8 +29,8 @@ def test_assign_codewords(device, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 def test_build_cells(device, bias):
     g = torch.Generator().manual_seed(1)
-    code1 = torch.randint(0, 4, (80,), generator=g).to(device)
-    code2 = torch.randint(0, 4, (80,), generator=g).to(device)
+    code1 = torch.randint(0, 4, (80,), generator=g).to(device, torch.int32)  # the index's codes are int32
+    code2 = torch.randint(0, 4, (80,), generator=g).to(device, torch.int32)
     beta = torch.randn(80, generator=g).to(device) if bias else None
     torch.library.opcheck(ops.build_cells, (code1, code2, beta, 4), test_utils=ALL_UTILS)
 
@@ -40,7 +40,7 @@ def test_update_cells(device, bias):
     (code1, code2, beta), cells = random_index(120, 4, bias, seed=3, device=device)
     g = torch.Generator().manual_seed(4)
     changed = torch.randperm(120, generator=g)[:17].sort().values.to(device)
-    new1, new2 = (torch.randint(0, 4, (17,), generator=g).to(device) for _ in range(2))
+    new1, new2 = (torch.randint(0, 4, (17,), generator=g).to(device, torch.int32) for _ in range(2))
     new_beta = torch.randn(17, generator=g).to(device) if bias else None
     tables = (*cells[:2], *(cells[2:5] if bias else (None, None, None)), *cells[5:])
     torch.library.opcheck(ops.update_cells, (*tables, code1, code2, beta, changed, new1, new2, new_beta, 4),

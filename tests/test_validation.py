@@ -97,7 +97,7 @@ def test_bad_sampler_inputs():
 def test_direct_op_calls_are_checked():
     from imi_softmax import ops
     with pytest.raises(RuntimeError, match="out of range"):
-        ops.build_cells(torch.tensor([0, 5]), torch.tensor([0, 1]), None, 4)
+        ops.build_cells(torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), None, 4)
     with pytest.raises(RuntimeError, match="num_classes"):
         ops.dense_weight_grad(torch.ones(1, 2), torch.tensor([[0, 9]]), torch.ones(1, 3), 5)
     for op in (ops.dense_weight_grad, ops.sparse_weight_grad):

@@ -22,9 +22,10 @@ build_cells_cpu(
   std::tie(code1, code2, beta) = build_cells_inputs(code1_in, code2_in, beta_in, K);
   const int64_t N = code1.size(0), KK = K * K;
   const bool has_beta = beta.defined();
-  const int64_t* c1 = code1.data_ptr<int64_t>();
-  const int64_t* c2 = code2.data_ptr<int64_t>();
-  const auto long_opts = code1.options();
+  const int32_t* c1 = code1.data_ptr<int32_t>();
+  const int32_t* c2 = code2.data_ptr<int32_t>();
+  const auto long_opts = code1.options().dtype(at::kLong);
+  const auto int_opts = code1.options().dtype(at::kInt);
   const auto float_opts = code1.options().dtype(at::kFloat);
 
   auto offsets = at::zeros({KK + 1}, long_opts);
@@ -35,22 +36,22 @@ build_cells_cpu(
     ++off[imi::cell_of(c1, c2, i, K) + 1];
   }
   for (int64_t c = 0; c < KK; ++c) off[c + 1] += off[c];
-  auto class_ids = fresh_zeros({N}, long_opts);  // 2 MiB pages: far fewer first-touch faults
-  int64_t* ids = class_ids.data_ptr<int64_t>();
+  auto class_ids = fresh_zeros({N}, int_opts);  // 2 MiB pages: far fewer first-touch faults
+  int32_t* ids = class_ids.data_ptr<int32_t>();
   std::vector<int64_t> cursor(off, off + KK);
-  for (int64_t i = 0; i < N; ++i) ids[cursor[imi::cell_of(c1, c2, i, K)]++] = i;
+  for (int64_t i = 0; i < N; ++i) ids[cursor[imi::cell_of(c1, c2, i, K)]++] = static_cast<int32_t>(i);
 
   const int64_t per_class = has_beta ? N : 0;
   auto alias_prob = fresh_zeros({per_class}, float_opts);
-  auto alias_pos = fresh_zeros({per_class}, long_opts);
+  auto alias_pos = fresh_zeros({per_class}, int_opts);
   auto beta_csr = fresh_zeros({per_class}, float_opts);
-  auto scratch = fresh_zeros({per_class}, long_opts);
+  auto scratch = fresh_zeros({per_class}, int_opts);
   auto log_n = at::empty({K, K}, float_opts);
   const float* bp = has_beta ? beta.data_ptr<float>() : nullptr;
   float* prob = has_beta ? alias_prob.data_ptr<float>() : nullptr;
-  int64_t* alias = has_beta ? alias_pos.data_ptr<int64_t>() : nullptr;
+  int32_t* alias = has_beta ? alias_pos.data_ptr<int32_t>() : nullptr;
   float* bcsr = has_beta ? beta_csr.data_ptr<float>() : nullptr;
-  int64_t* work = has_beta ? scratch.data_ptr<int64_t>() : nullptr;
+  int32_t* work = has_beta ? scratch.data_ptr<int32_t>() : nullptr;
   float* ln = log_n.data_ptr<float>();
   // cells differ in size by orders of magnitude: small chunks claimed as the threads come
   parallel_chunks(KK, 16, [&](ChunkQueue& queue) {

@@ -38,10 +38,10 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
                                             new_code2, new_beta);
   const int64_t N = code1.numel(), C = changed.numel(), KK = K * K;
   const int64_t* ch = changed.data_ptr<int64_t>();
-  const int64_t* nc1 = new_code1.data_ptr<int64_t>();
-  const int64_t* nc2 = new_code2.data_ptr<int64_t>();
-  const int64_t* oc1 = code1.data_ptr<int64_t>();
-  const int64_t* oc2 = code2.data_ptr<int64_t>();
+  const int32_t* nc1 = new_code1.data_ptr<int32_t>();
+  const int32_t* nc2 = new_code2.data_ptr<int32_t>();
+  const int32_t* oc1 = code1.data_ptr<int32_t>();
+  const int32_t* oc2 = code2.data_ptr<int32_t>();
   for (int64_t j = 0; j < C; ++j) {
     TORCH_CHECK(imi::in_range(ch[j], N), kOp, ": changed[", j, "] = ", ch[j], " is not a class id in [0, ", N, ")");
     TORCH_CHECK(j == 0 || ch[j] > ch[j - 1], kOp, ": changed must be strictly ascending (sorted, no repeats); ",
@@ -60,8 +60,8 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   auto out_beta = has_beta ? fresh_zeros({N}, beta->options()).copy_(*beta)
                            : at::empty({0}, code1.options().dtype(at::kFloat));
   {
-    int64_t* o1 = out_code1.data_ptr<int64_t>();
-    int64_t* o2 = out_code2.data_ptr<int64_t>();
+    int32_t* o1 = out_code1.data_ptr<int32_t>();
+    int32_t* o2 = out_code2.data_ptr<int32_t>();
     float* ob = has_beta ? out_beta.data_ptr<float>() : nullptr;
     const float* nb = has_beta ? new_beta->data_ptr<float>() : nullptr;
     for (int64_t j = 0; j < C; ++j) {
@@ -81,7 +81,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   std::vector<uint8_t> affected(KK, 0);
   std::vector<int64_t> arrive_off(KK + 1, 0), leave_off(KK + 1, 0);
   for (int64_t j = 0; j < C; ++j) {
-    const int64_t from = imi::cell_of(oc1, oc2, ch[j], K), to = nc1[j] * K + nc2[j];
+    const int64_t from = imi::cell_of(oc1, oc2, ch[j], K), to = imi::cell_of(nc1, nc2, j, K);
     --count[from];
     ++count[to];
     affected[from] = affected[to] = 1;
@@ -97,7 +97,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
     std::vector<int64_t> to_cursor(arrive_off.begin(), arrive_off.end() - 1);
     std::vector<int64_t> from_cursor(leave_off.begin(), leave_off.end() - 1);
     for (int64_t j = 0; j < C; ++j) {
-      arrivals[to_cursor[nc1[j] * K + nc2[j]]++] = j;
+      arrivals[to_cursor[imi::cell_of(nc1, nc2, j, K)]++] = j;
       leavers[from_cursor[imi::cell_of(oc1, oc2, ch[j], K)]++] = ch[j];
     }
   }
@@ -112,25 +112,25 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
     off[c + 1] = off[c] + count[c];
   }
 
-  const auto long_opts = code1.options();
+  const auto int_opts = code1.options();  // int32, like every per-class index array
   const auto float_opts = code1.options().dtype(at::kFloat);
   const int64_t per_class = has_beta ? N : 0;
-  auto out_ids = fresh_zeros({N}, long_opts);
+  auto out_ids = fresh_zeros({N}, int_opts);
   auto out_prob = fresh_zeros({per_class}, float_opts);
-  auto out_alias = fresh_zeros({per_class}, long_opts);
+  auto out_alias = fresh_zeros({per_class}, int_opts);
   auto out_bcsr = fresh_zeros({per_class}, float_opts);
-  auto scratch = fresh_zeros({per_class}, long_opts);  // touched only in rebuilt cells
+  auto scratch = fresh_zeros({per_class}, int_opts);  // touched only in rebuilt cells
   auto out_log_n = at::empty({K, K}, float_opts);
-  const int64_t* old_ids = class_ids.data_ptr<int64_t>();
+  const int32_t* old_ids = class_ids.data_ptr<int32_t>();
   const float* old_prob = has_beta ? alias_prob->data_ptr<float>() : nullptr;
-  const int64_t* old_alias = has_beta ? alias_pos->data_ptr<int64_t>() : nullptr;
+  const int32_t* old_alias = has_beta ? alias_pos->data_ptr<int32_t>() : nullptr;
   const float* old_bcsr = has_beta ? beta_csr->data_ptr<float>() : nullptr;
   const float* old_ln = log_n.data_ptr<float>();
-  int64_t* ids = out_ids.data_ptr<int64_t>();
+  int32_t* ids = out_ids.data_ptr<int32_t>();
   float* prob = has_beta ? out_prob.data_ptr<float>() : nullptr;
-  int64_t* alias = has_beta ? out_alias.data_ptr<int64_t>() : nullptr;
+  int32_t* alias = has_beta ? out_alias.data_ptr<int32_t>() : nullptr;
   float* bcsr = has_beta ? out_bcsr.data_ptr<float>() : nullptr;
-  int64_t* work = has_beta ? scratch.data_ptr<int64_t>() : nullptr;
+  int32_t* work = has_beta ? scratch.data_ptr<int32_t>() : nullptr;
   const float* bp = has_beta ? out_beta.data_ptr<float>() : nullptr;
   float* ln = out_log_n.data_ptr<float>();
   // A cell whose old slice, leavers and arrivals do not add up (a leaver missing from its old
@@ -143,12 +143,14 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
       const int64_t ob = old_off[c], oe = old_off[c + 1], nb = off[c], ne = off[c + 1];
       if (!affected[c]) {
         const int64_t n = oe - ob;
-        std::memcpy(ids + nb, old_ids + ob, n * sizeof(int64_t));
+        std::memcpy(ids + nb, old_ids + ob, n * sizeof(int32_t));
         if (has_beta) {
           std::memcpy(prob + nb, old_prob + ob, n * sizeof(float));
           std::memcpy(bcsr + nb, old_bcsr + ob, n * sizeof(float));
-          const int64_t shift = nb - ob;
-          for (int64_t p = 0; p < n; ++p) alias[nb + p] = old_alias[ob + p] + shift;
+          // positions < N < 2^31: the shifted alias of a valid table fits (a corrupt one is caught
+          // where the draws read it, like any alias outside its cell)
+          const int32_t shift = static_cast<int32_t>(nb - ob);
+          for (int64_t p = 0; p < n; ++p) alias[nb + p] = static_cast<int32_t>(static_cast<uint32_t>(old_alias[ob + p]) + static_cast<uint32_t>(shift));
         }
         ln[c] = old_ln[c];
         continue;
@@ -159,7 +161,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
       const int64_t ae = arrive_off[c + 1], le = leave_off[c + 1];
       auto put_arrivals_before = [&](int64_t limit) {
         for (; a < ae && ch[arrivals[a]] < limit && p < ne; ++a, ++p) {
-          ids[p] = ch[arrivals[a]];
+          ids[p] = static_cast<int32_t>(ch[arrivals[a]]);
           if (has_beta) bcsr[p] = nbeta[arrivals[a]];
         }
       };
@@ -175,7 +177,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
           ok = false;
           break;
         }
-        ids[p] = i;
+        ids[p] = static_cast<int32_t>(i);
         if (has_beta) bcsr[p] = old_bcsr[q];
         ++p;
       }

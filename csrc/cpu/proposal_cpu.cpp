@@ -112,7 +112,7 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
   check_query_scores(s1_in, s2_in);
   const int64_t B = s1_in.size(0), K = s1_in.size(1);
   check_log_prob_ids(ids_in, B);
-  check_codes(code1, code2);
+  check_codes(code1, code2, "midx_log_prob");
   check_ids_and_codes("midx_log_prob", "ids", ids_in, code1, code2, K);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();

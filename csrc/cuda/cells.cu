@@ -28,23 +28,25 @@ inline int bits_for(int64_t v) {
   return bits;
 }
 
-__global__ void cell_keys_kernel(const int64_t* __restrict__ code1, const int64_t* __restrict__ code2,
-                                 int64_t N, int64_t K, int64_t* __restrict__ keys,
-                                 int64_t* __restrict__ vals, unsigned long long* __restrict__ counts) {
+// Keys (cells < K*K <= 2^26) and values (class ids < N < 2^31) are int32: the index's class_ids are
+// int32, and the sort moves half the bytes.
+__global__ void cell_keys_kernel(const int32_t* __restrict__ code1, const int32_t* __restrict__ code2,
+                                 int64_t N, int64_t K, int32_t* __restrict__ keys,
+                                 int32_t* __restrict__ vals, unsigned long long* __restrict__ counts) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     const int64_t cell = imi::cell_of(code1, code2, i, K);
-    keys[i] = cell;
-    vals[i] = i;
+    keys[i] = static_cast<int32_t>(cell);
+    vals[i] = static_cast<int32_t>(i);
     atomicAdd(counts + cell, 1ull);  // integer counts: order-independent, deterministic
   }
 }
 
 // One thread per cell: cells are independent, and each runs the sequential body.
-__global__ void cell_mass_kernel(const int64_t* __restrict__ class_ids,
+__global__ void cell_mass_kernel(const int32_t* __restrict__ class_ids,
                                  const int64_t* __restrict__ offsets, const float* __restrict__ beta,
                                  int64_t KK, float* __restrict__ beta_csr, float* __restrict__ prob,
-                                 int64_t* __restrict__ alias, int64_t* __restrict__ scratch,
+                                 int32_t* __restrict__ alias, int32_t* __restrict__ scratch,
                                  float* __restrict__ log_n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < KK; c += stride)
@@ -75,8 +77,8 @@ cudaError_t launch_cell_scaled_mass(const int64_t* offsets, const float* beta_cs
 size_t build_cells_temp_bytes(int64_t N, int64_t KK, cudaError_t* err) {
   size_t sort_bytes = 0, scan_bytes = 0;
   cudaError_t e = cub::DeviceRadixSort::SortPairs(
-      nullptr, sort_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr),
-      static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), N, 0, bits_for(KK - 1));
+      nullptr, sort_bytes, static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), N, 0, bits_for(KK - 1));
   if (e == cudaSuccess)
     e = cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int64_t*>(nullptr),
                                       static_cast<int64_t*>(nullptr), KK);
@@ -84,11 +86,11 @@ size_t build_cells_temp_bytes(int64_t N, int64_t KK, cudaError_t* err) {
   return sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
 }
 
-cudaError_t launch_build_cells(const int64_t* code1, const int64_t* code2, const float* beta,
-                               int64_t N, int64_t K, int64_t* keys_in, int64_t* keys_out,
-                               int64_t* vals_in, int64_t* counts, void* temp, size_t temp_bytes,
-                               int64_t* offsets, int64_t* class_ids, float* alias_prob,
-                               int64_t* alias_pos, float* beta_csr, int64_t* alias_scratch,
+cudaError_t launch_build_cells(const int32_t* code1, const int32_t* code2, const float* beta,
+                               int64_t N, int64_t K, int32_t* keys_in, int32_t* keys_out,
+                               int32_t* vals_in, int64_t* counts, void* temp, size_t temp_bytes,
+                               int64_t* offsets, int32_t* class_ids, float* alias_prob,
+                               int32_t* alias_pos, float* beta_csr, int32_t* alias_scratch,
                                float* log_n, cudaStream_t stream) {
   const int64_t KK = K * K;
   cudaError_t e = cudaMemsetAsync(counts, 0, sizeof(int64_t) * KK, stream);
@@ -102,8 +104,8 @@ cudaError_t launch_build_cells(const int64_t* code1, const int64_t* code2, const
     if (e != cudaSuccess) return e;
     size_t bytes = temp_bytes;
     // Radix sort is stable: equal cells keep the ascending class order of vals_in.
-    e = cub::DeviceRadixSort::SortPairs(temp, bytes, static_cast<const int64_t*>(keys_in), keys_out,
-                                        static_cast<const int64_t*>(vals_in), class_ids, N, 0,
+    e = cub::DeviceRadixSort::SortPairs(temp, bytes, static_cast<const int32_t*>(keys_in), keys_out,
+                                        static_cast<const int32_t*>(vals_in), class_ids, N, 0,
                                         bits_for(KK - 1), stream);
     if (e != cudaSuccess) return e;
   }

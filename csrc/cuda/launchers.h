@@ -35,15 +35,15 @@ cudaError_t launch_nearest_codeword(const scalar_t* dots, const scalar_t* c_sqno
 // Scratch bytes of the cub sort and scan for N classes and KK = K*K cells.
 size_t build_cells_temp_bytes(int64_t N, int64_t KK, cudaError_t* err);
 
-// code1/code2 [N] (all in [0, K)), beta [N] or nullptr. Scratch: keys_in/keys_out/vals_in [N],
+// code1/code2 [N] int32 (all in [0, K)), beta [N] or nullptr. Scratch: keys_in/keys_out/vals_in [N],
 // counts [KK] (any content), temp [temp_bytes], alias_scratch [N] (only with beta). Outputs:
 // offsets [KK+1], class_ids [N] (grouped by cell, ascending id within a cell), log_n [KK], and
 // with beta only: alias_prob, alias_pos, beta_csr [N] (per-cell alias tables, by CSR position).
-cudaError_t launch_build_cells(const int64_t* code1, const int64_t* code2, const float* beta,
-                               int64_t N, int64_t K, int64_t* keys_in, int64_t* keys_out,
-                               int64_t* vals_in, int64_t* counts, void* temp, size_t temp_bytes,
-                               int64_t* offsets, int64_t* class_ids, float* alias_prob,
-                               int64_t* alias_pos, float* beta_csr, int64_t* alias_scratch,
+cudaError_t launch_build_cells(const int32_t* code1, const int32_t* code2, const float* beta,
+                               int64_t N, int64_t K, int32_t* keys_in, int32_t* keys_out,
+                               int32_t* vals_in, int64_t* counts, void* temp, size_t temp_bytes,
+                               int64_t* offsets, int32_t* class_ids, float* alias_prob,
+                               int32_t* alias_pos, float* beta_csr, int32_t* alias_scratch,
                                float* log_n, cudaStream_t stream);
 
 // cell_mass [KK] = imi::cell_scaled_mass of every cell (float64 sums of exp(beta - *log_n_max));

@@ -126,38 +126,39 @@ build_cells_cuda(const at::Tensor& code1_in, const at::Tensor& code2_in,
   if (N > 0) {
     // One small device->host copy: out-of-range codes would index past the cell arrays. Index
     // builds are not on the training hot path.
-    const auto range = at::stack({code1.min(), code1.max(), code2.min(), code2.max()}).cpu();
+    const auto range = at::stack({code1.min(), code1.max(), code2.min(), code2.max()}).to(at::kLong).cpu();
     const int64_t* r = range.data_ptr<int64_t>();
     TORCH_CHECK(r[0] >= 0 && r[1] < K && r[2] >= 0 && r[3] < K, "build_cells: codes ", code_range_error(K),
                 ": code1 in [", r[0], ", ", r[1], "] and code2 in [", r[2], ", ", r[3], "]");
   }
-  const auto long_opts = code1.options();
+  const auto long_opts = code1.options().dtype(at::kLong);
+  const auto int_opts = code1.options().dtype(at::kInt);
   const auto float_opts = code1.options().dtype(at::kFloat);
   auto offsets = at::empty({KK + 1}, long_opts);
-  auto class_ids = at::empty({N}, long_opts);
+  auto class_ids = at::empty({N}, int_opts);
   const int64_t per_class = has_beta ? N : 0;
   auto alias_prob = at::empty({per_class}, float_opts);
-  auto alias_pos = at::empty({per_class}, long_opts);
+  auto alias_pos = at::empty({per_class}, int_opts);
   auto beta_csr = at::empty({per_class}, float_opts);
-  auto alias_scratch = at::empty({per_class}, long_opts);
+  auto alias_scratch = at::empty({per_class}, int_opts);
   auto log_n = at::empty({K, K}, float_opts);
-  auto keys_in = at::empty({N}, long_opts);
-  auto keys_out = at::empty({N}, long_opts);
-  auto vals_in = at::empty({N}, long_opts);
+  auto keys_in = at::empty({N}, int_opts);
+  auto keys_out = at::empty({N}, int_opts);
+  auto vals_in = at::empty({N}, int_opts);
   auto counts = at::empty({KK}, long_opts);
   cudaError_t err = cudaSuccess;
   const size_t temp_bytes = cuda::build_cells_temp_bytes(N, KK, &err);
   C10_CUDA_CHECK(err);
   auto temp = scratch_bytes(temp_bytes, long_opts);
   C10_CUDA_CHECK(cuda::launch_build_cells(
-      code1.data_ptr<int64_t>(), code2.data_ptr<int64_t>(),
-      has_beta ? beta.data_ptr<float>() : nullptr, N, K, keys_in.data_ptr<int64_t>(),
-      keys_out.data_ptr<int64_t>(), vals_in.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+      code1.data_ptr<int32_t>(), code2.data_ptr<int32_t>(),
+      has_beta ? beta.data_ptr<float>() : nullptr, N, K, keys_in.data_ptr<int32_t>(),
+      keys_out.data_ptr<int32_t>(), vals_in.data_ptr<int32_t>(), counts.data_ptr<int64_t>(),
       temp.data_ptr(), static_cast<size_t>(temp.numel()), offsets.data_ptr<int64_t>(),
-      class_ids.data_ptr<int64_t>(), has_beta ? alias_prob.data_ptr<float>() : nullptr,
-      has_beta ? alias_pos.data_ptr<int64_t>() : nullptr,
+      class_ids.data_ptr<int32_t>(), has_beta ? alias_prob.data_ptr<float>() : nullptr,
+      has_beta ? alias_pos.data_ptr<int32_t>() : nullptr,
       has_beta ? beta_csr.data_ptr<float>() : nullptr,
-      has_beta ? alias_scratch.data_ptr<int64_t>() : nullptr, log_n.data_ptr<float>(),
+      has_beta ? alias_scratch.data_ptr<int32_t>() : nullptr, log_n.data_ptr<float>(),
       at::cuda::getCurrentCUDAStream()));
   // Same formulas as the CPU backend: finite max (empty cells are -inf), scaled masses in float64.
   auto log_n_max = log_n.masked_fill(log_n.isneginf(), -FLT_MAX).max().reshape({1});
@@ -189,8 +190,9 @@ update_cells_cuda(const at::Tensor& offsets, const at::Tensor& class_ids,
     // One small device->host copy of the verdicts: the ids are scattered into [N] arrays.
     const auto order_bad = C > 1 ? changed.narrow(0, 1, C - 1).le(changed.narrow(0, 0, C - 1)).any()
                                  : at::zeros({}, changed.options().dtype(at::kBool));
-    const auto r = at::stack({changed.min(), changed.max(), new_code1.min(), new_code1.max(), new_code2.min(),
-                              new_code2.max(), order_bad.to(at::kLong)}).cpu();
+    const auto r = at::stack({changed.min(), changed.max(), new_code1.min().to(at::kLong),
+                              new_code1.max().to(at::kLong), new_code2.min().to(at::kLong),
+                              new_code2.max().to(at::kLong), order_bad.to(at::kLong)}).cpu();
     const int64_t* v = r.data_ptr<int64_t>();
     TORCH_CHECK(v[0] >= 0 && v[1] < N, "update_cells: changed holds ids in [", v[0], ", ", v[1],
                 "], outside the class ids [0, ", N, ")");
@@ -335,7 +337,7 @@ at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const auto cell_mass = cell_mass_in.contiguous();
   const auto code1 = code1_in.contiguous();
   const auto code2 = code2_in.contiguous();
-  check_codes(code1, code2);
+  check_codes(code1, code2, "midx_log_prob");
   check_log_prob_ids(ids_in, B);
   check_same_device("midx_log_prob",
                     {named("s1", s1_in), named("s2", s2_in), named("log_n", log_n_in),

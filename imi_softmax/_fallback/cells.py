@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .proposal import _check_index_array
+
 
 def _libm_logf():
     """The C library's logf, which the kernel's log n of a cell without a bias is (log_(float(n))):
@@ -100,8 +102,12 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
     log_n [K, K], cell_mass [K, K], log_n_max [1]); see the schema in csrc/ops.cpp."""
     K = int(num_codewords)
     _check(K >= 1, f"build_cells: num_codewords must be >= 1, got {K}")
-    _check(code1.dim() == 1 and code1.shape == code2.shape and code1.dtype == torch.int64
-           and code2.dtype == torch.int64, "build_cells: code1 and code2 must be int64 [N] of equal length")
+    _check(code1.dim() == 1 and code1.shape == code2.shape,
+           f"build_cells: code1 and code2 must be [N] of equal length, got {tuple(code1.shape)} and {tuple(code2.shape)}")
+    _check(code1.dtype == torch.int32 and code2.dtype == torch.int32,
+           f"build_cells: code1 and code2 must be int32 (the index's codes are int32), got {code1.dtype} and "
+           f"{code2.dtype}: convert them with .to(torch.int32)")
+    _check_index_array("build_cells", "code1", code1)
     _check(K <= 3037000499, f"build_cells: num_codewords {K} makes K*K overflow int64")
     n = code1.shape[0]
     if n > 0:
@@ -115,13 +121,13 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
         _check(beta.dim() == 1 and beta.shape[0] == n and beta.dtype == torch.float32,
                "build_cells: beta must be float32 [N]")
     device = code1.device
-    cell = code1 * K + code2
+    cell = code1.long() * K + code2.long()
     counts = torch.bincount(cell, minlength=K * K)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    class_ids = torch.sort(cell, stable=True).indices
+    class_ids = torch.sort(cell, stable=True).indices.to(torch.int32)
     per_class = n if has_beta else 0
     alias_prob = torch.ones(per_class, dtype=torch.float32)
-    alias_pos = torch.arange(per_class, dtype=torch.int64)
+    alias_pos = torch.arange(per_class, dtype=torch.int32)
     beta_csr = beta[class_ids].cpu() if has_beta else torch.empty(0, dtype=torch.float32)
     log_n = torch.full((K * K,), -math.inf, dtype=torch.float32)
     cnt = counts.cpu()
@@ -171,8 +177,10 @@ def update_cells(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor
     K = int(num_codewords)
     _check(K >= 1, f"update_cells: num_codewords must be >= 1, got {K}")
     n = code1.shape[0]
-    _check(code1.dim() == 1 and code1.shape == code2.shape and code1.dtype == torch.int64
-           and code2.dtype == torch.int64, "update_cells: code1/code2 must be int64 [N] of equal length")
+    _check(code1.dim() == 1 and code1.shape == code2.shape, "update_cells: code1/code2 must be [N] of equal length")
+    _check_index_array("update_cells", "code1", code1)
+    _check_index_array("update_cells", "code2", code2)
+    _check_index_array("update_cells", "class_ids", class_ids)
     _check(offsets.dtype == torch.int64 and offsets.shape == (K * K + 1,),
            f"update_cells: offsets must be int64 [K*K+1] = [{K * K + 1}]")
     _check(class_ids.shape == (n,), f"update_cells: class_ids must be [N] = [{n}]")
@@ -182,8 +190,9 @@ def update_cells(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor
     _check(changed.dim() == 1 and changed.dtype == torch.int64,
            "update_cells: changed must be int64 [C] (the re-assigned class ids, ascending)")
     c = changed.shape[0]
-    _check(new_code1.shape == (c,) and new_code2.shape == (c,) and new_code1.dtype == torch.int64
-           and new_code2.dtype == torch.int64, f"update_cells: new_code1 and new_code2 must be int64 [C] = [{c}]")
+    _check(new_code1.shape == (c,) and new_code2.shape == (c,) and new_code1.dtype == torch.int32
+           and new_code2.dtype == torch.int32,
+           f"update_cells: new_code1 and new_code2 must be int32 [C] = [{c}] like changed (the index's codes are int32)")
     _check((new_beta is not None) == has_beta, "update_cells: new_beta must be given exactly when the index has a bias")
     if has_beta:
         _check(beta.shape == (n,) and beta.dtype == torch.float32, f"update_cells: beta must be float32 [N] = [{n}]")

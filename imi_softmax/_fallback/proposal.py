@@ -16,6 +16,7 @@ from .philox import MASK32, draw_words, slot_and_accept, uniform24
 
 ROW_MASS_FLOOR = 1e-30  # IMI_ROW_MASS_FLOOR: rows below it are recomputed in log space
 _F32 = torch.float32
+INT32_MAX = 2 ** 31 - 1  # the index arrays are int32: fewer classes than this per index
 
 
 def _f32(v: float) -> Tensor:
@@ -142,7 +143,7 @@ def _log_q(t1: Tensor, t2: Tensor, k1: Tensor, k2: Tensor, beta_by: Optional[Ten
 def _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z):
     """imi::class_log_q for ids [B, L] (negative ids read class 0; callers mask them)."""
     safe = ids.clamp(min=0)
-    return _log_q(t1, t2, code1[safe], code2[safe], beta, safe, log_n_max, log_z)
+    return _log_q(t1, t2, code1[safe].long(), code2[safe].long(), beta, safe, log_n_max, log_z)
 
 
 def _check_scores(op: str, s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> int:
@@ -193,8 +194,9 @@ def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_
     """What the draw indexes with: monotone CSR ending at len(class_ids), ids and aliases in range,
     per-class tables of length N (torch would raise too, but a CUDA device assert is not an error)."""
     n = class_ids.numel()
-    if offsets.numel() != K * K + 1 or offsets.dtype != torch.int64 or class_ids.dtype != torch.int64:
-        raise RuntimeError("midx_sample: offsets must be int64 [K*K+1] and class_ids int64 [N]")
+    if offsets.numel() != K * K + 1 or offsets.dtype != torch.int64:
+        raise RuntimeError("midx_sample: offsets must be int64 [K*K+1]")
+    _check_index_array("midx_sample", "class_ids", class_ids)
     if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
         raise RuntimeError(f"midx_sample: offsets must rise from 0 to len(class_ids) = {n}")
     _check_ids("midx_sample", "class_ids", class_ids, n, allow_negative=False)
@@ -202,16 +204,32 @@ def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_
     if any(t.numel() != n for t in tables):
         raise RuntimeError(f"midx_sample: alias_prob, alias_pos and beta_csr must hold N = {n} entries")
     if alias_pos is not None and alias_pos.numel() > 0:
+        _check_index_array("midx_sample", "alias_pos", alias_pos)
         if alias_prob is None or alias_prob.numel() != n:
             raise RuntimeError("midx_sample: alias_pos needs alias_prob of the same length")
         _check_ids("midx_sample", "alias_pos", alias_pos, n, allow_negative=False)
 
 
+def _check_index_array(op: str, name: str, t: Tensor) -> None:
+    """check_index_array (csrc/tensor_views.h): the index's per-class arrays are int32 [N], N < 2^31."""
+    if t.dtype != torch.int32:
+        raise RuntimeError(f"{op}: {name} must be int32 (the MIDX index's class ids, codes and positions are int32), "
+                           f"got {t.dtype}: convert it with .to(torch.int32) or rebuild the index")
+    if t.dim() != 1:
+        raise RuntimeError(f"{op}: {name} must be contiguous [N], got {tuple(t.shape)}")
+    if t.numel() > INT32_MAX:
+        raise RuntimeError(f"{op}: an index holds at most 2^31 - 1 = {INT32_MAX} classes (its class ids and positions "
+                           f"are int32), got {t.numel()}: shard the head over processes (IMISoftmax(..., "
+                           f"process_group=pg)) so that each shard holds fewer")
+
+
 def _check_codes(op: str, code1: Tensor, code2: Tensor, beta) -> None:
     """check_class_codes: the codes' types and lengths (their values are checked where used)."""
     n = code1.numel()
-    if code1.dim() != 1 or code2.shape != code1.shape or code1.dtype != torch.int64 or code2.dtype != torch.int64:
-        raise RuntimeError(f"{op}: code1/code2 must be int64 [N] of equal length")
+    _check_index_array(op, "code1", code1)
+    _check_index_array(op, "code2", code2)
+    if code2.shape != code1.shape:
+        raise RuntimeError(f"{op}: code1/code2 must have equal length, got {tuple(code1.shape)} and {tuple(code2.shape)}")
     if beta is not None and (beta.numel() != n or beta.dtype != _F32):
         raise RuntimeError(f"{op}: beta must be float32 [N] = [{n}], got {beta.dtype} {tuple(beta.shape)}")
 
@@ -274,12 +292,12 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
     slot, u_acc = slot_and_accept(w2, w3, end - begin)
     pos = begin + slot
     if alias_prob is not None and alias_pos is not None and alias_prob.numel() > 0:
-        alias = alias_pos[pos]
+        alias = alias_pos[pos].long()
         take = ~(u_acc < alias_prob[pos])
         if bool((take & ((alias < begin) | (alias >= end))).any()):
             raise RuntimeError(_BAD_DRAW)
         pos = torch.where(take, alias, pos)
-    ids = class_ids[pos]
+    ids = class_ids[pos].long()  # the index stores int32; users get int64 ids
     log_q = _log_q(t1, t2, k1, k2, beta_csr, pos, log_n_max, log_z)
     return ids, log_q, target_log_q
 

@@ -90,7 +90,7 @@ def refine_codebooks(index, quantizer: str, query: Tensor, weight: Tensor, bias:
     over the sample, exact in float64 up to P's float64 rounding), ``steps`` and ``improved``."""
     k = index.codebook1.shape[0]
     dev = index.codebook1.device
-    cell = index.code1 * k + index.code2
+    cell = index.code1.long() * k + index.code2.long()  # int64 cell ids (the index keeps int32 codes)
     mass, const = cell_softmax_mass(query.detach(), weight.detach(), None if bias is None else bias.detach(),
                                     cell, k * k, index.beta)
     p_cell = mass.view(-1, k, k)

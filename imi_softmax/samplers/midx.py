@@ -11,7 +11,12 @@ from ..kmeans import assign, assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
 
 QUANTIZERS = ("rq", "pq")
-_STATE_VERSION = 1
+# 2: code1, code2, class_ids, alias_pos are int32 (version 1 kept int64; load_state_dict converts)
+_STATE_VERSION = 2
+# The index's per-class arrays are int32 (half the bytes of int64; the draws read class_ids at
+# random positions): an index holds fewer than 2^31 classes.
+MAX_INDEX_CLASSES = 2 ** 31 - 1
+_INDEX_INT32_FIELDS = ("code1", "code2", "class_ids", "alias_pos")
 _OVERFLOW_FIX = ("weights this large usually mean training diverged: lower the learning rate, clip the "
                  "gradients or rescale the weight (and query) before building the index")
 
@@ -39,13 +44,13 @@ class MIDXIndex(NamedTuple):
 
     codebook1: Tensor        # [K, d] (rq) or [K, d/2] (pq) float32
     codebook2: Tensor
-    code1: Tensor            # [N] int64, first codeword of each class
-    code2: Tensor            # [N] int64
+    code1: Tensor            # [N] int32, first codeword of each class
+    code2: Tensor            # [N] int32
     beta: Optional[Tensor]   # [N] float32 bias snapshot, None without bias
     offsets: Tensor          # [K*K + 1] int64, CSR over cells
-    class_ids: Tensor        # [N] int64, classes sorted by cell
+    class_ids: Tensor        # [N] int32, classes sorted by cell
     alias_prob: Optional[Tensor]  # [N] float32 within-cell alias tables (bias only)
-    alias_pos: Optional[Tensor]   # [N] int64
+    alias_pos: Optional[Tensor]   # [N] int32
     beta_csr: Optional[Tensor]    # [N] float32 beta in cell order (bias only)
     log_n: Tensor            # [K, K] float32 log cell mass
     cell_mass: Tensor        # [K, K] float32
@@ -114,6 +119,10 @@ class MIDXSampler(Sampler):
             raise ValueError("weight must hold at least one class (got 0 rows)")
         if self.quantizer == "pq" and d % 2 != 0:
             raise ValueError(f"quantizer='pq' splits the dimensions in two halves: in_features must be even, got {d}")
+        if n > MAX_INDEX_CLASSES:
+            raise ValueError(f"weight has {n} rows but one MIDX index holds at most 2^31 - 1 = {MAX_INDEX_CLASSES} "
+                             "classes (its class ids are int32): shard the head over processes "
+                             "(IMISoftmax(..., process_group=pg)) so that each rank's index holds fewer")
         if bias is not None:
             check_tensor("bias", bias, dims=(1,))
             if bias.shape[0] != n:
@@ -149,10 +158,10 @@ class MIDXSampler(Sampler):
         if half:
             sub = subsample()
             fit_w = w[sub].to(torch.float32)
-            codes_of = assign_chunked
+            codes_of = (lambda x, c: assign_chunked(x, c, dtype=torch.int32))  # noqa: E731
         else:
             fit_w = w  # kmeans subsamples by itself
-            codes_of = (lambda x, c: assign(x.contiguous(), c)[0])  # noqa: E731
+            codes_of = (lambda x, c: assign(x.contiguous(), c)[0].to(torch.int32))  # noqa: E731
         if self.quantizer == "rq":
             c1 = kmeans(fit_w, k, init=prev1, **fit)
             code1 = codes_of(w, c1)
@@ -160,7 +169,7 @@ class MIDXSampler(Sampler):
             if not half:
                 sub = subsample()
             c2 = kmeans(w[sub].to(torch.float32) - c1[code1[sub]], k, init=prev2, **fit)
-            code2 = assign_residual(w, c1, code1, c2)
+            code2 = assign_residual(w, c1, code1, c2, dtype=torch.int32)
         else:
             h = d // 2
             c1 = kmeans(fit_w[:, :h].contiguous(), k, init=prev1, **fit)
@@ -222,12 +231,12 @@ class MIDXSampler(Sampler):
             new_beta = bias.detach()[changed].to(torch.float32)
             check_finite("bias", new_beta)
         if self.quantizer == "rq":
-            a1, _ = assign(w, c1)
-            a2 = assign_residual(w, c1, a1, c2)
+            a1 = assign(w, c1)[0].to(torch.int32)
+            a2 = assign_residual(w, c1, a1, c2, dtype=torch.int32)
         else:
             h = w.shape[1] // 2
-            a1, _ = assign(w[:, :h].contiguous(), c1)
-            a2, _ = assign(w[:, h:].contiguous(), c2)
+            a1 = assign(w[:, :h].contiguous(), c1)[0].to(torch.int32)
+            a2 = assign(w[:, h:].contiguous(), c2)[0].to(torch.int32)
         (code1, code2, beta, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
          log_n_max) = ops.update_cells(index.offsets, index.class_ids, index.alias_prob, index.alias_pos,
                                        index.beta_csr, index.log_n, index.cell_mass, index.log_n_max,
@@ -475,6 +484,13 @@ class MIDXSampler(Sampler):
             return False
         self._vectors = None  # a loaded index without its vectors: search() needs weight=
         fields = {f: (None if saved[f] is None else saved[f].to(device)) for f in _TENSOR_FIELDS}
+        # version 1 states kept the per-class arrays in int64: the ops take int32 (ids < N < 2^31)
+        for f in _INDEX_INT32_FIELDS:
+            if fields[f] is not None and fields[f].dtype != torch.int32:
+                if fields[f].numel() > 0 and int(fields[f].max()) > MAX_INDEX_CLASSES:
+                    raise ValueError(f"saved index field {f} holds {int(fields[f].max())}, beyond int32: "
+                                     "this state was not written by an MIDXSampler; rebuild the index")
+                fields[f] = fields[f].to(torch.int32)
         self._index = MIDXIndex(**fields, num_classes=int(saved["num_classes"]),
                                 in_features=int(saved["in_features"]))
         return True

@@ -105,7 +105,7 @@ class TopCellsSampler(Sampler):
     def _class_log_q(self, index: MIDXIndex, selected: Tensor, log_mass: Tensor, ids: Tensor) -> Tensor:
         """log Q of ids [B, L] given the selection (float32 [B, L])."""
         k = self.midx.num_codewords
-        cell = index.code1[ids] * k + index.code2[ids]
+        cell = index.code1[ids].long() * k + index.code2[ids].long()  # the index's codes are int32
         inside = selected.gather(1, cell)
         beta = index.beta[ids] if index.beta is not None else torch.zeros(ids.shape, dtype=torch.float32,
                                                                            device=ids.device)
@@ -147,8 +147,8 @@ class TopCellsSampler(Sampler):
         pos = begin + torch.minimum((u * size).to(torch.int64), size - 1)
         if index.alias_prob is not None:  # within-cell law exp(beta): the cell's alias table
             accept = torch.rand((b, m), dtype=torch.float32, generator=generator, device=gen_device).to(query.device)
-            pos = torch.where(accept < index.alias_prob[pos], pos, index.alias_pos[pos])
-        ids = index.class_ids[pos]
+            pos = torch.where(accept < index.alias_prob[pos], pos, index.alias_pos[pos].long())
+        ids = index.class_ids[pos].long()  # int32 in the index, int64 for users
         return ids, self._class_log_q(index, selected, log_mass, ids)
 
     # -- checkpoints ------------------------------------------------------------------------

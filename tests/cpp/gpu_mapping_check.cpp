@@ -22,7 +22,8 @@ static bool same(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) =
 
 struct Index {
   int64_t K;
-  std::vector<int64_t> code1, code2, offsets, class_ids, alias_pos, scratch;
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> code1, code2, class_ids, alias_pos, scratch;  // the index's arrays are int32
   std::vector<float> beta, beta_csr, alias_prob, log_n, cell_mass;
   float log_n_max = -INFINITY;
   imi::CellIndex view() const {
@@ -42,8 +43,8 @@ static Index make_index(int64_t N, int64_t K, bool bias, float scale, std::mt199
   ix.code1.resize(N);
   ix.code2.resize(N);
   for (int64_t i = 0; i < N; ++i) {
-    ix.code1[i] = std::min<int64_t>(K - 1, static_cast<int64_t>(std::abs(normal(rng)) * K / 3));
-    ix.code2[i] = static_cast<int64_t>(rng() % K);
+    ix.code1[i] = static_cast<int32_t>(std::min<int64_t>(K - 1, static_cast<int64_t>(std::abs(normal(rng)) * K / 3)));
+    ix.code2[i] = static_cast<int32_t>(rng() % K);
   }
   if (bias) {
     ix.beta.resize(N);
@@ -54,7 +55,7 @@ static Index make_index(int64_t N, int64_t K, bool bias, float scale, std::mt199
   for (int64_t c = 0; c < K * K; ++c) ix.offsets[c + 1] += ix.offsets[c];
   std::vector<int64_t> cursor(ix.offsets.begin(), ix.offsets.end() - 1);
   ix.class_ids.resize(N);
-  for (int64_t i = 0; i < N; ++i) ix.class_ids[cursor[imi::cell_of(ix.code1.data(), ix.code2.data(), i, K)]++] = i;
+  for (int64_t i = 0; i < N; ++i) ix.class_ids[cursor[imi::cell_of(ix.code1.data(), ix.code2.data(), i, K)]++] = static_cast<int32_t>(i);
   const int64_t per = bias ? N : 0;
   ix.beta_csr.resize(per);
   ix.alias_prob.resize(per);

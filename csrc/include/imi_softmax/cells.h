@@ -5,20 +5,21 @@
 
 namespace imi {
 
-IMI_HD int64_t cell_of(const int64_t* code1, const int64_t* code2, int64_t i, int64_t K) {
-  return code1[i] * K + code2[i];
+IMI_HD int64_t cell_of(const int32_t* code1, const int32_t* code2, int64_t i, int64_t K) {
+  return static_cast<int64_t>(code1[i]) * K + code2[i];
 }
 
 // For one cell's classes (CSR slice [begin, end)): returns log n = logsumexp(beta) and, when
 // there is a bias, fills beta_csr (beta by position) and the cell's alias table (Vose's method)
 // over exp(beta): slot p is kept with probability prob[p], else position alias[p] is taken.
-// scratch: an int64 work area indexed by CSR position (same size as the CSR arrays).
+// class_ids, alias and scratch hold CSR positions / class ids < N < 2^31 (the ops check N): int32.
+// scratch: a work area indexed by CSR position (same size as the CSR arrays).
 // exps: optional room for end - begin doubles, so each exp is computed once (same values).
 // beta_csr_filled: the caller already wrote beta_csr[begin, end) (sequentially, from an old index),
 // so the random reads beta[class_ids[p]] are skipped (same values).
-IMI_HD float cell_log_mass_and_alias(const int64_t* class_ids, int64_t begin, int64_t end,
+IMI_HD float cell_log_mass_and_alias(const int32_t* class_ids, int64_t begin, int64_t end,
                                      const float* beta, float* beta_csr, float* prob,
-                                     int64_t* alias, int64_t* scratch, double* exps = nullptr,
+                                     int32_t* alias, int32_t* scratch, double* exps = nullptr,
                                      bool beta_csr_filled = false) {
   if (end == begin) return neg_inf<float>();
   const int64_t n = end - begin;
@@ -36,17 +37,17 @@ IMI_HD float cell_log_mass_and_alias(const int64_t* class_ids, int64_t begin, in
   }
   // Scaled weights n * w_p / sum(w) in prob[]; small ones stacked from the front of scratch,
   // large ones from the back.
-  int64_t* work = scratch + begin;
+  int32_t* work = scratch + begin;
   int64_t small = 0, large = n;
   for (int64_t p = begin; p < end; ++p) {
     const double e = exps != nullptr ? exps[p - begin] : exp(static_cast<double>(beta_csr[p] - m));
     prob[p] = static_cast<float>(e * n / total);
-    alias[p] = p;
-    if (prob[p] < 1.f) work[small++] = p; else work[--large] = p;
+    alias[p] = static_cast<int32_t>(p);
+    if (prob[p] < 1.f) work[small++] = static_cast<int32_t>(p); else work[--large] = static_cast<int32_t>(p);
   }
   while (small > 0 && large < n) {
-    const int64_t s = work[--small];
-    const int64_t l = work[large];
+    const int32_t s = work[--small];
+    const int32_t l = work[large];
     alias[s] = l;
     prob[l] = (prob[l] + prob[s]) - 1.f;
     if (prob[l] < 1.f) { ++large; work[small++] = l; }

@@ -18,14 +18,16 @@ struct CellIndex {
                              // (cells.h); 0 for empty cells
   const float* log_n_max;    // [1] max finite log_n (kept on device: no host sync to launch)
   const int64_t* offsets;    // [K*K+1] CSR offsets into class_ids
-  const int64_t* class_ids;  // [N] class ids grouped by cell (CSR positions)
+  // The per-class arrays are int32 (N < 2^31, checked by every op): half the bytes of int64, and
+  // class_ids is read at random positions by every draw (the draws' main cache-miss stream).
+  const int32_t* class_ids;  // [N] class ids grouped by cell (CSR positions)
   const float* alias_prob;   // [N] per-cell alias table (Walker/Vose) over exp(beta), by CSR
-  const int64_t* alias_pos;  //     position: keep slot p with prob alias_prob[p], else take
+  const int32_t* alias_pos;  //     position: keep slot p with prob alias_prob[p], else take
                              //     position alias_pos[p]. nullptr: no bias, uniform in a cell
   const float* beta_csr;     // [N] bias snapshot by CSR position; nullptr: zero
   const float* beta;         // [N] bias snapshot by class id; nullptr: zero
-  const int64_t* code1;      // [N] first-codebook code of each class
-  const int64_t* code2;      // [N] second-codebook code of each class
+  const int32_t* code1;      // [N] first-codebook code of each class
+  const int32_t* code2;      // [N] second-codebook code of each class
 };
 
 // Every body below works on max-shifted quantities, so that fp32 keeps log Q normalized for scores
