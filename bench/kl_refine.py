@@ -1,7 +1,6 @@
 """Does KL refinement of the MIDX codebooks bring Q closer to P? (issue 13, part 2)
 
-On the ML-10M reference model (``train_reference_model.py``: item weight W, bias b, 2048 user
-queries with one held-out item each), for quantizer in {rq, pq} and K in {16, 64}:
+On a trained head, for quantizer in {rq, pq} and K in {16, 64}:
   1. build the MIDX index (k-means, as every refresh does);
   2. measure, with ``imi_softmax.diagnose`` on HELD-OUT queries (not used for fitting): KL(P || Q),
      the ESS-fraction limit and the gradient cosine of the sampled loss w.r.t. the query at M = 32
@@ -9,9 +8,16 @@ queries with one held-out item each), for quantizer in {rq, pq} and K in {16, 64
   3. ``sampler.refine_codebooks(fit_queries, W, b, steps, lr)`` (cells kept) and measure again.
 The queries are split in two halves: refinement fits one, the numbers that matter are on the other.
 
-Writes bench/results/kl_refine_ml10m.{csv,png} and prints a markdown table.
+Heads (``--source``):
+  ml10m  the ML-10M reference model (``train_reference_model.py``: item weight W [8939, 64], bias b,
+         2048 user queries with one held-out item each)
+  lm     the Penn Treebank LSTM LM's output layer trained with the full softmax
+         (``train_reference_lm.py``: W [10000, 200], b, 2048 validation-set LSTM outputs with their
+         next token)
 
-    python bench/kl_refine.py [--steps 300] [--lr 0.01] [--threads 1]
+Writes bench/results/kl_refine_<source>.{csv,png} and prints a markdown table.
+
+    python bench/kl_refine.py [--source ml10m|lm] [--steps 300] [--lr 0.01] [--threads 1] [--quantizers rq]
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ from memory import RESULTS, machine_info  # noqa: E402
 KS = (16, 64)
 MS = (32, 128)
 QUANTIZERS = ("rq", "pq")
+# source: (saved head in bench/results, the script that writes it, its name in titles)
+SOURCES = {"ml10m": ("reference_model_ml10m.pt", "train_reference_model.py", "ML-10M reference model"),
+           "lm": ("reference_lm_ptb.pt", "train_reference_lm.py", "PTB LSTM LM head (full softmax)")}
 
 
 def head_with(imi, W, b, sampler):
@@ -87,7 +96,9 @@ def plot(rows, out_png, title):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.path.join(RESULTS, "reference_model_ml10m.pt"))
+    p.add_argument("--source", choices=tuple(SOURCES), default="ml10m")
+    p.add_argument("--model", default=None, help="the saved head (default: the source's reference file)")
+    p.add_argument("--quantizers", nargs="+", choices=QUANTIZERS, default=list(QUANTIZERS))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--num-draws", type=int, default=8)
@@ -100,18 +111,19 @@ def main(argv=None):
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not os.path.exists(a.model):
-        sys.exit(f"{a.model} not found: run bench/train_reference_model.py first")
+    model_path = a.model or os.path.join(RESULTS, SOURCES[a.source][0])
+    if not os.path.exists(model_path):
+        sys.exit(f"{model_path} not found: run bench/{SOURCES[a.source][1]} first")
     info = machine_info("cpu")
     load_before = os.getloadavg()[0]
-    ref = torch.load(a.model, weights_only=False)
+    ref = torch.load(model_path, weights_only=False)
     W, b = ref["weight"].float(), ref["bias"].float()
     q, t = ref["queries"].float(), ref["query_targets"].long()
     perm = torch.randperm(q.shape[0], generator=torch.Generator().manual_seed(a.seed))
     half = q.shape[0] // 2
     fit_q, test_q, test_t = q[perm[:half]], q[perm[half:]], t[perm[half:]]
     rows = []
-    for quantizer in QUANTIZERS:
+    for quantizer in a.quantizers:
         for k in tqdm(KS, desc=f"{quantizer}: K"):
             head = head_with(imi, W, b, imi.MIDXSampler(k, quantizer))
             rows.append(dict(quantizer=quantizer, K=k, refined=False, steps=0, lr="", refine_s="",
@@ -127,15 +139,15 @@ def main(argv=None):
         r.update(N=n, d=d, fit_queries=fit_q.shape[0], heldout_queries=test_q.shape[0], draws=a.num_draws,
                  commit=info["git_commit"], threads=torch.get_num_threads(), load_1m=f"{load_before:.2f}")
     os.makedirs(a.out, exist_ok=True)
-    csv_path = os.path.join(a.out, "kl_refine_ml10m.csv")
+    csv_path = os.path.join(a.out, f"kl_refine_{a.source}.csv")
     with open(csv_path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    png = os.path.join(a.out, "kl_refine_ml10m.png")
-    plot(rows, png, f"ML-10M reference model, N = {n}, d = {d}: {fit_q.shape[0]} fit / {test_q.shape[0]} held-out "
+    png = os.path.join(a.out, f"kl_refine_{a.source}.png")
+    plot(rows, png, f"{SOURCES[a.source][2]}, N = {n}, d = {d}: {fit_q.shape[0]} fit / {test_q.shape[0]} held-out "
                     f"queries, {a.steps} Adam steps lr {a.lr} (commit {info['git_commit']})")
-    print(f"\nML-10M reference model, N = {n}, d = {d}; {info['cpu_model']}, {torch.get_num_threads()} threads, "
+    print(f"\n{SOURCES[a.source][2]}, N = {n}, d = {d}; {info['cpu_model']}, {torch.get_num_threads()} threads, "
           f"load {load_before:.2f} -> {os.getloadavg()[0]:.2f}; commit {info['git_commit']}\n")
     print("| quantizer | K | codebooks | KL fit | KL held-out | ESS limit | cos M=32 | cos M=128 | refine s |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")

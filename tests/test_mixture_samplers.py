@@ -43,8 +43,10 @@ def _unigram_ref(counts, alpha=0.75):
 
 
 def _top_cells_ref(midx, query, budget):
-    """float64 log Q of TopCellsSampler from its definition: rank the cells by s1 + s2 (ties by
-    cell number), keep the smallest prefix holding >= budget classes, exp(beta) within."""
+    """float64 log Q of TopCellsSampler from its definition: rank the cells by s1 + s2, keep the
+    smallest prefix holding >= budget classes, exp(beta) within. Ties here go by cell number, the
+    sampler's by codeword rank: random float queries have none (test_top_cells_visit_equals_...
+    checks that its inputs have none)."""
     s1, s2 = (s.double() for s in midx.scores(query))
     code1, code2 = midx.code1, midx.code2
     cell_of = code1 * K + code2
@@ -204,6 +206,40 @@ def test_top_cells_support_and_law(bias, budget):
         p_value, chi2, dof = chi_square_p_value(torch.bincount(ids[row], minlength=N), ref[row].exp() * draws)
         assert p_value > P_MIN, f"row {row}: chi2={chi2:.1f} dof={dof} p={p_value:.2e}"
     torch.testing.assert_close(log_q.double(), ref.gather(1, ids), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("budget", [1, 7, 40, 299, 10_000])
+def test_top_cells_visit_equals_sort_based_prefix(bias, budget):
+    """The multi-sequence visit (ops.midx_search_cells) selects exactly the cells that a sort of all
+    K*K cell scores selects (the smallest prefix reaching the budget, empty cells dropped) and the
+    same log mass, on queries whose cell scores have no ties; many cells are empty (K*K ~ N / 2)."""
+    k, b = 12, 16
+    w, bb = _weights(bias)
+    midx = MIDXSampler(num_codewords=k, kmeans_iters=3).build(w, bb)
+    top = TopCellsSampler(midx, budget=budget)
+    query = _query(b=b, seed=5, scale=2.0)
+    s1, s2 = midx.scores(query)
+    cells = (s1.unsqueeze(2) + s2.unsqueeze(1)).reshape(b, k * k)  # the float32 sums the visit compares
+    assert all(torch.unique(row).numel() == k * k for row in cells), "the input must be tie-free"
+    counts = midx.offsets[1:] - midx.offsets[:-1]
+    assert int((counts == 0).sum()) > 0
+    order = torch.sort(cells, dim=1, descending=True).indices
+    ranked_counts = counts[order]
+    take = torch.cumsum(ranked_counts, 1) - ranked_counts < budget
+    expected = torch.zeros(b, k * k, dtype=torch.bool).scatter_(1, order, take) & (counts > 0)
+    selected, log_mass = top.selection(query)
+    assert torch.equal(selected, expected)
+    log_n = midx.log_n.reshape(k * k).double().expand(b, k * k)
+    ref_mass = torch.logsumexp(torch.where(expected, log_n, -math.inf), 1)
+    torch.testing.assert_close(log_mass.double(), ref_mass, atol=1e-5, rtol=0)
+    # the draws and the targets' log Q see that same set
+    ids, log_q = top.sample(query, 200, generator=torch.Generator().manual_seed(3))
+    assert bool(expected.gather(1, midx.code1[ids].long() * k + midx.code2[ids].long()).all())
+    all_lq = top.log_prob(query, torch.arange(N).expand(b, N))
+    in_cells = expected.gather(1, (midx.code1.long() * k + midx.code2.long()).expand(b, N))
+    assert torch.equal(torch.isfinite(all_lq), in_cells)
+    torch.testing.assert_close(log_q, all_lq.gather(1, ids), atol=0, rtol=0)
 
 
 def test_same_generator_seed_same_draws():

@@ -326,3 +326,21 @@ def test_cuda_bad_class_id_is_named():
     bad[17] = -2
     with pytest.raises(RuntimeError, match=r"class_ids has class id -2 at \[17\]"):
         ops.midx_search(q, w, b, s1, s2, offsets, bad, 5, 400)
+
+
+@needs_kernels
+def test_fallback_cells_equal_compiled_under_ties():
+    """The fallback's batched visit (all rows sorted at once) gives the compiled walk's cells and
+    counts when scores tie a lot (integer scores), cells are empty, B is 0 or 1, and the budget
+    exceeds N."""
+    g = torch.Generator().manual_seed(0)
+    for k in (3, 8, 16):
+        sizes = torch.randint(0, 3, (k * k,), generator=g)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        for rows in (0, 1, 9):
+            s1 = torch.randint(-2, 3, (rows, k), generator=g).float()
+            s2 = torch.randint(-2, 3, (rows, k), generator=g).float()
+            for budget in (1, 5, 40, 10**6):
+                got = ops.midx_search_cells(s1, s2, offsets, budget)
+                want = fb.midx_search_cells(s1, s2, offsets, budget)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (k, rows, budget)

@@ -142,9 +142,9 @@ def evaluate(model: LSTMLM, data: torch.Tensor, bptt: int) -> float:
     return total / max(count, 1)
 
 
-def train_lm(config: LMConfig, corpus: Optional[Corpus] = None, log=print) -> Dict:
+def train_lm(config: LMConfig, corpus: Optional[Corpus] = None, log=print, keep_model: bool = False) -> Dict:
     """Train for ``config.steps`` steps (TBPTT, Adam, grad clipping); returns losses, timing and the exact
-    validation loss / perplexity."""
+    validation loss / perplexity (and the trained LSTMLM under "model" with ``keep_model``)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     corpus = corpus or load_ptb()
@@ -193,6 +193,8 @@ def train_lm(config: LMConfig, corpus: Optional[Corpus] = None, log=print) -> Di
            "first_loss": sum(losses[:10]) / len(losses[:10]), "last_train_loss": sum(losses[-50:]) / len(losses[-50:]),
            "val_loss": val_loss, "val_ppl": math.exp(val_loss), "eval_time_s": time.perf_counter() - t1,
            "losses": losses}
+    if keep_model:
+        out["model"] = model
     if log:
         log(f"{config.head:8s} steps={step} s/step={out['step_time_s']:.4f} val_ppl={out['val_ppl']:.2f}")
     return out

@@ -2,6 +2,7 @@
 
     python examples/recommender/run_kl_refine.py                      # ml10m, K in {16, 64}, 3 epochs
     python examples/recommender/run_kl_refine.py --steps 100 --num-codewords 64
+    python examples/recommender/run_kl_refine.py --num-codewords 64 --only on --out /tmp/k64_on   # one run
 
 Every run uses the same seed, split and schedule (index refresh every ``--refresh-every`` steps,
 one in ``--full-refresh-every`` a full rebuild: k-means, then, with refinement, ``--steps`` Adam
@@ -43,6 +44,9 @@ def main(argv=None):
     p.add_argument("--eval-users", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--only", choices=("off", "on"), default=None,
+                   help="run only the k-means (off) or only the refined (on) run of each K, e.g. to run a pair "
+                        "as two processes (give each its own --out)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -52,7 +56,7 @@ def main(argv=None):
     load0 = os.getloadavg()[0]
     rows = []
     for k in a.num_codewords:
-        for steps in (0, a.steps):
+        for steps in {"off": (0,), "on": (a.steps,), None: (0, a.steps)}[a.only]:
             cfg = Config(data=a.data, head="midx-rq", num_samples=a.num_samples, epochs=a.epochs, seed=a.seed,
                          refresh_every=a.refresh_every, full_refresh_every=a.full_refresh_every, num_codewords=k,
                          kl_refine_steps=steps, kl_refine_queries=a.queries, eval_users=a.eval_users or None,
@@ -100,7 +104,7 @@ def main(argv=None):
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
         for k in a.num_codewords:
-            for steps in (0, a.steps):
+            for steps in {"off": (0,), "on": (a.steps,), None: (0, a.steps)}[a.only]:
                 pts = [r for r in rows if r["K"] == k and r["refine_steps"] == steps and not r["final_all_users"]]
                 ax.plot([r["epoch"] for r in pts], [r["ndcg@10"] for r in pts], marker="o",
                         linestyle="-" if steps else "--", label=f"K={k}, {'refined' if steps else 'k-means'}")

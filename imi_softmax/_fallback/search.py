@@ -2,7 +2,7 @@
 the same exact rerank, vectorized per query.
 
 The kernels pop cells from a heap in the total order (s1[k1] + s2[k2] descending, then the rank of
-k1, then the rank of k2, ranks by score descending and codeword ascending); here every cell of a
+k1, then the rank of k2, ranks by score descending and codeword ascending); here every cell of every
 query is sorted by that key at once (stable sorts, least significant key first). The cell score is
 one float32 addition, as in the kernels.
 """
@@ -13,26 +13,36 @@ from torch import Tensor
 
 
 def _ranks(s: Tensor) -> Tensor:
-    """Rank of each codeword of s [K] (score descending, codeword ascending on ties)."""
-    order = torch.sort(s, descending=True, stable=True).indices
+    """Rank of each codeword of each row of s [B, K] (score descending, codeword ascending on ties)."""
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(s.shape[0], device=s.device)
-    return ranks
+    return ranks.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order).contiguous())
+
+
+def _visit(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
+    """Visited non-empty cells of every query, in order ([B, min(K*K, budget)], -1 after the last),
+    and the classes they hold [B]: all rows at once (TopCellsSampler calls this every step)."""
+    b, k = s1.shape
+    width = min(k * k, budget)
+    r1, r2 = _ranks(s1), _ranks(s2)
+    tie = (r1.unsqueeze(2) * k + r2.unsqueeze(1)).reshape(b, k * k)  # the ranks, i major
+    score = (s1.unsqueeze(2) + s2.unsqueeze(1)).reshape(b, k * k)
+    by_tie = torch.argsort(tie, dim=1)
+    order = by_tie.gather(1, torch.sort(score.gather(1, by_tie), dim=1, descending=True, stable=True).indices)
+    sizes = (offsets[1:] - offsets[:-1])[order]
+    # the non-empty cells first, in visit order (a stable sort on "is empty")
+    front = torch.sort((sizes == 0).to(torch.int8), dim=1, stable=True).indices
+    order, sizes = order.gather(1, front), sizes.gather(1, front)
+    before = torch.cumsum(sizes, 1) - sizes  # classes collected before each cell
+    take = (before < budget) & (sizes > 0)   # <= min(K*K, budget) cells: each holds >= 1 class
+    cells = torch.where(take, order, -1)[:, :width].contiguous()
+    return cells, (sizes * take).sum(1)
 
 
 def _visited(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> Tuple[Tensor, int]:
     """Visited non-empty cells of one query (in order) and the classes they hold."""
-    k = s1.shape[0]
-    r1, r2 = _ranks(s1), _ranks(s2)
-    tie = (r1.unsqueeze(1) * k + r2.unsqueeze(0)).reshape(-1)  # the ranks, i major
-    score = (s1.unsqueeze(1) + s2.unsqueeze(0)).reshape(-1)
-    by_tie = torch.argsort(tie)
-    order = by_tie[torch.sort(score[by_tie], descending=True, stable=True).indices]
-    sizes = (offsets[1:] - offsets[:-1])[order]
-    order, sizes = order[sizes > 0], sizes[sizes > 0]
-    before = torch.cumsum(sizes, 0) - sizes  # classes collected before each cell
-    take = int((before < budget).sum())
-    return order[:take], int(sizes[:take].sum())
+    cells, count = _visit(s1.unsqueeze(0), s2.unsqueeze(0), offsets, budget)
+    return cells[0][cells[0] >= 0], int(count[0])
 
 
 def _check_offsets(offsets: Tensor, kk: int, n: Optional[int]) -> int:
@@ -56,15 +66,8 @@ def _check_scores(s1: Tensor, s2: Tensor, budget: int) -> None:
 
 def midx_search_cells(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
     _check_scores(s1, s2, budget)
-    b, k = s1.shape
-    _check_offsets(offsets, k * k, None)
-    cells = torch.full((b, min(k * k, budget)), -1, dtype=torch.int64, device=s1.device)
-    counts = torch.zeros(b, dtype=torch.int64, device=s1.device)
-    for row in range(b):
-        visited, count = _visited(s1[row], s2[row], offsets, budget)
-        cells[row, :visited.numel()] = visited
-        counts[row] = count
-    return cells, counts
+    _check_offsets(offsets, s1.shape[1] ** 2, None)
+    return _visit(s1, s2, offsets, budget)
 
 
 def midx_search(query: Tensor, weight: Tensor, bias: Optional[Tensor], s1: Tensor, s2: Tensor, offsets: Tensor,
