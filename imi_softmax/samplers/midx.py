@@ -394,7 +394,7 @@ class MIDXSampler(Sampler):
 
     # -- retrieval --------------------------------------------------------------------------
     def search(self, query: Tensor, k: int, budget: int = 4096, *, weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               bias: Optional[Tensor] = None, rerank: str = "auto") -> Tuple[Tensor, Tensor]:
         """Approximate top-k classes of each query row by the exact logit ``query . w_i + b_i``.
 
         Cells are visited in decreasing ``s1[k1] + s2[k2]`` order (the inverted multi-index's
@@ -409,12 +409,19 @@ class MIDXSampler(Sampler):
             weight, bias: class vectors [N, d] and [N] (or None) to rerank with, e.g. a head's current
                 parameters; the cells stay those of the last build. Default (weight None): the
                 weight and bias given to the last ``build``/``update`` (held by reference).
+            rerank: the CPU's rerank order; the result does not depend on it. ``"query"``: each query
+                scores its candidates (reads their rows itself); ``"cell"``: the batch's visited cells
+                are scored one at a time against all the queries that visit them (each row read once
+                per batch: faster when queries share cells); ``"auto"``: ``"cell"`` for batches of
+                16 queries or more. CUDA runs one kernel for all three.
         Returns:
             ids [B, k] int64, scores [B, k] (float32; float64 for a float64 weight).
         """
         index = self._require_index()  # the one read of the index for this call
         k = check_positive_int("k", k)
         budget = check_positive_int("budget", budget)
+        if rerank not in ("auto", "query", "cell"):
+            raise ValueError(f"rerank must be 'auto', 'query' or 'cell', got {rerank!r}")
         if budget < k:
             raise ValueError(f"budget ({budget}) must be >= k ({k}): the k results are chosen among the budget "
                              f"candidates; raise budget or lower k")
@@ -439,7 +446,7 @@ class MIDXSampler(Sampler):
         with no_autocast(query.device):
             return ops.midx_search(query.detach().to(weight.dtype), weight.detach(),
                                    None if bias is None else bias.detach(), s1, s2, index.offsets,
-                                   index.class_ids, k, budget)
+                                   index.class_ids, k, budget, rerank)
 
     def search_cells(self, query: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
         """The cells :meth:`search` visits (for inspection and tests): cells [B, min(K*K, budget)]
