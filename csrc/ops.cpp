@@ -61,7 +61,7 @@ TORCH_LIBRARY(imi_softmax, m) {
   // (ids [B, k] int64, scores [B, k] in the accumulation dtype), best first (ties: smaller id on CPU,
   // torch.topk's order on CUDA). class_ids: int64 or int32; 0 <= k <= min(budget, N). rerank: the
   // CPU's order of the rerank, "query" (per query), "cell" (per visited cell, all its queries at
-  // once) or "auto" (cell for batches of >= 16 queries); the result does not depend on it.
+  // once) or "auto" (cell for batches of >= 64 queries); the result does not depend on it.
   m.def(
       "midx_search(Tensor query, Tensor weight, Tensor? bias, Tensor s1, Tensor s2, Tensor offsets, "
       "Tensor class_ids, int k, int budget, str rerank=\"auto\") -> (Tensor ids, Tensor scores)");

@@ -248,11 +248,11 @@ def _batch_args(n, d, K, B, dtype, id_dtype, bias, seed):
 @pytest.mark.parametrize("bias", [True, False])
 def test_cell_major_equals_query_major(dtype, id_dtype, bias):
     """Same candidates, same per-pair logit, same strict order: equal ids and bit-equal scores."""
-    args = _batch_args(3000, 12, 9, 40, dtype, id_dtype, bias, seed=21)
+    args = _batch_args(3000, 12, 9, 70, dtype, id_dtype, bias, seed=21)
     for k, budget in ((1, 1), (10, 60), (10, 700), (50, 3000)):
         q_ids, q_scores = ops.midx_search(*args, k, budget, "query")
         c_ids, c_scores = ops.midx_search(*args, k, budget, "cell")
-        a_ids, a_scores = ops.midx_search(*args, k, budget)  # 40 queries: auto picks cell-major
+        a_ids, a_scores = ops.midx_search(*args, k, budget)  # 70 queries: auto picks cell-major
         assert torch.equal(q_ids, c_ids) and torch.equal(q_scores, c_scores)
         assert torch.equal(a_ids, c_ids) and torch.equal(a_scores, c_scores)
         f_ids, f_scores = fb.midx_search(*args, k, budget)
@@ -299,6 +299,51 @@ def test_cell_major_in_several_query_blocks():
     torch.testing.assert_close(scores, want_v, rtol=1e-12, atol=1e-12)
     small = ops.midx_search(*args, 5, 2000, "cell"), ops.midx_search(*args, 5, 2000, "query")
     assert torch.equal(small[0][0], small[1][0]) and torch.equal(small[0][1], small[1][1])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rerank", ["query", "cell"])
+def test_copy_vectors_gives_the_live_candidates_and_scores(bias, rerank):
+    """build(copy_vectors=True): search() reranks the cell-ordered copy; same ids and scores as the
+    live rows (no float ties in this data), the exact top-k at budget N."""
+    w, b, q = clustered(1500, 8, seed=26)
+    b = b if bias else None
+    q = torch.cat([q] * 8)
+    s = MIDXSampler(num_codewords=8).build(w, b, copy_vectors=True)
+    for k, budget in ((5, 40), (10, 300), (1500, 1500)):
+        got = s.search(q, k, budget, rerank=rerank)
+        live = s.search(q, k, budget, weight=w, bias=b, rerank=rerank)
+        assert torch.equal(got[0], live[0])
+        torch.testing.assert_close(got[1], live[1], rtol=1e-12, atol=1e-12)
+    want_v, want_i = exact_topk(q, w, b, 1500)
+    assert torch.equal(got[0], want_i)
+
+
+def test_copy_vectors_is_taken_at_build_and_update():
+    w, b, q = clustered(800, 6, seed=27)
+    s = MIDXSampler(num_codewords=6).build(w, b, copy_vectors=True)
+    old_v, old_i = exact_topk(q, w, b, 9)
+    w2, b2 = w.clone(), b.clone()
+    w.mul_(-1)  # in place after the build: not in the copy (documented)
+    got_i, got_v = s.search(q, 9, budget=800)
+    assert torch.equal(got_i, old_i)
+    torch.testing.assert_close(got_v, old_v)
+    changed = torch.arange(0, 800, 3)
+    w2[changed] = torch.randn(changed.numel(), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    b2[changed] += 1.0
+    s.update(w2, b2, changed)  # the copy follows the update
+    want_v, want_i = exact_topk(q, w2, b2, 9)
+    got_i, got_v = s.search(q, 9, budget=800)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_v, want_v)
+    s.build(w2, b2)  # without copy_vectors: the copy is dropped, search reads w2 by reference
+    with torch.no_grad():
+        w2.mul_(-1)
+    want_v, want_i = exact_topk(q, w2, b2, 9)
+    got_i, got_v = s.search(q, 9, budget=800)
+    assert torch.equal(got_i, want_i)
+    with pytest.raises(TypeError, match="copy_vectors must be a bool"):
+        s.build(w2, b2, copy_vectors=1)
 
 
 def test_rerank_must_be_a_known_order():

@@ -143,7 +143,7 @@ void search_loop(const at::Tensor& query, const at::Tensor& weight, const at::Te
 // top-k entries per thread and block (12 bytes each for float32).
 constexpr int64_t kCellMajorMaxBlock = 4096, kCellMajorHeapEntries = int64_t(1) << 20;
 // "auto" reranks cell-major from this batch size on (bench/retrieval.py, README "Approximate top-k").
-constexpr int64_t kCellMajorMinQueries = 16;
+constexpr int64_t kCellMajorMinQueries = 64;
 
 // Cell-major rerank of queries [q0, q1). Threads claim visited cells and keep their own top-k heaps
 // of every query (each class is a candidate of a query at most once, in one cell, so merging the
