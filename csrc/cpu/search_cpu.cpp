@@ -139,9 +139,11 @@ void search_loop(const at::Tensor& query, const at::Tensor& weight, const at::Te
   });
 }
 
-// Cell-major bounds: queries per block (bounds the cell lists held, ~4 bytes per visited cell), and
-// top-k entries per thread and block (12 bytes each for float32).
-constexpr int64_t kCellMajorMaxBlock = 4096, kCellMajorHeapEntries = int64_t(1) << 20;
+// Cell-major bounds per block of queries: queries, visited (query, cell) pairs at worst (block *
+// min(K*K, budget); 8 bytes each in the lists and their inversion), and top-k entries per thread
+// (12 bytes each for float32).
+constexpr int64_t kCellMajorMaxBlock = 4096, kCellMajorMaxPairs = int64_t(1) << 25,
+                  kCellMajorHeapEntries = int64_t(1) << 20;
 // "auto" reranks cell-major from this batch size on (bench/retrieval.py, README "Approximate top-k").
 constexpr int64_t kCellMajorMinQueries = 64;
 
@@ -263,7 +265,9 @@ void search_cell_major(const at::Tensor& query, const at::Tensor& weight, const 
                        const float* s2p, const int64_t* off, const id_t* cls, int64_t K, int64_t N, int64_t k,
                        int64_t budget, at::Tensor& ids, at::Tensor& scores, int64_t* first_bad) {
   const int64_t B = query.size(0);
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>({B, kCellMajorMaxBlock, kCellMajorHeapEntries / k}));
+  const int64_t block = std::max<int64_t>(
+      1, std::min<int64_t>({B, kCellMajorMaxBlock, kCellMajorHeapEntries / k,
+                            kCellMajorMaxPairs / search_max_cells(K, budget)}));
   for (int64_t q0 = 0; q0 < B; q0 += block)
     search_cell_major_block<scalar_t, id_t>(query, weight, bias, s1p, s2p, off, cls, K, N, k, budget, q0,
                                             std::min(B, q0 + block), ids, scores, first_bad);

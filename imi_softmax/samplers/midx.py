@@ -530,4 +530,5 @@ class MIDXSampler(Sampler):
     def extra_repr(self) -> str:
         return (f"num_codewords={self.num_codewords}, quantizer={self.quantizer!r}, "
                 f"kmeans_iters={self.kmeans_iters}, num_classes={self.num_classes}"
-                + (f", kl_refine_steps={self.kl_refine_steps}" if self.kl_refine_steps else ""))
+                + (f", kl_refine_steps={self.kl_refine_steps}" if self.kl_refine_steps else "")
+                + (", copy_vectors=True" if self._copy_vectors else ""))
