@@ -3,7 +3,11 @@
 For each catalogue, in one run: exact top-k (``imi_softmax.chunked.chunked_topk``, the ground truth
 and the speed reference), ``MIDXSampler.search`` over a budget sweep, and, when ``faiss`` imports,
 FAISS's inverted multi-index (IndexIVFFlat over a MultiIndexQuantizer(d, 2, nbits), inner product,
-nprobe swept). Per setting: recall@10 and recall@100 against the exact top-100, queries/s (all
+nprobe swept). Each MIDX budget is timed in each ``--rerank`` order of the CPU op (method ``midx``:
+per query; ``midx_cell``: cell-major, each visited cell's rows scored against all its queries at
+once; queries_per_cell is the mean number of the batch's queries visiting a visited cell), reading
+the live rows (``weight=``) and, with suffix ``_copy``, the cell-ordered copy of
+``build(copy_vectors=True)``. Per setting: recall@10 and recall@100 against the exact top-100, queries/s (all
 threads, the whole query batch in one call), and the classes scored per query (ours: the candidates
 of the visited cells; FAISS: indexIVF_stats.ndis / queries).
 
@@ -101,26 +105,35 @@ def run_catalogue(name, weight, bias, queries, a, rows, info):
     repeats = a.repeats_20m if big else a.repeats
     sec, (exact_v, exact_i) = timed(lambda: chunked_topk(queries, weight, bias, kmax, chunk), repeats)
     rows.append({**base, "method": "exact", "setting": "", "recall@10": 1.0, "recall@100": 1.0,
-                 "queries_per_s": Q / sec, "classes_scored": n, "build_s": 0.0, "load_1m": load_avg()})
+                 "queries_per_s": Q / sec, "classes_scored": n, "build_s": 0.0, "load_1m": load_avg(),
+                 "queries_per_cell": float("nan")})
     print(f"  exact: {Q / sec:,.0f} q/s", flush=True)
 
     K = a.codewords_20m if big and a.codewords_20m else a.codewords
     K = K if K else max(16, min(1024, 2 ** round(math.log2(math.sqrt(n / a.cell_size)))))
     t = time.perf_counter()
-    s = imi_softmax.MIDXSampler(num_codewords=K, quantizer=a.quantizer, kmeans_iters=a.kmeans_iters).build(weight, bias)
+    s = imi_softmax.MIDXSampler(num_codewords=K, quantizer=a.quantizer, kmeans_iters=a.kmeans_iters)
+    s.build(weight, bias, copy_vectors=a.copy_vectors)
     build = time.perf_counter() - t
     print(f"  MIDX index K = {K} ({a.quantizer}): built in {build:.1f} s", flush=True)
     fractions = [f for f in a.budget_fractions if n < 10_000_000 or f <= a.max_fraction_20m]
     budgets = sorted({b for b in (int(f * n) for f in fractions) if kmax <= b <= n})
     for budget in budgets:
-        sec, (ids, _) = timed(lambda: s.search(queries, kmax, budget), repeats)
-        _, counts = s.search_cells(queries, budget)
-        row = {**base, "method": "midx", "setting": f"K={K},budget={budget}", "recall@10": recall(ids, exact_i, 10),
-               "recall@100": recall(ids, exact_i, 100), "queries_per_s": Q / sec,
-               "classes_scored": float(counts.double().mean()), "build_s": build, "load_1m": load_avg()}
-        rows.append(row)
-        print(f"  midx budget {budget:>9,}: r@10 {row['recall@10']:.3f} r@100 {row['recall@100']:.3f} "
-              f"{row['queries_per_s']:,.0f} q/s, {row['classes_scored']:,.0f} scored", flush=True)
+        cells, counts = s.search_cells(queries, budget)
+        visited = cells[cells >= 0]
+        per_cell = visited.numel() / max(1, visited.unique().numel())
+        for rerank, copy in [(r, c) for c in ([False, True] if a.copy_vectors else [False]) for r in a.rerank]:
+            vectors = {} if copy else {"weight": weight, "bias": bias}
+            sec, (ids, _) = timed(lambda: s.search(queries, kmax, budget, rerank=rerank, **vectors), repeats)
+            method = ("midx" if rerank == "query" else "midx_" + rerank) + ("_copy" if copy else "")
+            row = {**base, "method": method, "setting": f"K={K},budget={budget}",
+                   "recall@10": recall(ids, exact_i, 10), "recall@100": recall(ids, exact_i, 100),
+                   "queries_per_s": Q / sec, "classes_scored": float(counts.double().mean()), "build_s": build,
+                   "load_1m": load_avg(), "queries_per_cell": per_cell}
+            rows.append(row)
+            print(f"  {method:<14} budget {budget:>9,}: r@10 {row['recall@10']:.3f} r@100 {row['recall@100']:.3f} "
+                  f"{row['queries_per_s']:,.0f} q/s, {row['classes_scored']:,.0f} scored, "
+                  f"{per_cell:.1f} queries/cell", flush=True)
     del s
     gc.collect()
 
@@ -159,7 +172,8 @@ def run_catalogue(name, weight, bias, queries, a, rows, info):
         fi = torch.from_numpy(fi)
         row = {**base, "method": "faiss_imi", "setting": f"nbits={nbits},nprobe={nprobe}",
                "recall@10": recall(fi, exact_i, 10), "recall@100": recall(fi, exact_i, 100),
-               "queries_per_s": Q / sec, "classes_scored": ndis, "build_s": fbuild, "load_1m": load_avg()}
+               "queries_per_s": Q / sec, "classes_scored": ndis, "build_s": fbuild, "load_1m": load_avg(),
+               "queries_per_cell": float("nan")}
         rows.append(row)
         print(f"  faiss nprobe {nprobe:>6}: r@10 {row['recall@10']:.3f} r@100 {row['recall@100']:.3f} "
               f"{row['queries_per_s']:,.0f} q/s, {row['classes_scored']:,.0f} scored", flush=True)
@@ -177,7 +191,8 @@ def plot(rows, path):
     cats = list(dict.fromkeys(r["catalogue"] for r in rows))
     fig, axes = plt.subplots(1, len(cats), figsize=(5 * len(cats), 4), squeeze=False)
     for ax, cat in zip(axes[0], cats):
-        for method, style in (("midx", "o-"), ("faiss_imi", "s--")):
+        for method, style in (("midx", "o-"), ("midx_cell", "^-"), ("midx_copy", "o:"), ("midx_cell_copy", "^:"),
+                              ("faiss_imi", "s--")):
             pts = [r for r in rows if r["catalogue"] == cat and r["method"] == method]
             if pts:
                 ax.plot([r["queries_per_s"] for r in pts], [r["recall@10"] for r in pts], style, label=method)
@@ -214,6 +229,10 @@ def main(argv=None):
     p.add_argument("--max-fraction-20m", type=float, default=0.05, help="largest budget fraction at N >= 10M")
     p.add_argument("--nprobes", type=int, nargs="*", default=[4, 16, 64, 256, 1024, 4096, 16384])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rerank", nargs="*", default=["query", "cell"], choices=["query", "cell", "auto"],
+                   help="MIDXSampler.search rerank orders to time")
+    p.add_argument("--no-copy-vectors", dest="copy_vectors", action="store_false",
+                   help="time only the live rows (no build(copy_vectors=True) copy: N*d less memory)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--model", default=os.path.join(RESULTS, "reference_model_ml10m.pt"))
     p.add_argument("--tag", default="")

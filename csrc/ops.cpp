@@ -61,10 +61,12 @@ TORCH_LIBRARY(imi_softmax, m) {
   m.def("midx_search_cells(Tensor s1, Tensor s2, Tensor offsets, int budget) -> (Tensor cells, Tensor num_candidates)");
   // ... and the classes of those cells reranked exactly with query . weight_i + bias_i: the k best
   // (ids [B, k] int64, scores [B, k] in the accumulation dtype), best first (ties: smaller id on CPU,
-  // torch.topk's order on CUDA). class_ids: int64 or int32; 0 <= k <= min(budget, N).
+  // torch.topk's order on CUDA). class_ids: int64 or int32; 0 <= k <= min(budget, N). rerank: the
+  // CPU's order of the rerank, "query" (per query), "cell" (per visited cell, all its queries at
+  // once) or "auto" (cell for batches of >= 64 queries); the result does not depend on it.
   m.def(
       "midx_search(Tensor query, Tensor weight, Tensor? bias, Tensor s1, Tensor s2, Tensor offsets, "
-      "Tensor class_ids, int k, int budget) -> (Tensor ids, Tensor scores)");
+      "Tensor class_ids, int k, int budget, str rerank=\"auto\") -> (Tensor ids, Tensor scores)");
   // Fused sampled softmax. ids/log_q: [B, 1+M], column 0 = target. Returns per-row loss and lse.
   m.def(
       "sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, Tensor log_q, "

@@ -558,6 +558,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_inputs(
 // The cells a search visits for `budget` candidates: at most one per candidate and at most K*K.
 inline int64_t search_max_cells(int64_t K, int64_t budget) { return std::min<int64_t>(K * K, budget); }
 
+// midx_search's rerank order: "query" (each query reads its candidates' rows), "cell" (CPU: the
+// batch inverted into per-cell query lists, each visited cell's rows read once per batch), "auto".
+// Same result either way; CUDA has one kernel and accepts all three.
+enum class SearchRerank { Auto, Query, Cell };
+
+inline SearchRerank parse_search_rerank(const char* op, const std::string& rerank) {
+  if (rerank == "auto") return SearchRerank::Auto;
+  if (rerank == "query") return SearchRerank::Query;
+  if (rerank == "cell") return SearchRerank::Cell;
+  TORCH_CHECK(false, op, ": rerank must be 'auto', 'query' or 'cell', got '", rerank, "'");
+}
+
 // midx_search_cells' s1/s2 [B, K] and the shape of offsets [K*K+1]; returns K*K.
 inline int64_t check_search_cells_shapes(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& offsets) {
   check_query_scores(s1, s2);

@@ -83,7 +83,7 @@ def _search_cells_fake(s1, s2, offsets, budget):
 
 
 @torch.library.register_fake(_lib + "midx_search")
-def _search_fake(query, weight, bias, s1, s2, offsets, class_ids, k, budget):
+def _search_fake(query, weight, bias, s1, s2, offsets, class_ids, k, budget, rerank="auto"):
     b = query.shape[0]
     return offsets.new_empty((b, k)), query.new_empty((b, k), dtype=acc_dtype(weight.dtype))
 

@@ -226,6 +226,136 @@ def test_search_under_torch_compile():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+# --- rerank orders (CPU: query-major and cell-major) --------------------------------------------
+
+def _batch_args(n, d, K, B, dtype, id_dtype, bias, seed):
+    """A random index with K*K cells and B queries whose codeword scores share their top cells with
+    each other (so the cell-major lists hold many queries per cell), as op arguments."""
+    (_, _, _), index = random_index(n, K, False, seed=seed)
+    offsets, class_ids = index[0], index[1].to(id_dtype)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    s1 = torch.randn(K, generator=g) * 2 + torch.randn(B, K, generator=g)
+    s2 = torch.randn(K, generator=g) * 2 + torch.randn(B, K, generator=g)
+    return q, w, b, s1, s2, offsets, class_ids
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_major_equals_query_major(dtype, id_dtype, bias):
+    """Same candidates, same per-pair logit, same strict order: equal ids and bit-equal scores."""
+    args = _batch_args(3000, 12, 9, 70, dtype, id_dtype, bias, seed=21)
+    for k, budget in ((1, 1), (10, 60), (10, 700), (50, 3000)):
+        q_ids, q_scores = ops.midx_search(*args, k, budget, "query")
+        c_ids, c_scores = ops.midx_search(*args, k, budget, "cell")
+        a_ids, a_scores = ops.midx_search(*args, k, budget)  # 70 queries: auto picks cell-major
+        assert torch.equal(q_ids, c_ids) and torch.equal(q_scores, c_scores)
+        assert torch.equal(a_ids, c_ids) and torch.equal(a_scores, c_scores)
+        f_ids, f_scores = fb.midx_search(*args, k, budget)
+        assert torch.equal(c_ids, f_ids)
+        torch.testing.assert_close(c_scores, f_scores)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cell_major_result_does_not_depend_on_threads(threads):
+    args = _batch_args(2000, 8, 8, 33, torch.float32, torch.int64, True, seed=22)
+    want = ops.midx_search(*args, 7, 300, "query")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = ops.midx_search(*args, 7, 300, "cell")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("rerank", ["query", "cell"])
+def test_cell_major_budget_n_equals_exact_topk(rerank):
+    w, b, q = clustered(900, 8, seed=23)
+    q = torch.cat([q] * 3)  # 27 queries, repeated ones share every cell
+    s = MIDXSampler(num_codewords=7).build(w, b)
+    for k in (1, 13, 900):
+        ids, scores = s.search(q, k, budget=900, rerank=rerank)
+        want_v, want_i = exact_topk(q, w, b, k)
+        assert torch.equal(ids, want_i)
+        torch.testing.assert_close(scores, want_v, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_cell_major_in_several_query_blocks():
+    """k * block is bounded (2^20 heap entries per thread): k = 30,000 splits 40 queries into blocks
+    of 34 and 6; the result is still the exact top-k of every query."""
+    n, k = 30000, 30000
+    args = _batch_args(n, 4, 40, 40, torch.float64, torch.int64, True, seed=24)
+    ids, scores = ops.midx_search(*args, k, n, "cell")
+    q, w, b = args[:3]
+    want_v, want_i = exact_topk(q, w, b, k)
+    assert torch.equal(ids, want_i)
+    torch.testing.assert_close(scores, want_v, rtol=1e-12, atol=1e-12)
+    small = ops.midx_search(*args, 5, 2000, "cell"), ops.midx_search(*args, 5, 2000, "query")
+    assert torch.equal(small[0][0], small[1][0]) and torch.equal(small[0][1], small[1][1])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rerank", ["query", "cell"])
+def test_copy_vectors_gives_the_live_candidates_and_scores(bias, rerank):
+    """build(copy_vectors=True): search() reranks the cell-ordered copy; same ids and scores as the
+    live rows (no float ties in this data), the exact top-k at budget N."""
+    w, b, q = clustered(1500, 8, seed=26)
+    b = b if bias else None
+    q = torch.cat([q] * 8)
+    s = MIDXSampler(num_codewords=8).build(w, b, copy_vectors=True)
+    for k, budget in ((5, 40), (10, 300), (1500, 1500)):
+        got = s.search(q, k, budget, rerank=rerank)
+        live = s.search(q, k, budget, weight=w, bias=b, rerank=rerank)
+        assert torch.equal(got[0], live[0])
+        torch.testing.assert_close(got[1], live[1], rtol=1e-12, atol=1e-12)
+    want_v, want_i = exact_topk(q, w, b, 1500)
+    assert torch.equal(got[0], want_i)
+
+
+def test_copy_vectors_is_taken_at_build_and_update():
+    w, b, q = clustered(800, 6, seed=27)
+    s = MIDXSampler(num_codewords=6).build(w, b, copy_vectors=True)
+    old_v, old_i = exact_topk(q, w, b, 9)
+    w2, b2 = w.clone(), b.clone()
+    w.mul_(-1)  # in place after the build: not in the copy (documented)
+    got_i, got_v = s.search(q, 9, budget=800)
+    assert torch.equal(got_i, old_i)
+    torch.testing.assert_close(got_v, old_v)
+    changed = torch.arange(0, 800, 3)
+    w2[changed] = torch.randn(changed.numel(), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    b2[changed] += 1.0
+    s.update(w2, b2, changed)  # the copy follows the update
+    want_v, want_i = exact_topk(q, w2, b2, 9)
+    got_i, got_v = s.search(q, 9, budget=800)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_v, want_v)
+    s.build(w2, b2)  # without copy_vectors: the copy is dropped, search reads w2 by reference
+    with torch.no_grad():
+        w2.mul_(-1)
+    want_v, want_i = exact_topk(q, w2, b2, 9)
+    got_i, got_v = s.search(q, 9, budget=800)
+    assert torch.equal(got_i, want_i)
+    with pytest.raises(TypeError, match="copy_vectors must be a bool"):
+        s.build(w2, b2, copy_vectors=1)
+
+
+def test_rerank_must_be_a_known_order():
+    w, b, q = clustered(200, 8, seed=25, dtype=torch.float32)
+    s = MIDXSampler(num_codewords=4).build(w, b)
+    with pytest.raises(ValueError, match="rerank must be 'auto', 'query' or 'cell', got 'cells'"):
+        s.search(q, 3, rerank="cells")
+    args = _op_args()
+    with pytest.raises(RuntimeError, match="rerank must be 'auto', 'query' or 'cell'"):
+        ops.midx_search(*args, 5, 50, "rows")
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_bad_arguments_raise_clear_errors():
@@ -275,8 +405,9 @@ def test_op_checks_what_it_indexes_with():
     q, w, b, s1, s2, offsets, class_ids = _op_args()
     bad = class_ids.clone()
     bad[17] = 400
-    with pytest.raises(RuntimeError, match=r"class_ids has class id 400 at \[17\] outside \[0, N = 400\)"):
-        ops.midx_search(q, w, b, s1, s2, offsets, bad, 5, 400)
+    for rerank in ("query", "cell"):
+        with pytest.raises(RuntimeError, match=r"class_ids has class id 400 at \[17\] outside \[0, N = 400\)"):
+            ops.midx_search(q, w, b, s1, s2, offsets, bad, 5, 400, rerank)
     with pytest.raises(RuntimeError, match="offsets must start at 0, never decrease"):
         ops.midx_search(q, w, b, s1, s2, offsets.flip(0), class_ids, 5, 50)
     with pytest.raises(RuntimeError, match="offsets must start at 0, never decrease"):

@@ -393,7 +393,9 @@ std::tuple<at::Tensor, at::Tensor> midx_search_cells_cuda(const at::Tensor& s1_i
 std::tuple<at::Tensor, at::Tensor> midx_search_cuda(const at::Tensor& query_in, const at::Tensor& weight_in,
                                                     const std::optional<at::Tensor>& bias_in, const at::Tensor& s1_in,
                                                     const at::Tensor& s2_in, const at::Tensor& offsets,
-                                                    const at::Tensor& class_ids, int64_t k, int64_t budget) {
+                                                    const at::Tensor& class_ids, int64_t k, int64_t budget,
+                                                    c10::string_view rerank) {
+  parse_search_rerank("midx_search", std::string(rerank));  // one kernel (per query) for every order
   const c10::cuda::CUDAGuard guard(query_in.device());
   const int64_t N = check_search_inputs("midx_search", query_in, weight_in, bias_in, s1_in, s2_in, offsets, class_ids,
                                         k, budget);

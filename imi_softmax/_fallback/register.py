@@ -31,7 +31,8 @@ SCHEMAS = {
     "midx_search_cells": ("midx_search_cells(Tensor s1, Tensor s2, Tensor offsets, int budget) -> "
                           "(Tensor cells, Tensor num_candidates)", search.midx_search_cells),
     "midx_search": ("midx_search(Tensor query, Tensor weight, Tensor? bias, Tensor s1, Tensor s2, Tensor offsets, "
-                    "Tensor class_ids, int k, int budget) -> (Tensor ids, Tensor scores)", search.midx_search),
+                    "Tensor class_ids, int k, int budget, str rerank=\"auto\") -> (Tensor ids, Tensor scores)",
+                    search.midx_search),
     "sampled_softmax_forward": ("sampled_softmax_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ids, "
                                 "Tensor log_q, bool remove_accidental_hits, int ignore_index, bool sparse_grad) -> "
                                 "(Tensor loss, Tensor lse)", loss.sampled_softmax_forward),

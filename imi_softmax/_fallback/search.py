@@ -71,8 +71,11 @@ def midx_search_cells(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> T
 
 
 def midx_search(query: Tensor, weight: Tensor, bias: Optional[Tensor], s1: Tensor, s2: Tensor, offsets: Tensor,
-                class_ids: Tensor, k: int, budget: int) -> Tuple[Tensor, Tensor]:
+                class_ids: Tensor, k: int, budget: int, rerank: str = "auto") -> Tuple[Tensor, Tensor]:
+    # rerank (the compiled CPU op's loop order) does not change the result: checked, then unused
     n = weight.shape[0]
+    if rerank not in ("auto", "query", "cell"):
+        raise RuntimeError(f"midx_search: rerank must be 'auto', 'query' or 'cell', got '{rerank}'")
     # the compiled op's checks and messages (csrc/tensor_views.h, check_search_inputs)
     if query.dim() != 2 or weight.dim() != 2 or query.shape[1] != weight.shape[1]:
         raise RuntimeError(f"midx_search: query [B, d] and weight [N, d] expected, got {tuple(query.shape)} and "

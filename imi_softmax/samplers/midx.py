@@ -104,6 +104,10 @@ class MIDXSampler(Sampler):
         # search()'s default rerank. The objects themselves, not detached views: a head's
         # Parameters follow module.to() (their .data is swapped), so no old storage is kept alive.
         self._vectors: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+        # build(copy_vectors=True): (index, weight and bias rows in cell order, identity positions)
+        # taken from the vectors of that index's build/update; search() uses it only with that index.
+        self._copy_vectors = False
+        self._cell_copy: Optional[Tuple[MIDXIndex, Tensor, Optional[Tensor], Tensor]] = None
 
     # -- index ------------------------------------------------------------------------------
     @property
@@ -111,8 +115,17 @@ class MIDXSampler(Sampler):
         """The current index (None before the first build)."""
         return self._index
 
-    def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "MIDXSampler":
-        """(Re)build codebooks and cells from weight [N, d] (and bias [N]); warm-starts k-means."""
+    def build(self, weight: Tensor, bias: Optional[Tensor] = None, *, copy_vectors: bool = False) -> "MIDXSampler":
+        """(Re)build codebooks and cells from weight [N, d] (and bias [N]); warm-starts k-means.
+
+        ``copy_vectors=True`` (for retrieval over a frozen catalogue) also keeps a copy of weight and
+        bias in cell order, each cell's rows contiguous like FAISS's inverted lists: :meth:`search`
+        without ``weight=`` then reranks that copy (the rows of a cell are read in one stream instead
+        of gathered). Costs N * (d + 1) elements of weight's dtype plus N int32/int64 positions; taken
+        here and by every :meth:`update`, so it holds the vectors of the index being searched: in-place
+        changes of weight after this call are not seen (call build/update again, or pass weight=)."""
+        if not isinstance(copy_vectors, bool):
+            raise TypeError(f"copy_vectors must be a bool, got {type(copy_vectors).__name__}")
         check_tensor("weight", weight, dims=(2,))
         n, d = weight.shape
         if n < 1:
@@ -128,9 +141,21 @@ class MIDXSampler(Sampler):
             if bias.shape[0] != n:
                 raise ValueError(f"bias must be [{n}] to match weight, got {tuple(bias.shape)}")
         with no_autocast(weight.device):
-            self._index = self._build_index(weight, bias)
+            index = self._build_index(weight, bias)
+            self._copy_vectors = copy_vectors
+            self._cell_copy = self._take_cell_copy(index, weight, bias)
+            self._index = index
         self._vectors = (weight, bias)
         return self
+
+    def _take_cell_copy(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor]):
+        if not self._copy_vectors:
+            return None
+        order = index.class_ids.long()
+        w = weight.detach()[order].contiguous()
+        b = None if bias is None else bias.detach()[order].contiguous()
+        pos_dtype = torch.int32 if index.num_classes <= torch.iinfo(torch.int32).max else torch.int64
+        return index, w, b, torch.arange(index.num_classes, dtype=pos_dtype, device=weight.device)
 
     def _build_index(self, weight: Tensor, bias: Optional[Tensor]) -> MIDXIndex:
         n, d = weight.shape
@@ -217,7 +242,9 @@ class MIDXSampler(Sampler):
         if changed.numel() > 1 and not bool((changed[1:] > changed[:-1]).all()):
             changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
         with no_autocast(weight.device):
-            self._index = self._update_index(index, weight, bias, changed)
+            new_index = self._update_index(index, weight, bias, changed)
+            self._cell_copy = self._take_cell_copy(new_index, weight, bias)
+            self._index = new_index
         self._vectors = (weight, bias)
         return self
 
@@ -283,7 +310,11 @@ class MIDXSampler(Sampler):
         if stats["improved"]:
             check_fp32_range("refined codewords", torch.cat([c1, c2], 1), _OVERFLOW_FIX)
             # only the codebooks change: cells, masses and alias tables do not depend on them
-            self._index = index._replace(codebook1=c1, codebook2=c2)
+            new_index = index._replace(codebook1=c1, codebook2=c2)
+            copy = self._cell_copy
+            if copy is not None and copy[0] is index:  # nor does the cell-ordered copy
+                self._cell_copy = (new_index,) + copy[1:]
+            self._index = new_index
         self.last_refine = stats
         return stats
 
@@ -403,7 +434,7 @@ class MIDXSampler(Sampler):
 
     # -- retrieval --------------------------------------------------------------------------
     def search(self, query: Tensor, k: int, budget: int = 4096, *, weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               bias: Optional[Tensor] = None, rerank: str = "auto") -> Tuple[Tensor, Tensor]:
         """Approximate top-k classes of each query row by the exact logit ``query . w_i + b_i``.
 
         Cells are visited in decreasing ``s1[k1] + s2[k2]`` order (the inverted multi-index's
@@ -417,19 +448,35 @@ class MIDXSampler(Sampler):
             budget: candidates to collect per row (classes scored is at least this, up to one cell more).
             weight, bias: class vectors [N, d] and [N] (or None) to rerank with, e.g. a head's current
                 parameters; the cells stay those of the last build. Default (weight None): the
-                weight and bias given to the last ``build``/``update`` (held by reference).
+                weight and bias given to the last ``build``/``update`` (held by reference), or their
+                cell-ordered copy taken then if that build had ``copy_vectors=True`` (same
+                candidates and scores; among equal scores the order is the copy's, not the id's).
+            rerank: the CPU's rerank order; the result does not depend on it. ``"query"``: each query
+                scores its candidates (reads their rows itself); ``"cell"``: the batch's visited cells
+                are scored one at a time against all the queries that visit them (each row read once
+                per batch: faster when queries share cells); ``"auto"``: ``"cell"`` for batches of
+                64 queries or more. CUDA runs one kernel for all three.
         Returns:
             ids [B, k] int64, scores [B, k] (float32; float64 for a float64 weight).
         """
         index = self._require_index()  # the one read of the index for this call
         k = check_positive_int("k", k)
         budget = check_positive_int("budget", budget)
+        if rerank not in ("auto", "query", "cell"):
+            raise ValueError(f"rerank must be 'auto', 'query' or 'cell', got {rerank!r}")
         if budget < k:
             raise ValueError(f"budget ({budget}) must be >= k ({k}): the k results are chosen among the budget "
                              f"candidates; raise budget or lower k")
         if k > index.num_classes:
             raise ValueError(f"k must be <= num_classes ({index.num_classes}), got {k}")
         self._check_query(index, query)
+        copy = self._cell_copy
+        if weight is None and bias is None and copy is not None and copy[0] is index:
+            s1, s2 = self.scores(query, index)
+            with no_autocast(query.device):
+                pos, scores = ops.midx_search(query.detach().to(copy[1].dtype), copy[1], copy[2], s1, s2,
+                                              index.offsets, copy[3], k, budget, rerank)
+            return index.class_ids.long()[pos], scores
         if weight is None:
             if bias is not None:
                 raise ValueError("bias was given without weight: pass both (or neither, to rerank with the "
@@ -448,7 +495,7 @@ class MIDXSampler(Sampler):
         with no_autocast(query.device):
             return ops.midx_search(query.detach().to(weight.dtype), weight.detach(),
                                    None if bias is None else bias.detach(), s1, s2, index.offsets,
-                                   index.class_ids, k, budget)
+                                   index.class_ids, k, budget, rerank)
 
     def search_cells(self, query: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
         """The cells :meth:`search` visits (for inspection and tests): cells [B, min(K*K, budget)]
@@ -483,6 +530,7 @@ class MIDXSampler(Sampler):
             self._index = None
             return False
         self._vectors = None  # a loaded index without its vectors: search() needs weight=
+        self._cell_copy = None
         fields = {f: (None if saved[f] is None else saved[f].to(device)) for f in _TENSOR_FIELDS}
         # version 1 states kept the per-class arrays in int64: the ops take int32 (ids < N < 2^31)
         for f in _INDEX_INT32_FIELDS:
@@ -498,4 +546,5 @@ class MIDXSampler(Sampler):
     def extra_repr(self) -> str:
         return (f"num_codewords={self.num_codewords}, quantizer={self.quantizer!r}, "
                 f"kmeans_iters={self.kmeans_iters}, num_classes={self.num_classes}"
-                + (f", kl_refine_steps={self.kl_refine_steps}" if self.kl_refine_steps else ""))
+                + (f", kl_refine_steps={self.kl_refine_steps}" if self.kl_refine_steps else "")
+                + (", copy_vectors=True" if self._copy_vectors else ""))
