@@ -5,7 +5,8 @@ B*L rows, each positive with its row's M negatives (the negatives' weight rows g
 Both get the same negatives and log Q, so the ratio is the cost of the repeated gathers. A third
 column times the fused op pair without the training forward (reduction "none" summed by hand: the
 forward-only op, then the backward op reading the weight rows again), so fused / two-pass is what
-the training forward (ops.multilabel_softmax_train) saves. Medians of --repeats timed calls after one
+the training forward (ops.multilabel_softmax_train) saves in the whole loss + backward; the ops are
+also timed alone on the same inputs (training forward against forward + backward op). Medians of --repeats timed calls after one
 warm-up; the ratios survive a loaded machine better than any one number.
 
     .venv/bin/python bench/multilabel_step.py                 # N = 100k, d = 64, B = 256, M = 256
@@ -53,6 +54,7 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
     import imi_softmax.functional as IF
+    from imi_softmax import ops
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -85,15 +87,33 @@ def main(argv=None):
                                     log_q.repeat_interleave(L, 0), tlq.reshape(-1), reduction="sum",
                                     sparse_grad=sg).backward()
 
+        # the ops alone on the same inputs: the training forward against the forward + backward pair
+        all_ids = torch.cat([target, ids], 1)
+        all_lq = torch.cat([tlq, log_q], 1)
+        pw = torch.ones(B, L)
+        xd, wd, bd = x.detach(), w.detach(), bias.detach()
+
+        def op_train():
+            ops.multilabel_softmax_train(xd, wd, bd, all_ids, all_lq, pw, L, True, sg)
+
+        def op_two_pass():
+            _, lse = ops.multilabel_softmax_forward(xd, wd, bd, all_ids, all_lq, L, True, sg)
+            ops.multilabel_softmax_backward(pw, xd, wd, bd, all_ids, all_lq, lse, L, True)
+
         load = os.getloadavg()[0]
+        t_op_train = timed(op_train, 4 * a.repeats)
+        t_op_two = timed(op_two_pass, 4 * a.repeats)
         t_fused = timed(fused, a.repeats)
         t_two = timed(fused_two_pass, a.repeats)
         t_per = timed(per_positive, a.repeats)
         rows.append({"L": L, "fused_s": t_fused, "fused_two_pass_s": t_two, "per_positive_s": t_per,
-                     "ratio": t_per / t_fused, "two_pass_ratio": t_two / t_fused, "load_avg_1m_before": load})
+                     "ratio": t_per / t_fused, "two_pass_ratio": t_two / t_fused,
+                     "op_train_s": t_op_train, "op_forward_backward_s": t_op_two,
+                     "op_ratio": t_op_two / t_op_train, "load_avg_1m_before": load})
         print(f"L={L:3d}: fused {1e3 * t_fused:8.1f} ms, fused without the training forward "
               f"{1e3 * t_two:8.1f} ms ({t_two / t_fused:4.2f}x), per-positive rows {1e3 * t_per:8.1f} ms "
-              f"({t_per / t_fused:5.2f}x) (load {load:.2f})", flush=True)
+              f"({t_per / t_fused:5.2f}x); ops alone: training forward {1e3 * t_op_train:6.2f} ms, forward + "
+              f"backward {1e3 * t_op_two:6.2f} ms ({t_op_two / t_op_train:4.2f}x) (load {load:.2f})", flush=True)
     out = {"machine": info, "config": {"N": n, "d": d, "B": B, "M": m, "repeats": a.repeats,
                                         "what": f"forward + backward ({'sparse' if a.sparse_grad else 'dense'} "
                                                 f"weight grad), fp32, median"},
