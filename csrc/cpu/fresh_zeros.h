@@ -15,7 +15,9 @@
 
 namespace imi_softmax {
 
-inline at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// huge_pages = false leaves the mapping to the kernel's default (4 KiB pages where transparent huge
+// pages are "madvise"): no fault of it can stall in synchronous compaction (update_cells).
+inline at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge_pages = true) {
 #if defined(__linux__)
   constexpr size_t kMinBytes = size_t(16) << 20;  // below this the fill is cheap
   constexpr size_t kHugePage = size_t(2) << 20;
@@ -28,7 +30,7 @@ inline at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& op
     if (base != MAP_FAILED) {
       const uintptr_t start = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(kHugePage - 1);
       void* data = reinterpret_cast<void*>(start);
-      madvise(data, bytes, MADV_HUGEPAGE);  // advisory: without THP it is a no-op
+      if (huge_pages) madvise(data, bytes, MADV_HUGEPAGE);  // advisory: without THP it is a no-op
       return at::from_blob(data, sizes, [base, mapped](void*) { munmap(base, mapped); }, options);
     }
   }
