@@ -476,7 +476,7 @@ class MIDXSampler(Sampler):
             with no_autocast(query.device):
                 pos, scores = ops.midx_search(query.detach().to(copy[1].dtype), copy[1], copy[2], s1, s2,
                                               index.offsets, copy[3], k, budget, rerank)
-            return index.class_ids.long()[pos], scores
+            return index.class_ids[pos].long(), scores  # gather, then widen: never the whole [N] array
         if weight is None:
             if bias is not None:
                 raise ValueError("bias was given without weight: pass both (or neither, to rerank with the "
