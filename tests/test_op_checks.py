@@ -51,6 +51,39 @@ def test_valid_index_samples(index):
     torch.testing.assert_close(ops.midx_log_prob(*log_prob_args(index, ids)), log_q)
 
 
+@pytest.mark.parametrize("impl", ["op", "fallback"])
+@pytest.mark.parametrize("which", ["s1", "s2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_proposal_ops_reject_non_finite_scores(index, impl, which, bad):
+    """The CPU proposal ops check the scores of every row they prepare (the sampler skips its own
+    check, and sync, on CPU): one NaN / Inf entry raises naming the row, for sampling with and
+    without targets and for log_prob; the fallback raises the same."""
+    from imi_softmax._fallback import proposal as fb
+
+    s, s1, s2 = index
+    scores = {"s1": s1.clone(), "s2": s2.clone()}
+    scores[which][1, 2] = bad
+    sample = ops.midx_sample_seeded if impl == "op" else fb.midx_sample_seeded
+    log_prob = ops.midx_log_prob if impl == "op" else fb.midx_log_prob
+    targets = torch.zeros(B, 1, dtype=torch.long)
+    msg = r"scores s1/s2 of row 1 hold NaN or Inf"
+    with pytest.raises(RuntimeError, match=msg):
+        sample(*sample_args(index, **scores), M, 7, 0)
+    with pytest.raises(RuntimeError, match=msg):
+        sample(*sample_args(index, **scores), 0, 7, 0, targets, s.beta, s.code1, s.code2)
+    with pytest.raises(RuntimeError, match=msg):
+        log_prob(*log_prob_args(index, targets, **scores))
+    # the other rows alone are fine
+    keep = [0, 2]
+    ok = {"s1": scores["s1"][keep], "s2": scores["s2"][keep]}
+    if which == "s1":
+        ok["s2"] = s2[keep]
+    else:
+        ok["s1"] = s1[keep]
+    ids, log_q, _ = sample(*sample_args(index, **ok), M, 7, 0)
+    assert bool(torch.isfinite(log_q).all())
+
+
 # ---- midx_sample / midx_sample_seeded: offsets, tables, sizes -------------------------------------
 
 def _offsets_cases(s):

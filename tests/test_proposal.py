@@ -170,7 +170,7 @@ def _seeded_with(monkeypatch, level, args):
                                               (100, 30000, 48, True, 2.0), (64, 20000, 7, False, 1.0),
                                               (33, 8000, 24, True, 1.0)])
 def test_vector_draw_passes_equal_portable_passes(monkeypatch, level, k, n, m, bias, scale):
-    """The vectorized CPU passes (AVX-512: 16 draws at a time; AVX2: 8 and 16, tails included)
+    """The vectorized CPU passes (stage 2: AVX-512 64 and 16 draws at a time, AVX2 32 and 8, tails included)
     compute the same draws as the portable ones that call the shared header bodies: same (seed,
     offset) -> identical ids and log Q, biased cells (alias path) and not. The offset makes the
     64-bit draw counter carry into its high word inside the first vector. Stage 1 reads its CDF from

@@ -86,8 +86,8 @@ def test_a_rebuild_during_a_call_does_not_change_what_that_call_uses(monkeypatch
     query = torch.randn(8, d)
     original = MIDXSampler.scores
 
-    def scores_then_rebuild(self, q, index=None):
-        out = original(self, q, index)
+    def scores_then_rebuild(self, q, index=None, **kw):
+        out = original(self, q, index, **kw)
         self.build(3 * torch.randn(n, d) + 1, 2 * torch.randn(n))
         return out
 

@@ -118,3 +118,10 @@ def test_sampler_names_a_non_finite_query():
             s.sample(q, 4)
         with pytest.raises(ValueError, match="query contains NaN or Inf"):
             s.log_prob(q, torch.zeros(3, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="query contains NaN or Inf"):
+            s.sample_with_targets(q, 4, torch.zeros(3, 1, dtype=torch.long))
+    # finite query, overflowing scores: named as the overflow, on the op's check too
+    with pytest.raises(ValueError, match="scores.*overflows float32"):
+        s.sample(torch.full((2, 8), 3e38), 4)
+    with pytest.raises(ValueError, match="scores.*overflows float32"):
+        s.log_prob(torch.full((2, 8), 3e38), torch.zeros(2, 1, dtype=torch.long))

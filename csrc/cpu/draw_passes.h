@@ -298,30 +298,50 @@ IMI_TARGET_AVX512 inline __m512 gather16(const float* base, __m512i index) {
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(0xFFFF), index, base, 4);
 }
 
-// The branchless halving of cdf_search_strided, 16 draws per step via gathers: draw j searches the
-// length-n CDF at cdf + column[j] read with `stride` (column null: every draw searches cdf itself).
+// The branchless halving of cdf_search_strided via gathers: draw j searches the length-n CDF at
+// cdf + column[j] read with `stride` (column null: every draw searches cdf itself). 64 draws per
+// iteration as four independent 16-lane searches, so that the gathers of one overlap the latency
+// chains of the others (stage 2 at N = 1M, K = 64 on AMD Zen 4: 1.19 us a query with one chain,
+// 0.83 with two, 0.75 with four; bench/draw_passes_timing.cpp).
+template <int kVectors>
+IMI_TARGET_AVX512 inline void halving_search_block(const float* cdf, int32_t len0, int32_t step,
+                                                   const int32_t* column, const float* u, int32_t* out) {
+  __m512 total[kVectors], target[kVectors];
+  __m512i at[kVectors], base[kVectors];
+  for (int q = 0; q < kVectors; ++q) {
+    at[q] = column != nullptr ? _mm512_loadu_si512(column + 16 * q) : _mm512_setzero_si512();  // base * stride + column
+    total[q] = gather16(cdf, _mm512_add_epi32(at[q], _mm512_set1_epi32((len0 - 1) * step)));
+    target[q] = _mm512_mul_ps(_mm512_loadu_ps(u + 16 * q), total[q]);
+    base[q] = _mm512_setzero_si512();
+  }
+  for (int32_t len = len0; len > 1;) {
+    const int32_t half = len >> 1;
+    const __m512i probe = _mm512_set1_epi32((half - 1) * step), jump = _mm512_set1_epi32(half * step),
+                  add = _mm512_set1_epi32(half);
+    for (int q = 0; q < kVectors; ++q) {
+      const __m512 v = gather16(cdf, _mm512_add_epi32(at[q], probe));
+      const __mmask16 move = _mm512_cmp_ps_mask(v, target[q], IMI_CMP_MOVES);
+      at[q] = _mm512_mask_add_epi32(at[q], move, at[q], jump);
+      base[q] = _mm512_mask_add_epi32(base[q], move, base[q], add);
+    }
+    len -= half;
+  }
+  for (int q = 0; q < kVectors; ++q) {
+    _mm512_storeu_si512(out + 16 * q, base[q]);
+    skip_empty_lanes(_mm512_cmp_ps_mask(target[q], total[q], _CMP_GE_OQ), cdf, step,
+                     column != nullptr ? column + 16 * q : nullptr, out + 16 * q);
+  }
+}
+
 IMI_TARGET_AVX512 inline void halving_search(const float* cdf, int64_t n, int64_t stride,
                                              const int32_t* column, const float* u, int32_t* out,
                                              int64_t count) {
   const int32_t len0 = static_cast<int32_t>(n), step = static_cast<int32_t>(stride);
   int64_t j = 0;
-  for (; j + 16 <= count; j += 16) {
-    const __m512i col = column != nullptr ? _mm512_loadu_si512(column + j) : _mm512_setzero_si512();
-    const __m512 total = gather16(cdf, _mm512_add_epi32(col, _mm512_set1_epi32((len0 - 1) * step)));
-    const __m512 target = _mm512_mul_ps(_mm512_loadu_ps(u + j), total);
-    __m512i at = col, base = _mm512_setzero_si512();  // at = base * stride + col
-    for (int32_t len = len0; len > 1;) {
-      const int32_t half = len >> 1;
-      const __m512 v = gather16(cdf, _mm512_add_epi32(at, _mm512_set1_epi32((half - 1) * step)));
-      const __mmask16 move = _mm512_cmp_ps_mask(v, target, IMI_CMP_MOVES);
-      at = _mm512_mask_add_epi32(at, move, at, _mm512_set1_epi32(half * step));
-      base = _mm512_mask_add_epi32(base, move, base, _mm512_set1_epi32(half));
-      len -= half;
-    }
-    _mm512_storeu_si512(out + j, base);
-    skip_empty_lanes(_mm512_cmp_ps_mask(target, total, _CMP_GE_OQ), cdf, stride,
-                     column != nullptr ? column + j : nullptr, out + j);
-  }
+  for (; j + 64 <= count; j += 64)
+    halving_search_block<4>(cdf, len0, step, column != nullptr ? column + j : nullptr, u + j, out + j);
+  for (; j + 16 <= count; j += 16)
+    halving_search_block<1>(cdf, len0, step, column != nullptr ? column + j : nullptr, u + j, out + j);
   portable::search_tail(cdf, n, stride, column, u, out, j, count);
 }
 
@@ -430,9 +450,10 @@ IMI_TARGET_AVX2 inline __m256 gather8(const float* base, __m256i index) {
 }
 
 // The branchless halving of cdf_search_strided via gathers: draw j searches the length-n CDF at
-// cdf + column[j] read with `stride` (column null: every draw searches cdf itself). 16 draws per
-// iteration as two independent 8-lane searches, so that one's gathers overlap the other's latency
-// chain. The lanes that move add `half` (and half * stride) under the comparison's all-ones mask.
+// cdf + column[j] read with `stride` (column null: every draw searches cdf itself). 32 draws per
+// iteration as four independent 8-lane searches, so that the gathers of one overlap the latency
+// chains of the others (stage 2 on AMD Zen 4: 0.95 us a query with two chains, 0.74 with four).
+// The lanes that move add `half` (and half * stride) under the comparison's all-ones mask.
 template <int kVectors>
 IMI_TARGET_AVX2 inline void halving_search_block(const float* cdf, int32_t len0, int32_t step,
                                                  const int32_t* column, const float* u, int32_t* out) {
@@ -468,8 +489,8 @@ IMI_TARGET_AVX2 inline void halving_search(const float* cdf, int64_t n, int64_t 
                                            const float* u, int32_t* out, int64_t count) {
   const int32_t len0 = static_cast<int32_t>(n), step = static_cast<int32_t>(stride);
   int64_t j = 0;
-  for (; j + 16 <= count; j += 16)
-    halving_search_block<2>(cdf, len0, step, column != nullptr ? column + j : nullptr, u + j, out + j);
+  for (; j + 32 <= count; j += 32)
+    halving_search_block<4>(cdf, len0, step, column != nullptr ? column + j : nullptr, u + j, out + j);
   for (; j + 8 <= count; j += 8)
     halving_search_block<1>(cdf, len0, step, column != nullptr ? column + j : nullptr, u + j, out + j);
   portable::search_tail(cdf, n, stride, column, u, out, j, count);

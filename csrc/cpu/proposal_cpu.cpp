@@ -27,6 +27,23 @@ draw::Simd draw_level() {
   return c.level;
 }
 
+// Whether query row b's scores are all finite; the first row found that is not goes to bad_row. The
+// ops check here, inside their loop, so the Python caller needs no check (and no sync) of its own:
+// NaN / Inf scores would otherwise give NaN CDFs and meaningless draws and log Q.
+bool finite_scores(const float* s1, const float* s2, int64_t K, int64_t b, std::atomic<int64_t>& bad_row) {
+  if (imi::all_finite(s1, K) && imi::all_finite(s2, K)) return true;
+  int64_t none = -1;
+  bad_row.compare_exchange_strong(none, b);
+  return false;
+}
+
+// The message MIDXSampler recognizes ("hold NaN or Inf") to name the cause (query or overflow).
+void check_scores_were_finite(const char* op, const std::atomic<int64_t>& bad_row) {
+  const int64_t b = bad_row.load();
+  TORCH_CHECK(b < 0, op, ": the query scores s1/s2 of row ", b, " hold NaN or Inf: the query holds NaN or Inf, ",
+              "or query . codeword overflows float32 (scale the query or the weight down)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n,
     const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
@@ -60,12 +77,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const draw::Simd level = draw_level();
   std::atomic<bool> bad_target{false}, bad_draw{false};
+  std::atomic<int64_t> bad_scores{-1};  // the first row found whose scores are not all finite
   if (M > 0 || L > 0) {
     // ~5 us a query: chunks of 8 queries, claimed as the threads come (parallel_chunks.h)
     parallel_chunks(B, 8, [&](ChunkQueue& queue) {
       draw::Scratch ws(ix, M, level);
       for (int64_t b0, b1; queue.next(b0, b1);)
       for (int64_t b = b0; b < b1; ++b) {
+        if (!finite_scores(s1p + b * K, s2p + b * K, K, b, bad_scores)) continue;
         const float log_z = ws.prepare(ix, s1p + b * K, s2p + b * K);
         if (!draw::draw_query(ix, ws, log_z, useed, uoff, static_cast<uint64_t>(b), M, idp + b * M,
                               lqp + b * M))
@@ -78,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
       }
     });
   }
+  check_scores_were_finite("midx_sample", bad_scores);
   TORCH_CHECK(!bad_draw, "midx_sample: a draw reached an empty cell or an alias outside its cell: the "
               "query scores hold NaN or the index tables (offsets, alias_pos) are corrupt; rebuild the index");
   TORCH_CHECK(!bad_target, "midx_sample: targets must lie in [0, ", N,
@@ -126,17 +146,20 @@ at::Tensor midx_log_prob_cpu(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const int64_t* idp = ids.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const draw::Simd level = draw_level();
+  std::atomic<int64_t> bad_scores{-1};
   parallel_chunks(B, 16, [&](ChunkQueue& queue) {
     draw::Scratch ws(ix, 0, level);  // the same preparation as sampling: log Q agree exactly
     for (int64_t b0, b1; queue.next(b0, b1);)
     for (int64_t b = b0; b < b1; ++b) {
       const float* q1 = s1p + b * K;
       const float* q2 = s2p + b * K;
+      if (!finite_scores(q1, q2, K, b, bad_scores)) continue;
       const float log_z = ws.prepare(ix, q1, q2);
       for (int64_t l = 0; l < L; ++l)
         op[b * L + l] = imi::class_log_q(ix, ws.t1.data(), ws.t2.data(), idp[b * L + l], log_z);
     }
   });
+  check_scores_were_finite("midx_log_prob", bad_scores);
   return out;
 }
 

@@ -238,6 +238,15 @@ _BAD_DRAW = ("midx_sample: a draw reached an empty cell or an alias outside its 
              "or the index tables (offsets, alias_pos) are corrupt; rebuild the index")
 
 
+def _check_finite_scores(op: str, s1: Tensor, s2: Tensor) -> None:
+    """The kernels' own check: a row of NaN / Inf scores would give NaN CDFs and meaningless draws."""
+    bad = ~(torch.isfinite(s1).all(1) & torch.isfinite(s2).all(1))
+    if bool(bad.any()):
+        raise RuntimeError(f"{op}: the query scores s1/s2 of row {int(bad.nonzero()[0, 0])} hold NaN or Inf: the "
+                           f"query holds NaN or Inf, or query . codeword overflows float32 (scale the query or the "
+                           f"weight down)")
+
+
 def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) -> Tensor:
     """Exact log Q(ids | query) [B, L] float32 from the same preparation as the draws."""
     _check_scores("midx_log_prob", s1, s2, log_n, cell_mass, log_n_max)
@@ -246,6 +255,7 @@ def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) 
     K = s1.shape[1]
     _check_codes("midx_log_prob", code1, code2, beta)
     _check_ids_and_codes("midx_log_prob", "ids", ids, code1, code2, K)
+    _check_finite_scores("midx_log_prob", s1, s2)
     log_n_max = log_n_max.reshape(1)
     t1, t2, _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)
     return _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z)
@@ -270,6 +280,8 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
     if targets is not None:
         _check_codes("midx_sample", code1, code2, beta)
         _check_ids_and_codes("midx_sample", "targets", targets, code1, code2, K, negative_marker=True)
+    if M > 0 or (targets is not None and targets.shape[1] > 0):
+        _check_finite_scores("midx_sample", s1, s2)
     dev = s1.device
     log_n_max = log_n_max.reshape(1)
     t1, t2, cdf1, cdf2, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)

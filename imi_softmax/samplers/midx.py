@@ -353,8 +353,9 @@ class MIDXSampler(Sampler):
         return (offsets[1:] - offsets[:-1]).view(self.num_codewords, self.num_codewords)
 
     # -- proposal ---------------------------------------------------------------------------
-    def scores(self, query: Tensor, index: Optional[MIDXIndex] = None) -> Tuple[Tensor, Tensor]:
-        """Codeword scores s1, s2: [B, K] float32 each (never autocast: log Q is exact for them)."""
+    def scores(self, query: Tensor, index: Optional[MIDXIndex] = None, *, check: bool = True) -> Tuple[Tensor, Tensor]:
+        """Codeword scores s1, s2: [B, K] float32 each (never autocast: log Q is exact for them).
+        ``check=False`` skips the finiteness check (a sync): for callers whose op checks them."""
         index = self._require_index() if index is None else index
         c1, c2 = index.codebook1, index.codebook2
         q = query.detach().to(torch.float32)
@@ -363,16 +364,49 @@ class MIDXSampler(Sampler):
             if self.quantizer == "rq":
                 # one product and one check for both codebooks: each op is a parallel region, and a
                 # region waits for every thread (sampling is a few ms, so they showed)
-                both = q @ torch.cat([c1, c2]).T                 # [B, 2K]
+                both = q @ self._codewords_t(c1, c2)            # [B, 2K]
             else:
                 h = q.shape[1] // 2
                 both = torch.cat([q[:, :h] @ c1.T, q[:, h:] @ c2.T], 1)
-        if not _compiling() and both.numel() and not bool(torch.isfinite(both.sum())):
-            # A NaN / Inf query makes its scores non-finite, so the query's own check runs only here.
-            check_finite("query", q)
-            check_fp32_range("proposal scores query @ codewords(weight)", both,
-                             "the query or the weight is too large: " + _OVERFLOW_FIX, cause=q)
+        if check and not _compiling() and both.numel() and not bool(torch.isfinite(both.sum())):
+            self._explain_scores(q, both)
         return both[:, :k], both[:, k:]
+
+    def _codewords_t(self, c1: Tensor, c2: Tensor) -> Tensor:
+        """[d, 2K]: the two rq codebooks side by side, transposed, kept while the codebooks are the
+        same tensors, unmodified (the concatenation was a few percent of a sample() call)."""
+        if _compiling():
+            return torch.cat([c1, c2]).T
+        key = (c1._version, c2._version)
+        cached = getattr(self, "_codewords_cache", None)
+        if cached is not None and cached[0] is c1 and cached[1] is c2 and cached[2] == key:
+            return cached[3]
+        both = torch.cat([c1, c2]).T
+        self._codewords_cache = (c1, c2, key, both)
+        return both
+
+    @staticmethod
+    def _explain_scores(q: Tensor, both: Tensor) -> None:
+        """Raises the error that names why the scores [B, 2K] of query q [B, d] are not finite."""
+        # A NaN / Inf query makes its scores non-finite, so the query's own check runs only here.
+        check_finite("query", q)
+        check_fp32_range("proposal scores query @ codewords(weight)", both,
+                         "the query or the weight is too large: " + _OVERFLOW_FIX, cause=q)
+
+    def _proposal_op(self, query: Tensor, s1: Tensor, s2: Tensor, op, *args):
+        """op(*args) for a proposal op given scores that scores(check=False) did not check: the CPU
+        ops (and their fallbacks) check them in their loop, sparing the sync of a check here; when
+        they find NaN / Inf scores, the error names the cause as scores(check=True) would."""
+        if _compiling() or query.device.type != "cpu":
+            return op(*args)
+        try:
+            return op(*args)
+        except RuntimeError as e:
+            if "hold NaN or Inf" not in str(e):
+                raise
+        q = query.detach().to(torch.float32)
+        self._explain_scores(q, torch.cat([s1, s2], 1))
+        raise RuntimeError("the query scores hold NaN or Inf")  # _explain_scores raised already
 
     @staticmethod
     def _check_index_ids(name: str, index: MIDXIndex, query: Tensor, ids: Tensor) -> None:
@@ -416,20 +450,21 @@ class MIDXSampler(Sampler):
             self._check_index_ids("targets", index, query, targets)
             if targets.dim() != 2:
                 raise ValueError(f"targets must be [B, L], got {tuple(targets.shape)}")
-        s1, s2 = self.scores(query, index)
-        return ops.midx_sample(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.offsets,
-                               index.class_ids, index.alias_prob, index.alias_pos, index.beta_csr,
-                               num_samples, generator, targets, index.beta, index.code1, index.code2)
+        s1, s2 = self.scores(query, index, check=query.device.type != "cpu")  # the CPU op checks them
+        return self._proposal_op(query, s1, s2, ops.midx_sample, s1, s2, index.log_n, index.cell_mass,
+                                 index.log_n_max, index.offsets, index.class_ids, index.alias_prob,
+                                 index.alias_pos, index.beta_csr, num_samples, generator, targets, index.beta,
+                                 index.code1, index.code2)
 
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query); ids [B, ...] int64 -> float32 of the same shape."""
         index = self._require_index()  # the one read of the index for this call
         self._check_query(index, query)
         self._check_index_ids("ids", index, query, ids)
-        s1, s2 = self.scores(query, index)
+        s1, s2 = self.scores(query, index, check=query.device.type != "cpu")  # the CPU op checks them
         flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
-        out = ops.midx_log_prob(s1, s2, index.log_n, index.cell_mass, index.log_n_max, index.beta,
-                                index.code1, index.code2, flat)
+        out = self._proposal_op(query, s1, s2, ops.midx_log_prob, s1, s2, index.log_n, index.cell_mass,
+                                index.log_n_max, index.beta, index.code1, index.code2, flat)
         return out.reshape(ids.shape)
 
     # -- retrieval --------------------------------------------------------------------------

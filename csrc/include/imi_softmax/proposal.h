@@ -255,6 +255,14 @@ IMI_HD float class_log_q(const CellIndex& ix, const float* t1, const float* t2, 
   return ((t1[ix.code1[id]] + t2[ix.code2[id]]) + shifted_bias(ix, ix.beta, id)) - log_z;
 }
 
+// Whether v[0..n) are all finite (x - x is 0 for finite x, NaN for NaN and Inf); counted rather than
+// returned early, so the loop vectorizes.
+IMI_HD bool all_finite(const float* v, int64_t n) {
+  int32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += (v[i] - v[i] == 0.f) ? 0 : 1;
+  return bad == 0;
+}
+
 // Whether class id in [0, N) has both codes in [0, K) (t1/t2 are read at them).
 IMI_HD bool codes_in_range(const CellIndex& ix, int64_t id) {
   const int64_t c1 = ix.code1[id], c2 = ix.code2[id];
