@@ -241,3 +241,237 @@ def test_opcheck(bias):
     same = (changed, a["code1"][changed].clone(), a["code2"][changed].clone(),
             a["beta"][changed].clone() if bias else None)
     torch.library.opcheck(ops.update_cells_, _args(a, *same, 4))
+
+
+# -- the sampler ------------------------------------------------------------------------------------
+def _sampler(bias=True, n=3000, d=8, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    return MIDXSampler(num_codewords=k, kmeans_iters=3).build(w, b), w, b
+
+
+def _perturb(w, b, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    w[rows] += torch.randn(len(rows), w.shape[1], generator=g) * 2
+    if b is not None:
+        b[rows] += torch.randn(len(rows), generator=g)
+
+
+def _snapshot(index):
+    return {f: None if getattr(index, f) is None else getattr(index, f).clone() for f in ALL_NAMES}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sampler_updates_in_place_when_it_alone_holds_the_index(bias):
+    s, w, b = _sampler(bias)
+    rows = torch.arange(0, 3000, 7)
+    _perturb(w, b, rows, 1)
+    twin = copy.deepcopy(s)  # the same index, updated through the copy op below
+    twin_index = twin.index  # held: twin must take the copy path
+    s.update(w, b, rows)
+    assert s.last_update_in_place is True
+    twin.update(w, b, rows)
+    assert twin.last_update_in_place is False
+    for f in ALL_NAMES:
+        x, y = getattr(s.index, f), getattr(twin.index, f)
+        assert (x is None and y is None) or torch.equal(x, y), f
+    del twin_index
+    # sample log_q == log_prob after the in-place refresh
+    q = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    ids, log_q = s.sample(q, 64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(log_q, s.log_prob(q, ids))
+
+
+def test_a_held_index_or_array_is_never_changed():
+    s, w, b = _sampler()
+    held = s.index
+    before = _snapshot(held)
+    rows = torch.arange(0, 3000, 5)
+    _perturb(w, b, rows, 2)
+    s.update(w, b, rows)
+    assert s.last_update_in_place is False
+    for f, t in before.items():
+        assert torch.equal(getattr(held, f), t), f
+    del held
+    gc.collect()
+    # now only the sampler holds it: in place; a kept array (and the state dict's) is copied first
+    ids = s.class_ids
+    ids_before = ids.clone()
+    state = s.state_dict()
+    state_before = {f: v.clone() for f, v in state["index"].items() if isinstance(v, torch.Tensor)}
+    view = s.offsets[1:]
+    view_before = view.clone()
+    _perturb(w, b, rows, 3)
+    s.update(w, b, rows)
+    assert s.last_update_in_place is True
+    assert torch.equal(ids, ids_before) and torch.equal(view, view_before)
+    for f, t in state_before.items():
+        assert torch.equal(state["index"][f], t), f
+    assert not torch.equal(s.class_ids, ids_before)  # the sampler's index did change
+
+
+def test_copy_vectors_keeps_the_copy_path():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(2000, 8, generator=g), torch.randn(2000, generator=g)
+    s = MIDXSampler(num_codewords=5, kmeans_iters=2).build(w, b, copy_vectors=True)
+    _perturb(w, b, torch.arange(0, 2000, 3), 1)
+    s.update(w, b, torch.arange(0, 2000, 3))
+    assert s.last_update_in_place is False
+    q = torch.randn(4, 8, generator=g)
+    ids, _ = s.search(q, 5, budget=2000)
+    exact = (q @ w.T + b).topk(5).indices
+    assert torch.equal(ids, exact)
+
+
+def test_the_bias_snapshot_is_not_the_bias():
+    """build keeps its own copy of an fp32 bias: an update in place writes the snapshot, never the
+    head's bias (nor does the optimizer's step change the snapshot)."""
+    s, w, b = _sampler()
+    assert s.index.beta.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    b_before = b.clone()
+    s.update(w, b + 1.0, torch.arange(0, 3000, 2))
+    assert torch.equal(b, b_before)
+
+
+def test_lock_survives_deepcopy_pickle_and_state_dict():
+    s, w, b = _sampler()
+    for other in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert other._lock is not s._lock
+        with other._lock:
+            pass
+        other.update(w, b, torch.arange(10))
+        q = torch.randn(3, 8)
+        ids, log_q = other.sample(q, 8)
+        assert torch.equal(log_q, other.log_prob(q, ids))
+    restored = MIDXSampler(num_codewords=6, kmeans_iters=3)
+    restored.load_state_dict(s.state_dict())
+    restored.update(w, b, torch.arange(10))  # the state dict is dropped: in place is allowed
+    head = IMISoftmax(8, 500, num_codewords=4)
+    head.refresh_index()
+    head2 = copy.deepcopy(head)
+    head2.refresh_index()
+
+
+def test_a_reader_thread_sees_the_old_or_the_new_index_never_a_mix():
+    """One thread samples in a loop (fixed seeds) while the main thread refreshes in place: each
+    draw's log_q equals log_prob under the index before or after one of the refreshes, and the ids
+    are those that index draws with that seed."""
+    s, w, b = _sampler(n=20000, k=16)
+    q = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+    steps = 4
+    rows = [torch.randperm(20000, generator=torch.Generator().manual_seed(10 + i))[:4000].sort().values
+            for i in range(steps)]
+    weights = []
+    for i in range(steps):  # the sequence of parameters, applied in the same order below
+        _perturb(w, b, rows[i].tolist(), 20 + i)
+        weights.append((w.clone(), b.clone()))
+    # the expected draws of every index in the sequence (built on a twin with the copy path)
+    twin = copy.deepcopy(s)
+    expected = []
+
+    def draws(sampler, seed):
+        return sampler.sample(q, 32, generator=torch.Generator().manual_seed(seed))
+
+    seeds = range(6)
+    expected.append({sd: draws(twin, sd) for sd in seeds})
+    for i in range(steps):
+        twin.update(*weights[i], rows[i])
+        expected.append({sd: draws(twin, sd) for sd in seeds})
+
+    seen, stop, errors = [], threading.Event(), []
+
+    def reader():
+        try:
+            j = 0
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                sd = seeds[j % len(seeds)]
+                seen.append((sd, draws(s, sd)))
+                j += 1
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    in_place = 0
+    try:
+        for i in range(steps):
+            time.sleep(0.02)
+            s.update(*weights[i], rows[i])
+            in_place += bool(s.last_update_in_place)
+        time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert not t.is_alive() and not errors
+    assert in_place >= 1  # the reader's reference is short-lived: most refreshes run in place
+    assert len(seen) > 0
+    for sd, (ids, log_q) in seen:
+        assert any(torch.equal(ids, e[sd][0]) and torch.equal(log_q, e[sd][1]) for e in expected), sd
+
+
+def test_full_rebuild_drops_the_old_arrays_first(monkeypatch):
+    s, w, b = _sampler()
+    seen = {}
+    real = ops.build_cells
+
+    def spy(*args):
+        seen["index_during_cells"] = s._index
+        seen["locked"] = not s._lock.acquire(blocking=False) or (s._lock.release() or False)
+        return real(*args)
+
+    import imi_softmax.samplers.midx as midx_module
+    monkeypatch.setattr(midx_module.ops, "build_cells", spy)
+    old_c1 = s.index.codebook1.clone()
+    s.build(w, b)
+    assert seen["index_during_cells"] is None  # the old snapshot was let go before the new arrays
+    assert s.index is not None and s.index.codebook1.shape == old_c1.shape
+    q = torch.randn(4, 8)
+    ids, log_q = s.sample(q, 16)
+    assert torch.equal(log_q, s.log_prob(q, ids))
+
+
+def test_failed_cell_pass_leaves_no_index(monkeypatch):
+    s, w, b = _sampler()
+    import imi_softmax.samplers.midx as midx_module
+
+    def boom(*args):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(midx_module.ops, "build_cells", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        s.build(w, b)
+    assert s.index is None
+    with pytest.raises(RuntimeError, match="no index yet"):
+        s.sample(torch.randn(2, 8), 4)
+    monkeypatch.undo()
+    s.build(w, b)  # the lock was released: the next build works
+    assert s.index is not None
+
+
+def test_bad_weight_keeps_the_old_index():
+    s, w, b = _sampler()
+    old = _snapshot(s.index)
+    bad = w.clone()
+    bad[5, 0] = float("nan")
+    with pytest.raises(ValueError):
+        s.build(bad, b)
+    for f, t in old.items():
+        assert torch.equal(getattr(s.index, f), t), f
+
+
+def test_head_refreshes_in_place():
+    torch.manual_seed(0)
+    head = IMISoftmax(8, 3000, num_codewords=6, refresh_every=0, full_refresh_every=5, num_samples=32)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    head.refresh_index()
+    x = torch.randn(64, 8)
+    t = torch.randint(0, 3000, (64,))
+    head.train()
+    head(x, t).backward()
+    opt.step()
+    head.refresh_index()
+    assert head.sampler.last_update_in_place is True
+    ids, log_q = head.sampler.sample(x, 16)
+    assert torch.equal(log_q, head.sampler.log_prob(x, ids))
