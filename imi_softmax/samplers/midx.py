@@ -203,12 +203,13 @@ class MIDXSampler(Sampler):
         changes of weight after this call are not seen (call build/update again, or pass weight=).
 
         Memory: a rebuild of an existing index lets go of the old index's arrays (codebooks kept for
-        the warm start) right before the new cells are allocated, after the weight and bias were
-        checked and the new codes computed, so two indices' per-class arrays are never held at once
-        (unless someone else still references the old index). Readers arriving meanwhile wait for
-        the new index. Should the cell pass itself fail after that (out of memory), the sampler is
-        left without an index: the next call raises "no index yet" and an IMISoftmax head rebuilds
-        fully at its next refresh."""
+        the warm start) once weight and bias are checked, before k-means, the assignment and the
+        new cells allocate, so two indices' per-class arrays are never held at once (unless
+        someone else still references the old index). Readers arriving meanwhile wait for the new
+        index (the whole rebuild). Should the rebuild fail after that (out of memory, k-means
+        codewords out of range), the sampler is left without an index: the next call raises "no
+        index yet" and an IMISoftmax head rebuilds fully at its next refresh. Bad input (shapes,
+        NaN/Inf, overflowing rows) is refused before, with the old index kept."""
         if not isinstance(copy_vectors, bool):
             raise TypeError(f"copy_vectors must be a bool, got {type(copy_vectors).__name__}")
         check_tensor("weight", weight, dims=(2,))
@@ -275,8 +276,16 @@ class MIDXSampler(Sampler):
         k = self.num_codewords
         fit = dict(iters=self.kmeans_iters, max_points_per_centroid=self.max_points_per_centroid,
                    generator=self._generator)
+        if beta is not None and beta.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
+            # an fp32 bias: the snapshot would be the bias's own memory, changed by every optimizer
+            # step (and written by in-place updates); log Q must stay that of the cells built here
+            beta = beta.clone()
         prev = self._index
         prev1, prev2 = (None, None) if prev is None else (prev.codebook1, prev.codebook2)
+        del prev
+        # The inputs are checked: the old index's arrays go now, before k-means, the assignment and
+        # the new cells allocate (its codebooks stay, for the warm start)
+        self._drop_old_index()
         cap = self.max_points_per_centroid * k
 
         def subsample():
@@ -304,12 +313,6 @@ class MIDXSampler(Sampler):
             code1 = codes_of(w[:, :h], c1)
             code2 = codes_of(w[:, h:], c2)
         check_fp32_range("weight's k-means codewords", torch.cat([c1, c2], 1), _OVERFLOW_FIX)
-        del prev
-        if beta is not None and beta.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
-            # an fp32 bias: the snapshot would be the bias's own memory, changed by every optimizer
-            # step (and written by in-place updates); log Q must stay that of the cells built here
-            beta = beta.clone()
-        self._drop_old_index()  # everything is checked: the old arrays go before the new ones come
         (offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
          log_n_max) = ops.build_cells(code1, code2, beta, k)
         has_bias = beta is not None
@@ -406,7 +409,7 @@ class MIDXSampler(Sampler):
         c1, c2 = index.codebook1, index.codebook2
         w = weight.detach()[changed].to(torch.float32)
         check_finite("weight", w)
-        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX, cause=w)
+        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
         new_beta = None
         if bias is not None:
             new_beta = bias.detach()[changed].to(torch.float32)
