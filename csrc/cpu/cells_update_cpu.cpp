@@ -95,7 +95,6 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   auto out_prob = fresh_zeros({per_class}, float_opts, kHugePages);
   auto out_alias = fresh_zeros({per_class}, int_opts, kHugePages);
   auto out_bcsr = fresh_zeros({per_class}, float_opts, kHugePages);
-  auto scratch = fresh_zeros({per_class}, int_opts, kHugePages);  // touched only in rebuilt cells
   auto out_log_n = at::empty({K, K}, float_opts);
   const int32_t* old_ids = class_ids.data_ptr<int32_t>();
   const float* old_prob = has_beta ? alias_prob->data_ptr<float>() : nullptr;
@@ -106,7 +105,6 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   float* prob = has_beta ? out_prob.data_ptr<float>() : nullptr;
   int32_t* alias = has_beta ? out_alias.data_ptr<int32_t>() : nullptr;
   float* bcsr = has_beta ? out_bcsr.data_ptr<float>() : nullptr;
-  int32_t* work = has_beta ? scratch.data_ptr<int32_t>() : nullptr;
   const float* bp = has_beta ? out_beta.data_ptr<float>() : nullptr;
   float* ln = out_log_n.data_ptr<float>();
   // A cell whose old slice, leavers and arrivals do not add up (a leaver missing from its old
@@ -115,6 +113,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
 
   at::parallel_for(0, KK, 16, [&](int64_t b, int64_t e) {
     std::vector<double> exps;  // each exp once per class
+    std::vector<int32_t> work;  // the alias construction's stack, per thread (no [N] scratch array)
     for (int64_t c = b; c < e; ++c) {
       const int64_t ob = old_off[c], oe = old_off[c + 1], nb = off[c], ne = off[c + 1];
       if (!affected[c]) {
@@ -164,9 +163,12 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
         ln[c] = imi::neg_inf<float>();
         continue;
       }
-      if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) exps.resize(ne - nb);
-      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work, exps.data(),
-                                           /*beta_csr_filled=*/true);
+      if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) {
+        exps.resize(ne - nb);
+        work.resize(ne - nb);
+      }
+      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work.data(), exps.data(),
+                                           /*beta_csr_filled=*/true, /*scratch_local=*/true);
     }
   });
   const int64_t bad = bad_cell.load();

@@ -276,20 +276,24 @@ class MIDXSampler(Sampler):
         k = self.num_codewords
         fit = dict(iters=self.kmeans_iters, max_points_per_centroid=self.max_points_per_centroid,
                    generator=self._generator)
-        if beta is not None and beta.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
-            # an fp32 bias: the snapshot would be the bias's own memory, changed by every optimizer
-            # step (and written by in-place updates); log Q must stay that of the cells built here
-            beta = beta.clone()
         prev = self._index
         prev1, prev2 = (None, None) if prev is None else (prev.codebook1, prev.codebook2)
         del prev
         # The inputs are checked: the old index's arrays go now, before k-means, the assignment and
         # the new cells allocate (its codebooks stay, for the warm start)
         self._drop_old_index()
+        if beta is not None and beta.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
+            # an fp32 bias: the snapshot would be the bias's own memory, changed by every optimizer
+            # step (and written by in-place updates); log Q must stay that of the cells built here
+            beta = beta.clone()
         cap = self.max_points_per_centroid * k
 
         def subsample():
-            return torch.randperm(n, generator=self._generator)[:cap].to(w.device) if n > cap else slice(None)
+            if n <= cap:
+                return slice(None)
+            # a copy of the first cap ids: the slice alone would keep the whole [N] int64
+            # permutation alive through the rest of the build (160 MB at N = 20M)
+            return torch.randperm(n, generator=self._generator)[:cap].clone().to(w.device)
 
         if half:
             sub = subsample()
