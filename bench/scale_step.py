@@ -175,7 +175,7 @@ def imi_step_run(a, N: int, tag: str, profile: bool):
         held.clear()
 
     rebuild_s, before_rebuild, peak_rebuild = phase_peak(lambda: refresh(True))
-    incr_times, incr_peaks, incr_abs, in_place = [], [], [], []
+    incr_times, incr_peaks, incr_abs, incr_before, in_place = [], [], [], [], []
     for _ in range(a.refreshes):
         rows = torch.randperm(N, generator=gen)[: N // 100]
         with torch.no_grad():
@@ -185,6 +185,7 @@ def imi_step_run(a, N: int, tag: str, profile: bool):
         incr_times.append(s_)
         incr_peaks.append(None if peak_ is None else peak_ - before_)
         incr_abs.append(peak_)
+        incr_before.append(before_)
         in_place.append(getattr(head.sampler, "last_update_in_place", None))
     incr_s = statistics.median(incr_times)
     refresh_phase_peaks = [p for p in [peak_rebuild] + incr_abs if p is not None]
@@ -199,6 +200,7 @@ def imi_step_run(a, N: int, tag: str, profile: bool):
                keep_old_index=a.keep_old_index,
                rebuild_peak_over_start_bytes=None if peak_rebuild is None else peak_rebuild - before_rebuild,
                incremental_peak_over_start_bytes=incr_peaks,
+               rebuild_rss_before_bytes=before_rebuild, incremental_rss_before_bytes=incr_before,
                refresh_peak_rss_bytes=max(refresh_phase_peaks) if refresh_phase_peaks else None,
                refresh_peak_minus_weights_and_state_bytes=(max(refresh_phase_peaks) - weights - state
                                                            if refresh_phase_peaks else None),
