@@ -475,3 +475,32 @@ def test_head_refreshes_in_place():
     assert head.sampler.last_update_in_place is True
     ids, log_q = head.sampler.sample(x, 16)
     assert torch.equal(log_q, head.sampler.log_prob(x, ids))
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_random_skewed_indices_any_thread_count(case):
+    """Fixed-seed random cases: skewed cell sizes, rows piling into one cell, tiny and empty indices'
+    corners (K = 1, N = 1), 1-8 threads: in place == copy op bit for bit."""
+    rng = torch.Generator().manual_seed(1000 + case)
+    pick = lambda options: options[int(torch.randint(0, len(options), (1,), generator=rng))]  # noqa: E731
+    k, n = pick([1, 2, 3, 7, 16]), pick([1, 2, 50, 700, 3000])
+    bias = bool(torch.rand(1, generator=rng) < 0.6)
+    weights = torch.rand(k, generator=rng) ** 4 + 1e-3  # a few codewords take most classes
+    code1 = torch.multinomial(weights, n, replacement=True, generator=rng).int()
+    code2 = torch.multinomial(weights, n, replacement=True, generator=rng).int()
+    beta = torch.randn(n, generator=rng) * 3 if bias else None
+    cells = ops.build_cells(code1, code2, beta, k)
+    a = dict(zip(ALL_NAMES, (code1, code2, beta) + tuple(cells)))
+    if not bias:
+        a.update(alias_prob=None, alias_pos=None, beta_csr=None)
+    count = min(n, pick([0, 1, max(1, n // 100), n // 10, n // 2, n]))
+    rows = torch.randperm(n, generator=rng)[:count].tolist()
+    one_cell = bool(torch.rand(1, generator=rng) < 0.3)
+    target = [(int(torch.randint(0, k, (1,), generator=rng)), int(torch.randint(0, k, (1,), generator=rng)))]
+    change = _change(n, k, rows, bias, seed=case, to_cells=target if one_cell else None)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(pick([1, 2, 3, 8]))
+        _assert_equal(_in_place(a, change, k), _copy_op(a, change, k), bias)
+    finally:
+        torch.set_num_threads(old)
