@@ -233,7 +233,7 @@ class MIDXSampler(Sampler):
                 self._cell_copy = self._take_cell_copy(index, weight, bias)
                 self._index = index
             finally:
-                if self._rebuilding:  # taken by _build_index right before the cell pass
+                if self._rebuilding:  # taken by _build_index once the inputs are checked
                     self._rebuilding = False
                     self._lock.release()
         self._vectors = (weight, bias)
