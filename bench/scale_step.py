@@ -47,6 +47,40 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _status_kib(field: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak RSS of this process (VmHWM) to the current RSS (Linux >= 4.0), so
+    the peak of one phase can be read; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def phase_peak(fn):
+    """(seconds, RSS before, peak RSS during fn) for one call of fn (peak None if not measurable)."""
+    gc.collect()
+    ok = reset_peak_rss()
+    before = _status_kib("VmRSS")
+    t = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t
+    peak = _status_kib("VmHWM") if ok else None
+    return elapsed, before, peak
+
+
 def median_time(fn, steps: int, warmup: int = 2):
     for _ in range(warmup):
         fn()
@@ -127,25 +161,50 @@ def imi_step_run(a, N: int, tag: str, profile: bool):
         del head, opt
         gc.collect()
         return out, prof_txt
-    # Incremental refresh of 1% of the rows (touched since the last build), then the default
-    # schedule's refresh (whatever the timed steps touched).
-    t = time.perf_counter()
-    head.refresh_index(full=True)
-    rebuild_s = time.perf_counter() - t
-    rows = torch.randperm(N, generator=gen)[: N // 100]
-    with torch.no_grad():
-        head.weight[rows] += 0.01 * torch.randn(len(rows), a.dim, generator=gen).to(dtype)
-    head.mark_changed(rows)
-    t = time.perf_counter()
-    head.refresh_index()
-    incr_s = time.perf_counter() - t
+    # A warm full rebuild, then incremental refreshes of 1% of the rows each (touched since the
+    # last refresh), each with the peak RSS of its own phase (VmHWM reset before it).
+    # --keep-old-index: a reference to the current index is held across every refresh, as nothing
+    # released it before the in-place update: update takes the copy op, a rebuild keeps the old
+    # arrays until the swap (the memory behaviour before update_cells_, for a same-run comparison).
+    held = []
+
+    def refresh(full: bool):
+        if a.keep_old_index:
+            held.append(head.sampler.index)
+        head.refresh_index(full=full)
+        held.clear()
+
+    rebuild_s, before_rebuild, peak_rebuild = phase_peak(lambda: refresh(True))
+    incr_times, incr_peaks, incr_abs, incr_before, in_place = [], [], [], [], []
+    for _ in range(a.refreshes):
+        rows = torch.randperm(N, generator=gen)[: N // 100]
+        with torch.no_grad():
+            head.weight[rows] += 0.01 * torch.randn(len(rows), a.dim, generator=gen).to(dtype)
+        head.mark_changed(rows)
+        s_, before_, peak_ = phase_peak(lambda: refresh(False))
+        incr_times.append(s_)
+        incr_peaks.append(None if peak_ is None else peak_ - before_)
+        incr_abs.append(peak_)
+        incr_before.append(before_)
+        in_place.append(getattr(head.sampler, "last_update_in_place", None))
+    incr_s = statistics.median(incr_times)
+    refresh_phase_peaks = [p for p in [peak_rebuild] + incr_abs if p is not None]
     full_every = max(head.full_refresh_every, 1)
     amortized_upper = rebuild_s / refresh_every
     amortized_default = ((full_every - 1) * incr_s + rebuild_s) / full_every / refresh_every
     peak = peak_rss_bytes()
     out = dict(N=N, d=a.dim, B=a.batch, M=a.samples, K=a.codewords, dtype=a.dtype, optimizer=a.optimizer,
                init_s=init_s, full_build_s=build_s, warm_full_rebuild_s=rebuild_s,
-               incremental_refresh_1pct_s=incr_s, step_median_s=step_s, step_times_s=times,
+               incremental_refresh_1pct_s=incr_s, incremental_refresh_1pct_times_s=incr_times,
+               incremental_refresh_1pct_max_s=max(incr_times), incremental_in_place=in_place,
+               keep_old_index=a.keep_old_index,
+               rebuild_peak_over_start_bytes=None if peak_rebuild is None else peak_rebuild - before_rebuild,
+               incremental_peak_over_start_bytes=incr_peaks,
+               rebuild_rss_before_bytes=before_rebuild, incremental_rss_before_bytes=incr_before,
+               refresh_peak_rss_bytes=max(refresh_phase_peaks) if refresh_phase_peaks else None,
+               refresh_peak_minus_weights_and_state_bytes=(max(refresh_phase_peaks) - weights - state
+                                                           if refresh_phase_peaks else None),
+               step_median_s=step_s, step_times_s=times,
                refresh_every=refresh_every, full_refresh_every=head.full_refresh_every,
                refresh_amortized_full_every_time_s=amortized_upper,
                refresh_amortized_default_s=amortized_default,
@@ -202,6 +261,10 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--skip-refresh-timings", action="store_true",
                    help="time only the first build and the steps (no second index snapshot in memory)")
+    p.add_argument("--refreshes", type=int, default=3, help="incremental refreshes of 1%% of the rows to time")
+    p.add_argument("--keep-old-index", action="store_true",
+                   help="hold a reference to the index across each refresh (the copy path: the memory "
+                        "behaviour before the in-place update), for a same-run comparison")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -209,7 +272,7 @@ def main(argv=None) -> None:
     info = machine_info("cpu")
     print(f"machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch_version']}, "
           f"commit {info['git_commit']}, {a.threads} threads, load avg {info.get('load_avg_1m')}", flush=True)
-    tag = f"{machine_tag('cpu')}_N{a.num_classes}_{a.dtype}_{a.optimizer}"
+    tag = f"{machine_tag('cpu')}_N{a.num_classes}_{a.dtype}_{a.optimizer}" + ("_keep_old_index" if a.keep_old_index else "")
     res, prof = imi_step_run(a, a.num_classes, tag, a.profile)
     gib = lambda v: v / GIB  # noqa: E731
     if a.skip_refresh_timings:
@@ -222,7 +285,9 @@ def main(argv=None) -> None:
     else:
         print(f"IMISoftmax N={a.num_classes:,} d={a.dim} B={a.batch} M={a.samples} {a.dtype} {a.optimizer}:\n"
               f"  full index build {res['full_build_s']:.2f} s (warm rebuild {res['warm_full_rebuild_s']:.2f} s), "
-              f"incremental refresh of 1% rows {res['incremental_refresh_1pct_s']:.3f} s\n"
+              f"incremental refresh of 1% rows {res['incremental_refresh_1pct_s']:.3f} s median, "
+              f"{res['incremental_refresh_1pct_max_s']:.3f} s max of {len(res['incremental_refresh_1pct_times_s'])} "
+              f"(in place: {res['incremental_in_place']})\n"
               f"  step median {res['step_median_s'] * 1e3:.1f} ms (+ refresh amortized: default schedule "
               f"{res['refresh_amortized_default_s'] * 1e3:.1f} ms, full every time {res['refresh_amortized_full_every_time_s'] * 1e3:.1f} ms)\n"
               f"  peak RSS {gib(res['peak_rss_bytes']):.2f} GiB = weights {gib(res['weights_bytes']):.2f} + optimizer "
@@ -230,6 +295,12 @@ def main(argv=None) -> None:
               f"(index {gib(res['index_bytes']):.2f} GiB; peak before the refresh timings "
               f"{gib(res['peak_rss_after_build_and_steps_bytes']):.2f} GiB)",
               flush=True)
+        if res["refresh_peak_rss_bytes"] is not None:
+            over = [f"{gib(v):.2f}" for v in res["incremental_peak_over_start_bytes"] if v is not None]
+            print(f"  through the refreshes: peak RSS {gib(res['refresh_peak_rss_bytes']):.2f} GiB = weights + state + "
+                  f"{gib(res['refresh_peak_minus_weights_and_state_bytes']):.2f} GiB (rebuild +"
+                  f"{gib(res['rebuild_peak_over_start_bytes']):.2f} GiB over its start, incremental + {', '.join(over)} GiB)",
+                  flush=True)
     if a.compare_full:
         full = full_softmax_run(a, a.num_classes)
         res.update(full)

@@ -34,6 +34,15 @@ TORCH_LIBRARY(imi_softmax, m) {
       "Tensor? beta, Tensor changed, Tensor new_code1, Tensor new_code2, Tensor? new_beta, "
       "int num_codewords) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
+  // The same update in place (CPU): the index's arrays are rewritten to what update_cells returns
+  // (offsets, class_ids, alias tables, masses, code1, code2, beta), bit for bit, without a second
+  // copy of the per-class arrays. Every argument is checked before any write; only an index whose
+  // cells are not ascending can be refused half-way (the error says the index is then invalid).
+  m.def(
+      "update_cells_(Tensor(a!) offsets, Tensor(b!) class_ids, Tensor(c!)? alias_prob, Tensor(d!)? alias_pos, "
+      "Tensor(e!)? beta_csr, Tensor(f!) log_n, Tensor(g!) cell_mass, Tensor(h!) log_n_max, Tensor(i!) code1, "
+      "Tensor(j!) code2, Tensor(k!)? beta, Tensor changed, Tensor new_code1, Tensor new_code2, Tensor? new_beta, "
+      "int num_codewords) -> ()");
   // Three-stage draw from the MIDX proposal. s1, s2: [B, K] float32 query scores per codebook.
   m.def(
       "midx_sample(Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_max, "

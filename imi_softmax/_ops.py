@@ -51,6 +51,12 @@ def _update_cells_fake(offsets, class_ids, alias_prob, alias_pos, beta_csr, log_
         _build_cells_fake(code1, code2, beta, num_codewords))
 
 
+@torch.library.register_fake(_lib + "update_cells_")
+def _update_cells_inplace_fake(offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max,
+                               code1, code2, beta, changed, new_code1, new_code2, new_beta, num_codewords):
+    return None  # rewrites the index's arrays in place (same shapes): no outputs
+
+
 def _sample_outputs(s1, num_samples, targets):
     """(ids [B, M] int64, log_q [B, M] float32, target_log_q [B, L] float32; L = 0 without targets)."""
     shape = (s1.shape[0], num_samples)

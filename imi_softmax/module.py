@@ -214,9 +214,12 @@ class IMISoftmax(nn.Module):
         cells they leave or join are rebuilt, with their new bias snapshot. Full (``full=True``, one
         refresh in ``full_refresh_every``, the first build, after a device change or a load without
         the index, and in a multi-process run outside a DDP forward): warm-started k-means and
-        assignment of every class. Either way log Q is exact for the index built, and the sampler
-        swaps the new index in with one assignment, so a thread sampling meanwhile uses either the
-        old or the new index, never a mix. Rows changed by something other than their gradient
+        assignment of every class. Either way log Q is exact for the index built, and a thread
+        sampling meanwhile uses either the old or the new index, never a mix: the sampler swaps a
+        new index in with one assignment, or (incremental, CPU, nobody else holding the index)
+        rewrites it in place under its lock, which samplers hold while they read it. A full
+        rebuild lets go of the old index's arrays before it allocates the new ones (one index in
+        memory at a time; samplers wait for the new one). Rows changed by something other than their gradient
         (dense optimizers' momentum or weight decay) keep their old codes until the next full
         rebuild: still an exact proposal, only a less adapted one. Never autocast."""
         self._refresh(full, sync=False)

@@ -155,6 +155,7 @@ def test_every_op_is_covered():
     """A new op in the library must get an opcheck here (the optimizer ops: in test_optim.py; the
     multi-label loss ops: in test_multilabel.py; retrieval ops: in test_search.py)."""
     covered = {"assign_codewords", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
+               "update_cells_",  # opcheck in test_inplace_refresh.py
                "sampled_softmax_forward", "sampled_softmax_train", "sampled_softmax_backward", "dense_weight_grad",
                "sparse_weight_grad", "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward",
                "multilabel_softmax_backward", "multilabel_softmax_train", "midx_search_cells", "midx_search"}

@@ -45,21 +45,24 @@ build_cells_cpu(
   auto alias_prob = fresh_zeros({per_class}, float_opts);
   auto alias_pos = fresh_zeros({per_class}, int_opts);
   auto beta_csr = fresh_zeros({per_class}, float_opts);
-  auto scratch = fresh_zeros({per_class}, int_opts);
   auto log_n = at::empty({K, K}, float_opts);
   const float* bp = has_beta ? beta.data_ptr<float>() : nullptr;
   float* prob = has_beta ? alias_prob.data_ptr<float>() : nullptr;
   int32_t* alias = has_beta ? alias_pos.data_ptr<int32_t>() : nullptr;
   float* bcsr = has_beta ? beta_csr.data_ptr<float>() : nullptr;
-  int32_t* work = has_beta ? scratch.data_ptr<int32_t>() : nullptr;
   float* ln = log_n.data_ptr<float>();
   // cells differ in size by orders of magnitude: small chunks claimed as the threads come
   parallel_chunks(KK, 16, [&](ChunkQueue& queue) {
     std::vector<double> exps;  // each exp once per class
+    std::vector<int32_t> work;  // the alias construction's stack, per thread (no [N] scratch array)
     for (int64_t b, e; queue.next(b, e);)
       for (int64_t c = b; c < e; ++c) {
-        if (has_beta && static_cast<int64_t>(exps.size()) < off[c + 1] - off[c]) exps.resize(off[c + 1] - off[c]);
-        ln[c] = imi::cell_log_mass_and_alias(ids, off[c], off[c + 1], bp, bcsr, prob, alias, work, exps.data());
+        if (has_beta && static_cast<int64_t>(exps.size()) < off[c + 1] - off[c]) {
+          exps.resize(off[c + 1] - off[c]);
+          work.resize(off[c + 1] - off[c]);
+        }
+        ln[c] = imi::cell_log_mass_and_alias(ids, off[c], off[c + 1], bp, bcsr, prob, alias, work.data(), exps.data(),
+                                             /*beta_csr_filled=*/false, /*scratch_local=*/true);
       }
   });
   // Finite max: empty cells are -inf and N >= 1 guarantees one finite entry.

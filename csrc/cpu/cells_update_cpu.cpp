@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cfloat>
 #include <cstdint>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "../tensor_views.h"
+#include "cells_update_plan.h"
 #include "fresh_zeros.h"
 #include "imi_softmax/cells.h"
 
@@ -49,15 +51,9 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   const int32_t* nc2 = new_code2.data_ptr<int32_t>();
   const int32_t* oc1 = code1.data_ptr<int32_t>();
   const int32_t* oc2 = code2.data_ptr<int32_t>();
-  for (int64_t j = 0; j < C; ++j) {
-    TORCH_CHECK(imi::in_range(ch[j], N), kOp, ": changed[", j, "] = ", ch[j], " is not a class id in [0, ", N, ")");
-    TORCH_CHECK(j == 0 || ch[j] > ch[j - 1], kOp, ": changed must be strictly ascending (sorted, no repeats); ",
-                "changed[", j - 1, "] = ", ch[j - 1], ", changed[", j, "] = ", ch[j], " (use torch.unique)");
-    TORCH_CHECK(imi::in_range(nc1[j], K) && imi::in_range(nc2[j], K), kOp, ": new code of changed[", j, "] ",
-                code_range_error(K), ": (", nc1[j], ", ", nc2[j], ")");
-    TORCH_CHECK(imi::in_range(oc1[ch[j]], K) && imi::in_range(oc2[ch[j]], K), kOp, ": old code of class ", ch[j],
-                " ", code_range_error(K), ": (", oc1[ch[j]], ", ", oc2[ch[j]], ")");
-  }
+  const int64_t* old_off = offsets.data_ptr<int64_t>();
+  // checks every changed row and the new counts before anything is allocated
+  CellUpdatePlan plan = plan_cell_update(kOp, K, old_off, N, oc1, oc2, ch, C, nc1, nc2);
 
   // The new per-class arrays: the old ones with the changed rows overwritten.
   // Every large output comes from fresh_zeros (no fill pass), without huge pages (kHugePages).
@@ -81,42 +77,16 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   // are bucketed by the cell they leave and by the cell they join, ascending within a bucket
   // (changed is ascending), so a rebuilt cell is one sequential merge of its old slice, its
   // leavers and its arrivals: no random reads over the N classes.
-  const int64_t* old_off = offsets.data_ptr<int64_t>();
-  std::vector<int64_t> count(KK);
-  for (int64_t c = 0; c < KK; ++c) count[c] = old_off[c + 1] - old_off[c];
-  std::vector<uint8_t> affected(KK, 0);
-  std::vector<int64_t> arrive_off(KK + 1, 0), leave_off(KK + 1, 0);
-  for (int64_t j = 0; j < C; ++j) {
-    const int64_t from = imi::cell_of(oc1, oc2, ch[j], K), to = imi::cell_of(nc1, nc2, j, K);
-    --count[from];
-    ++count[to];
-    affected[from] = affected[to] = 1;
-    ++arrive_off[to + 1];
-    ++leave_off[from + 1];
-  }
-  for (int64_t c = 0; c < KK; ++c) {
-    arrive_off[c + 1] += arrive_off[c];
-    leave_off[c + 1] += leave_off[c];
-  }
-  std::vector<int64_t> arrivals(C), leavers(C);  // arrivals: positions j in changed; leavers: ids
-  {
-    std::vector<int64_t> to_cursor(arrive_off.begin(), arrive_off.end() - 1);
-    std::vector<int64_t> from_cursor(leave_off.begin(), leave_off.end() - 1);
-    for (int64_t j = 0; j < C; ++j) {
-      arrivals[to_cursor[imi::cell_of(nc1, nc2, j, K)]++] = j;
-      leavers[from_cursor[imi::cell_of(oc1, oc2, ch[j], K)]++] = ch[j];
-    }
-  }
+  const std::vector<uint8_t>& affected = plan.affected;
+  const std::vector<int64_t>& arrive_off = plan.arrive_off;
+  const std::vector<int64_t>& leave_off = plan.leave_off;
+  const std::vector<int64_t>& arrivals = plan.arrivals;
+  const std::vector<int64_t>& leavers = plan.leavers;
   const float* nbeta = has_beta ? new_beta->data_ptr<float>() : nullptr;
 
   auto out_offsets = at::empty({KK + 1}, offsets.options());
   int64_t* off = out_offsets.data_ptr<int64_t>();
-  off[0] = 0;
-  for (int64_t c = 0; c < KK; ++c) {
-    TORCH_CHECK(count[c] >= 0, kOp, ": cell ", c, " would hold ", count[c], " classes: the old codes of the ",
-                "changed rows do not match the old index's cells (pass the index's own code1/code2)");
-    off[c + 1] = off[c] + count[c];
-  }
+  std::copy(plan.new_off.begin(), plan.new_off.end(), off);
 
   const auto int_opts = code1.options();  // int32, like every per-class index array
   const auto float_opts = code1.options().dtype(at::kFloat);
@@ -125,7 +95,6 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   auto out_prob = fresh_zeros({per_class}, float_opts, kHugePages);
   auto out_alias = fresh_zeros({per_class}, int_opts, kHugePages);
   auto out_bcsr = fresh_zeros({per_class}, float_opts, kHugePages);
-  auto scratch = fresh_zeros({per_class}, int_opts, kHugePages);  // touched only in rebuilt cells
   auto out_log_n = at::empty({K, K}, float_opts);
   const int32_t* old_ids = class_ids.data_ptr<int32_t>();
   const float* old_prob = has_beta ? alias_prob->data_ptr<float>() : nullptr;
@@ -136,7 +105,6 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   float* prob = has_beta ? out_prob.data_ptr<float>() : nullptr;
   int32_t* alias = has_beta ? out_alias.data_ptr<int32_t>() : nullptr;
   float* bcsr = has_beta ? out_bcsr.data_ptr<float>() : nullptr;
-  int32_t* work = has_beta ? scratch.data_ptr<int32_t>() : nullptr;
   const float* bp = has_beta ? out_beta.data_ptr<float>() : nullptr;
   float* ln = out_log_n.data_ptr<float>();
   // A cell whose old slice, leavers and arrivals do not add up (a leaver missing from its old
@@ -145,6 +113,7 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
 
   at::parallel_for(0, KK, 16, [&](int64_t b, int64_t e) {
     std::vector<double> exps;  // each exp once per class
+    std::vector<int32_t> work;  // the alias construction's stack, per thread (no [N] scratch array)
     for (int64_t c = b; c < e; ++c) {
       const int64_t ob = old_off[c], oe = old_off[c + 1], nb = off[c], ne = off[c + 1];
       if (!affected[c]) {
@@ -194,9 +163,12 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
         ln[c] = imi::neg_inf<float>();
         continue;
       }
-      if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) exps.resize(ne - nb);
-      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work, exps.data(),
-                                           /*beta_csr_filled=*/true);
+      if (has_beta && static_cast<int64_t>(exps.size()) < ne - nb) {
+        exps.resize(ne - nb);
+        work.resize(ne - nb);
+      }
+      ln[c] = imi::cell_log_mass_and_alias(ids, nb, ne, bp, bcsr, prob, alias, work.data(), exps.data(),
+                                           /*beta_csr_filled=*/true, /*scratch_local=*/true);
     }
   });
   const int64_t bad = bad_cell.load();

@@ -210,3 +210,17 @@ def update_cells(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor
     out_beta = beta.clone().index_copy_(0, changed, new_beta) if has_beta else torch.empty(
         0, dtype=torch.float32, device=code1.device)
     return (out1, out2, out_beta) + tuple(build_cells(out1, out2, out_beta if has_beta else None, K))
+
+
+def update_cells_(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor], alias_pos: Optional[Tensor],
+                  beta_csr: Optional[Tensor], log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor, code1: Tensor,
+                  code2: Tensor, beta: Optional[Tensor], changed: Tensor, new_code1: Tensor, new_code2: Tensor,
+                  new_beta: Optional[Tensor], num_codewords: int) -> None:
+    """update_cells written back into the index's own arrays (copy, then assign: the fallback keeps
+    no memory promise, only the kernel's results). Every check runs before the first write."""
+    out = update_cells(offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max, code1,
+                       code2, beta, changed, new_code1, new_code2, new_beta, num_codewords)
+    targets = (code1, code2, beta, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max)
+    for dst, src in zip(targets, out):
+        if dst is not None and dst.numel() > 0:
+            dst.copy_(src.reshape(dst.shape))

@@ -23,6 +23,11 @@ SCHEMAS = {
                      "Tensor code2, Tensor? beta, Tensor changed, Tensor new_code1, Tensor new_code2, "
                      "Tensor? new_beta, int num_codewords) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
                      "Tensor, Tensor, Tensor, Tensor, Tensor)", cells.update_cells),
+    "update_cells_": ("update_cells_(Tensor(a!) offsets, Tensor(b!) class_ids, Tensor(c!)? alias_prob, "
+                      "Tensor(d!)? alias_pos, Tensor(e!)? beta_csr, Tensor(f!) log_n, Tensor(g!) cell_mass, "
+                      "Tensor(h!) log_n_max, Tensor(i!) code1, Tensor(j!) code2, Tensor(k!)? beta, Tensor changed, "
+                      "Tensor new_code1, Tensor new_code2, Tensor? new_beta, int num_codewords) -> ()",
+                      cells.update_cells_),
     "midx_sample": ("midx_sample(" + _TABLES + "Generator? generator, " + _SAMPLE_TAIL, proposal.midx_sample),
     "midx_sample_seeded": ("midx_sample_seeded(" + _TABLES + "int seed, int offset, " + _SAMPLE_TAIL,
                            proposal.midx_sample_seeded),

@@ -1,5 +1,8 @@
 """The MIDX proposal: an Inverted Multi-Index over two quantizations of the class vectors."""
+import functools
 import math
+import sys
+import threading
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -38,9 +41,26 @@ def _check_lr(value, name: str = "kl_refine_lr") -> float:
     return float(value)
 
 
+def _reads_index(method):
+    """Runs a reader of the index under the sampler's lock, from its one read of the index to the
+    end of its ops: an in-place update (which takes the lock) never runs in between, and a reader
+    holds no reference to the index while an update checks who references it. Under torch.compile
+    the lock is not taken (a graph cannot hold one)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        if _compiling():
+            return method(self, *args, **kwargs)
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class MIDXIndex(NamedTuple):
-    """Every tensor of one built index. Immutable once built: a rebuild makes a new MIDXIndex and
-    swaps it in with one assignment, so a reader that took one reference sees one whole index."""
+    """Every tensor of one built index. A reader that took one reference sees one whole index: a
+    rebuild makes a new MIDXIndex and swaps it in with one assignment, and an incremental update
+    rewrites the arrays in place (CPU) only while nobody but the sampler references this MIDXIndex
+    or its tensors (otherwise it makes a new one too), under the sampler's lock, which every
+    reader holds around the ops that read the arrays (:meth:`MIDXSampler.update`)."""
 
     codebook1: Tensor        # [K, d] (rq) or [K, d/2] (pq) float32
     codebook2: Tensor
@@ -60,6 +80,44 @@ class MIDXIndex(NamedTuple):
 
 
 _TENSOR_FIELDS = tuple(f for f in MIDXIndex._fields if f not in ("num_classes", "in_features"))
+# The arrays update_cells_ rewrites in place (the codebooks are kept as they are).
+_INPLACE_FIELDS = tuple(f for f in _TENSOR_FIELDS if f not in ("codebook1", "codebook2"))
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _holders(holder: Any) -> Tuple[int, Tuple[Tuple[int, int], ...]]:
+    """References to ``holder._index`` and, per in-place field, to its tensor object and to that
+    tensor's storage (views and other tensors sharing it count there). Compared with the counts of a
+    probe index that only its holder references (:func:`_sole_holder_counts`, same code path)."""
+    index = holder._index
+    fields = []
+    for name in _INPLACE_FIELDS:
+        t = getattr(index, name)
+        if t is None:
+            fields.append((0, 0))
+            continue
+        storage = -1 if _storage_use_count is None else _storage_use_count(t.untyped_storage()._cdata)
+        fields.append((sys.getrefcount(t), storage))
+        del t
+    return sys.getrefcount(index), tuple(fields)
+
+
+_SOLE_COUNTS: Optional[Tuple[int, Tuple[int, int]]] = None
+
+
+def _sole_holder_counts() -> Tuple[int, Tuple[int, int]]:
+    """(references to the index, (to a field tensor, to its storage)) when one holder is the only
+    referrer of an index and of each of its tensors: measured once on a probe."""
+    global _SOLE_COUNTS
+    if _SOLE_COUNTS is None:
+        class _Probe:
+            pass
+
+        probe = _Probe()
+        probe._index = MIDXIndex(*(torch.zeros(1) for _ in _TENSOR_FIELDS), num_classes=1, in_features=1)
+        count, fields = _holders(probe)
+        _SOLE_COUNTS = (count, fields[0])
+    return _SOLE_COUNTS
 
 
 class MIDXSampler(Sampler):
@@ -70,8 +128,12 @@ class MIDXSampler(Sampler):
     ``beta`` is the bias snapshot taken at build time (0 without bias). Sampling and log_prob are
     exact for that Q (DESIGN.md, "Proposal").
 
-    ``build`` may run in one thread while others call ``sample``/``log_prob``: each call reads the
-    current :class:`MIDXIndex` once and uses only it.
+    ``build``/``update`` may run in one thread while others call ``sample``/``log_prob``/``search``:
+    each call reads the current :class:`MIDXIndex` once and uses only it, either the old or the new
+    index, never a mix. The sampler's lock makes that hold for the in-place update and the full
+    rebuild, which drops the old arrays first (see :meth:`update`, :meth:`build`): readers hold it
+    from their read of the index to the end of their ops (~50 ns uncontended; readers of one
+    sampler run one at a time, and wait while an in-place update or a rebuild's cell pass runs).
 
     Args:
         num_codewords: K codewords per codebook, K*K cells.
@@ -108,6 +170,21 @@ class MIDXSampler(Sampler):
         # taken from the vectors of that index's build/update; search() uses it only with that index.
         self._copy_vectors = False
         self._cell_copy: Optional[Tuple[MIDXIndex, Tensor, Optional[Tensor], Tensor]] = None
+        # Held by readers around the ops that read the index's arrays and by the writers that change
+        # or drop arrays of an index readers may already have taken (reentrant: wrappers such as
+        # TopCellsSampler hold it around calls into this sampler).
+        self._lock = threading.RLock()
+        self.last_update_in_place: Optional[bool] = None  # how the latest update() ran (inspection)
+
+    # -- copies: a lock neither pickles nor deep-copies; each copy gets its own ---------------
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # -- index ------------------------------------------------------------------------------
     @property
@@ -123,7 +200,16 @@ class MIDXSampler(Sampler):
         without ``weight=`` then reranks that copy (the rows of a cell are read in one stream instead
         of gathered). Costs N * (d + 1) elements of weight's dtype plus N int32/int64 positions; taken
         here and by every :meth:`update`, so it holds the vectors of the index being searched: in-place
-        changes of weight after this call are not seen (call build/update again, or pass weight=)."""
+        changes of weight after this call are not seen (call build/update again, or pass weight=).
+
+        Memory: a rebuild of an existing index lets go of the old index's arrays (codebooks kept for
+        the warm start) once weight and bias are checked, before k-means, the assignment and the
+        new cells allocate, so two indices' per-class arrays are never held at once (unless
+        someone else still references the old index). Readers arriving meanwhile wait for the new
+        index (the whole rebuild). Should the rebuild fail after that (out of memory, k-means
+        codewords out of range), the sampler is left without an index: the next call raises "no
+        index yet" and an IMISoftmax head rebuilds fully at its next refresh. Bad input (shapes,
+        NaN/Inf, overflowing rows) is refused before, with the old index kept."""
         if not isinstance(copy_vectors, bool):
             raise TypeError(f"copy_vectors must be a bool, got {type(copy_vectors).__name__}")
         check_tensor("weight", weight, dims=(2,))
@@ -141,12 +227,29 @@ class MIDXSampler(Sampler):
             if bias.shape[0] != n:
                 raise ValueError(f"bias must be [{n}] to match weight, got {tuple(bias.shape)}")
         with no_autocast(weight.device):
-            index = self._build_index(weight, bias)
-            self._copy_vectors = copy_vectors
-            self._cell_copy = self._take_cell_copy(index, weight, bias)
-            self._index = index
+            try:
+                index = self._build_index(weight, bias)
+                self._copy_vectors = copy_vectors
+                self._cell_copy = self._take_cell_copy(index, weight, bias)
+                self._index = index
+            finally:
+                if self._rebuilding:  # taken by _build_index once the inputs are checked
+                    self._rebuilding = False
+                    self._lock.release()
         self._vectors = (weight, bias)
         return self
+
+    _rebuilding = False  # True while build() holds the lock from the drop of the old index to the swap
+
+    def _drop_old_index(self) -> None:
+        """Lets go of the current index (the caller keeps its codebooks) under the lock, which is
+        kept until build() swaps the new one in: readers that come meanwhile wait for it."""
+        if self._index is None:
+            return
+        self._lock.acquire()
+        self._rebuilding = True
+        self._cell_copy = None  # it references the old index too
+        self._index = None
 
     def _take_cell_copy(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor]):
         if not self._copy_vectors:
@@ -175,10 +278,22 @@ class MIDXSampler(Sampler):
                    generator=self._generator)
         prev = self._index
         prev1, prev2 = (None, None) if prev is None else (prev.codebook1, prev.codebook2)
+        del prev
+        # The inputs are checked: the old index's arrays go now, before k-means, the assignment and
+        # the new cells allocate (its codebooks stay, for the warm start)
+        self._drop_old_index()
+        if beta is not None and beta.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
+            # an fp32 bias: the snapshot would be the bias's own memory, changed by every optimizer
+            # step (and written by in-place updates); log Q must stay that of the cells built here
+            beta = beta.clone()
         cap = self.max_points_per_centroid * k
 
         def subsample():
-            return torch.randperm(n, generator=self._generator)[:cap].to(w.device) if n > cap else slice(None)
+            if n <= cap:
+                return slice(None)
+            # a copy of the first cap ids: the slice alone would keep the whole [N] int64
+            # permutation alive through the rest of the build (160 MB at N = 20M)
+            return torch.randperm(n, generator=self._generator)[:cap].clone().to(w.device)
 
         if half:
             sub = subsample()
@@ -213,9 +328,19 @@ class MIDXSampler(Sampler):
         """Incremental rebuild: re-assign only the classes ``changed`` (int64 ids, any order and
         repeats) against the current codebooks (kept frozen), take their bias snapshot, and update
         the cells they leave or join. weight [N, d] and bias [N] are the current parameters (the
-        same N, d, device and bias presence as the index). The result is a new index, equal to a
-        full rebuild's cells for the same codebooks, codes and beta, swapped in by one assignment.
-        The k-means generator is not used (a resumed run stays bit exact)."""
+        same N, d, device and bias presence as the index). The result equals a full rebuild's cells
+        for the same codebooks, codes and beta, bit for bit. The k-means generator is not used (a
+        resumed run stays bit exact).
+
+        On CPU the index's arrays are rewritten in place (op ``update_cells_``: no second copy of
+        the per-class arrays, ~28 bytes per class with a bias) when nothing but this sampler
+        references the current :class:`MIDXIndex`: no reader in the middle of a call, no
+        ``sampler.index`` kept by the caller, no cell-ordered copy (``copy_vectors=True``). A
+        tensor of the index that something else references (a kept ``sampler.class_ids``, a state
+        dict) is copied first, so what others hold never changes. It runs under the sampler's lock,
+        which readers hold around their ops, so a concurrent reader sees the old or the new index.
+        Otherwise (and on CUDA) a new index is made beside the old one (op ``update_cells``) and
+        swapped in by one assignment. ``last_update_in_place`` says which way the latest update ran."""
         index = self._require_index()
         check_tensor("weight", weight, dims=(2,))
         if tuple(weight.shape) != (index.num_classes, index.in_features):
@@ -242,17 +367,53 @@ class MIDXSampler(Sampler):
         if changed.numel() > 1 and not bool((changed[1:] > changed[:-1]).all()):
             changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
         with no_autocast(weight.device):
-            new_index = self._update_index(index, weight, bias, changed)
-            self._cell_copy = self._take_cell_copy(new_index, weight, bias)
-            self._index = new_index
+            a1, a2, new_beta = self._assign_changed(index, weight, bias, changed)
+            on_cpu = index.codebook1.device.type == "cpu"
+            del index  # this frame's reference would count as another holder
+            if not (on_cpu and self._update_in_place(changed, a1, a2, new_beta)):
+                index = self._require_index()
+                new_index = self._update_index(index, changed, a1, a2, new_beta)
+                self._cell_copy = self._take_cell_copy(new_index, weight, bias)
+                self._index = new_index
+                self.last_update_in_place = False
         self._vectors = (weight, bias)
         return self
 
-    def _update_index(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor], changed: Tensor) -> MIDXIndex:
+    def _update_in_place(self, changed: Tensor, a1: Tensor, a2: Tensor, new_beta: Optional[Tensor]) -> bool:
+        """update_cells_ on the current index when only this sampler references it; False (nothing
+        done) otherwise. Tensors of the index referenced elsewhere are replaced by copies first."""
+        with self._lock:
+            count, fields = _holders(self)
+            sole_count, sole_field = _sole_holder_counts()
+            if count != sole_count or self._cell_copy is not None or self._index is None:
+                return False
+            index = self._index
+            owned = {}
+            for name, held in zip(_INPLACE_FIELDS, fields):
+                t = getattr(index, name)
+                if t is not None and held != sole_field:
+                    owned[name] = t.clone()
+            # a new MIDXIndex object over the same arrays: caches keyed by the old one's identity miss
+            index = self._index = index._replace(**owned)
+            try:
+                ops.update_cells_(index.offsets, index.class_ids, index.alias_prob, index.alias_pos, index.beta_csr,
+                                  index.log_n, index.cell_mass, index.log_n_max, index.code1, index.code2,
+                                  index.beta, changed, a1, a2, new_beta, self.num_codewords)
+            except RuntimeError as err:
+                if "now invalid" in str(err):  # refused half-way (an inconsistent index): never sample it
+                    self._index = None
+                raise
+            self.last_update_in_place = True
+            return True
+
+    def _assign_changed(self, index: MIDXIndex, weight: Tensor, bias: Optional[Tensor],
+                        changed: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """New codes (int32 [C] each) of the rows ``changed`` against the index's codebooks, and
+        their bias snapshot (float32 [C] or None)."""
         c1, c2 = index.codebook1, index.codebook2
         w = weight.detach()[changed].to(torch.float32)
         check_finite("weight", w)
-        check_fp32_range("weight's squared row norms (k-means distances)", w.pow(2).sum(1), _OVERFLOW_FIX, cause=w)
+        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
         new_beta = None
         if bias is not None:
             new_beta = bias.detach()[changed].to(torch.float32)
@@ -264,12 +425,18 @@ class MIDXSampler(Sampler):
             h = w.shape[1] // 2
             a1 = assign(w[:, :h].contiguous(), c1)[0].to(torch.int32)
             a2 = assign(w[:, h:].contiguous(), c2)[0].to(torch.int32)
+        return a1, a2, new_beta
+
+    def _update_index(self, index: MIDXIndex, changed: Tensor, a1: Tensor, a2: Tensor,
+                      new_beta: Optional[Tensor]) -> MIDXIndex:
+        """A new index: the copy op update_cells (every device)."""
+        c1, c2 = index.codebook1, index.codebook2
         (code1, code2, beta, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
          log_n_max) = ops.update_cells(index.offsets, index.class_ids, index.alias_prob, index.alias_pos,
                                        index.beta_csr, index.log_n, index.cell_mass, index.log_n_max,
                                        index.code1, index.code2, index.beta, changed, a1, a2, new_beta,
                                        self.num_codewords)
-        has_bias = bias is not None
+        has_bias = new_beta is not None
         return MIDXIndex(c1, c2, code1, code2, beta if has_bias else None, offsets, class_ids,
                          alias_prob if has_bias else None, alias_pos if has_bias else None,
                          beta_csr if has_bias else None, log_n, cell_mass, log_n_max,
@@ -320,6 +487,9 @@ class MIDXSampler(Sampler):
 
     def _require_index(self) -> MIDXIndex:
         index = self._index
+        if index is None:  # a rebuild may have dropped the old index: it holds the lock until the new one is in
+            with self._lock:
+                index = self._index
         if index is None:
             raise RuntimeError("MIDXSampler has no index yet: call build(weight, bias) first")
         return index
@@ -347,6 +517,7 @@ class MIDXSampler(Sampler):
         index = self._index
         return None if index is None else index.codebook1.device
 
+    @_reads_index
     def cell_counts(self) -> Tensor:
         """Classes per cell, [K, K] int64 (for inspection)."""
         offsets = self._require_index().offsets
@@ -439,6 +610,7 @@ class MIDXSampler(Sampler):
         ids, log_q, _ = self.sample_with_targets(query, num_samples, None, generator)
         return ids, log_q
 
+    @_reads_index
     def sample_with_targets(self, query: Tensor, num_samples: int, targets: Optional[Tensor],
                             generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """One query preparation serves the draws and the targets' log Q (bit-equal to log_prob).
@@ -456,6 +628,7 @@ class MIDXSampler(Sampler):
                                  index.alias_pos, index.beta_csr, num_samples, generator, targets, index.beta,
                                  index.code1, index.code2)
 
+    @_reads_index
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query); ids [B, ...] int64 -> float32 of the same shape."""
         index = self._require_index()  # the one read of the index for this call
@@ -468,6 +641,7 @@ class MIDXSampler(Sampler):
         return out.reshape(ids.shape)
 
     # -- retrieval --------------------------------------------------------------------------
+    @_reads_index
     def search(self, query: Tensor, k: int, budget: int = 4096, *, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, rerank: str = "auto") -> Tuple[Tensor, Tensor]:
         """Approximate top-k classes of each query row by the exact logit ``query . w_i + b_i``.
@@ -532,6 +706,7 @@ class MIDXSampler(Sampler):
                                    None if bias is None else bias.detach(), s1, s2, index.offsets,
                                    index.class_ids, k, budget, rerank)
 
+    @_reads_index
     def search_cells(self, query: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
         """The cells :meth:`search` visits (for inspection and tests): cells [B, min(K*K, budget)]
         int64 (cell ``k1 * K + k2`` in visit order, -1 after the last) and the classes they hold [B]."""
@@ -545,7 +720,8 @@ class MIDXSampler(Sampler):
     def state_dict(self) -> Dict[str, Any]:
         """k-means generator state and the index tensors (so a resumed run neither rebuilds nor
         shifts the generator: bit-exact continuation)."""
-        index = self._index
+        with self._lock:  # never an index half-way through an in-place update
+            index = self._index
         state: Dict[str, Any] = {
             "version": _STATE_VERSION, "num_codewords": self.num_codewords, "quantizer": self.quantizer,
             "generator": self._generator.get_state(), "index": None,

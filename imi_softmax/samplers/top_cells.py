@@ -76,13 +76,14 @@ class TopCellsSampler(Sampler):
         """(selected [B, K*K] bool, log_mass [B] float32): the non-empty cells of S(h) of each query
         and log sum_{c in S(h)} n[c]. The dense mask is built here for inspection only: sampling
         and scoring work on the visited cells."""
-        index = self.midx._require_index() if index is None else index
-        top, _, log_mass, top_log_n = self._selection(query, index)
-        kk = self.midx.num_codewords ** 2
-        # padding goes to an extra column, so it never overwrites a selected cell's flag
-        slot = top.masked_fill(top_log_n.isneginf(), kk)
-        selected = torch.zeros(top.shape[0], kk + 1, dtype=torch.bool, device=top.device)
-        return selected.scatter_(1, slot, True)[:, :kk], log_mass
+        with self.midx._lock:  # the wrapped sampler's in-place update never runs meanwhile
+            index = self.midx._require_index() if index is None else index
+            top, _, log_mass, top_log_n = self._selection(query, index)
+            kk = self.midx.num_codewords ** 2
+            # padding goes to an extra column, so it never overwrites a selected cell's flag
+            slot = top.masked_fill(top_log_n.isneginf(), kk)
+            selected = torch.zeros(top.shape[0], kk + 1, dtype=torch.bool, device=top.device)
+            return selected.scatter_(1, slot, True)[:, :kk], log_mass
 
     def _selection(self, query: Tensor, index: MIDXIndex):
         """(top, sorted_top, log_mass, top_log_n): the visited cells [B, L] in visit order (L the
@@ -138,42 +139,44 @@ class TopCellsSampler(Sampler):
     # -- proposal -------------------------------------------------------------------------------
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query) (-inf outside the selected cells); ids [B, ...] -> float32."""
-        index = self.midx._require_index()
-        self.midx._check_query(index, query)
-        self.midx._check_index_ids("ids", index, query, ids)
-        _, sorted_top, log_mass, _ = self._selection(query, index)
-        flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
-        return self._class_log_q(index, sorted_top, log_mass, flat).reshape(ids.shape)
+        with self.midx._lock:  # the wrapped sampler's in-place update never runs meanwhile
+            index = self.midx._require_index()
+            self.midx._check_query(index, query)
+            self.midx._check_index_ids("ids", index, query, ids)
+            _, sorted_top, log_mass, _ = self._selection(query, index)
+            flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
+            return self._class_log_q(index, sorted_top, log_mass, flat).reshape(ids.shape)
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """num_samples draws per query row from its selected cells: (ids [B, M] int64, log_q [B, M])."""
-        index = self.midx._require_index()
-        self.midx._check_query(index, query)
-        check_positive_int("num_samples", num_samples, minimum=0)
-        b, m = query.shape[0], num_samples
-        if b * m == 0:
-            return self._empty_draw(query, m)
-        top, _, log_mass, top_log_n = self._selection(query, index)
-        # cell ~ n[c] over the row's visited cells by inverse CDF, shifted by the row's log mass (no
-        # underflow to 0); searchsorted(right) never lands on a zero-mass (padding) slot, and the
-        # clamp to the last positive slot absorbs a u * total rounded up to total
-        w = torch.exp((top_log_n - log_mass.unsqueeze(1)).to(torch.float64))
-        cdf = torch.cumsum(w, dim=1)
-        last = (torch.arange(w.shape[1], device=w.device) * (w > 0)).amax(1, keepdim=True)
-        gen_device = generator.device if generator is not None else query.device
-        u_cell = torch.rand((b, m), dtype=torch.float64, generator=generator, device=gen_device).to(query.device)
-        slot = torch.minimum(torch.searchsorted(cdf, u_cell * cdf[:, -1:], right=True), last)
-        cell = top.gather(1, slot)
-        begin = index.offsets[cell]
-        size = index.offsets[cell + 1] - begin
-        u = torch.rand((b, m), dtype=torch.float64, generator=generator, device=gen_device).to(query.device)
-        pos = begin + torch.minimum((u * size).to(torch.int64), size - 1)
-        if index.alias_prob is not None:  # within-cell law exp(beta): the cell's alias table
-            accept = torch.rand((b, m), dtype=torch.float32, generator=generator, device=gen_device).to(query.device)
-            pos = torch.where(accept < index.alias_prob[pos], pos, index.alias_pos[pos].long())
-        ids = index.class_ids[pos].long()  # int32 in the index, int64 for users
-        # every draw lies in a visited cell: the same expression log_prob gives it, without the search
-        return ids, self._inside_log_q(index, log_mass, ids)
+        with self.midx._lock:  # the wrapped sampler's in-place update never runs meanwhile
+            index = self.midx._require_index()
+            self.midx._check_query(index, query)
+            check_positive_int("num_samples", num_samples, minimum=0)
+            b, m = query.shape[0], num_samples
+            if b * m == 0:
+                return self._empty_draw(query, m)
+            top, _, log_mass, top_log_n = self._selection(query, index)
+            # cell ~ n[c] over the row's visited cells by inverse CDF, shifted by the row's log mass (no
+            # underflow to 0); searchsorted(right) never lands on a zero-mass (padding) slot, and the
+            # clamp to the last positive slot absorbs a u * total rounded up to total
+            w = torch.exp((top_log_n - log_mass.unsqueeze(1)).to(torch.float64))
+            cdf = torch.cumsum(w, dim=1)
+            last = (torch.arange(w.shape[1], device=w.device) * (w > 0)).amax(1, keepdim=True)
+            gen_device = generator.device if generator is not None else query.device
+            u_cell = torch.rand((b, m), dtype=torch.float64, generator=generator, device=gen_device).to(query.device)
+            slot = torch.minimum(torch.searchsorted(cdf, u_cell * cdf[:, -1:], right=True), last)
+            cell = top.gather(1, slot)
+            begin = index.offsets[cell]
+            size = index.offsets[cell + 1] - begin
+            u = torch.rand((b, m), dtype=torch.float64, generator=generator, device=gen_device).to(query.device)
+            pos = begin + torch.minimum((u * size).to(torch.int64), size - 1)
+            if index.alias_prob is not None:  # within-cell law exp(beta): the cell's alias table
+                accept = torch.rand((b, m), dtype=torch.float32, generator=generator, device=gen_device).to(query.device)
+                pos = torch.where(accept < index.alias_prob[pos], pos, index.alias_pos[pos].long())
+            ids = index.class_ids[pos].long()  # int32 in the index, int64 for users
+            # every draw lies in a visited cell: the same expression log_prob gives it, without the search
+            return ids, self._inside_log_q(index, log_mass, ids)
 
     # -- checkpoints ------------------------------------------------------------------------
     def own_state_dict(self) -> Dict[str, Any]:

@@ -17,10 +17,12 @@ IMI_HD int64_t cell_of(const int32_t* code1, const int32_t* code2, int64_t i, in
 // exps: optional room for end - begin doubles, so each exp is computed once (same values).
 // beta_csr_filled: the caller already wrote beta_csr[begin, end) (sequentially, from an old index),
 // so the random reads beta[class_ids[p]] are skipped (same values).
+// scratch_local: scratch is a work area of end - begin entries for this cell alone (indexed from
+// 0), not one of the CSR arrays' size (the in-place update keeps no [N] scratch).
 IMI_HD float cell_log_mass_and_alias(const int32_t* class_ids, int64_t begin, int64_t end,
                                      const float* beta, float* beta_csr, float* prob,
                                      int32_t* alias, int32_t* scratch, double* exps = nullptr,
-                                     bool beta_csr_filled = false) {
+                                     bool beta_csr_filled = false, bool scratch_local = false) {
   if (end == begin) return neg_inf<float>();
   const int64_t n = end - begin;
   if (beta == nullptr) return log_(static_cast<float>(n));
@@ -37,7 +39,7 @@ IMI_HD float cell_log_mass_and_alias(const int32_t* class_ids, int64_t begin, in
   }
   // Scaled weights n * w_p / sum(w) in prob[]; small ones stacked from the front of scratch,
   // large ones from the back.
-  int32_t* work = scratch + begin;
+  int32_t* work = scratch_local ? scratch : scratch + begin;
   int64_t small = 0, large = n;
   for (int64_t p = begin; p < end; ++p) {
     const double e = exps != nullptr ? exps[p - begin] : exp(static_cast<double>(beta_csr[p] - m));
