@@ -207,7 +207,9 @@ def main(argv=None):
     info["load_avg_1m_end"] = os.getloadavg()[0]
     print(f"load average at start {info.get('load_avg_1m')}, at end {info['load_avg_1m_end']} "
           f"({info['cpu_cores']} cores): timings above that are contended")
-    tag = machine_tag(device) + ("" if simd == "auto" else f"_simd-{simd}") + (f"_busy{a.busy}" if a.busy else "")
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "").lower()
+    tag = (machine_tag(device) + ("" if simd == "auto" else f"_simd-{simd}") + (f"_busy{a.busy}" if a.busy else "")
+           + (f"_omp-{wait_policy}" if wait_policy else ""))  # a run under another policy keeps its own files
     csv_path = os.path.join(a.out, f"core_targets_{tag}.csv")
     with open(csv_path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=["cpu_model", "cores", "threads", "torch_version", "git_commit", "simd",
