@@ -73,15 +73,8 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
     }
   }
 
-  // Cells that lose or gain a class, or whose class changed its bias: rebuilt. The changed rows
-  // are bucketed by the cell they leave and by the cell they join, ascending within a bucket
-  // (changed is ascending), so a rebuilt cell is one sequential merge of its old slice, its
-  // leavers and its arrivals: no random reads over the N classes.
+  // Cells that lose or gain a class, or whose class changed its bias: rebuilt (merge_cell).
   const std::vector<uint8_t>& affected = plan.affected;
-  const std::vector<int64_t>& arrive_off = plan.arrive_off;
-  const std::vector<int64_t>& leave_off = plan.leave_off;
-  const std::vector<int64_t>& arrivals = plan.arrivals;
-  const std::vector<int64_t>& leavers = plan.leavers;
   const float* nbeta = has_beta ? new_beta->data_ptr<float>() : nullptr;
 
   auto out_offsets = at::empty({KK + 1}, offsets.options());
@@ -132,32 +125,9 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
       }
       // Merge (all ascending): the old classes minus the leavers, and the arrivals; with a bias
       // the beta of each position is written here too (old beta_csr or the new snapshot).
-      int64_t p = nb, a = arrive_off[c], l = leave_off[c];
-      const int64_t ae = arrive_off[c + 1], le = leave_off[c + 1];
-      auto put_arrivals_before = [&](int64_t limit) {
-        for (; a < ae && ch[arrivals[a]] < limit && p < ne; ++a, ++p) {
-          ids[p] = static_cast<int32_t>(ch[arrivals[a]]);
-          if (has_beta) bcsr[p] = nbeta[arrivals[a]];
-        }
-      };
-      bool ok = true;
-      for (int64_t q = ob; q < oe; ++q) {
-        const int64_t i = old_ids[q];
-        if (l < le && leavers[l] == i) {
-          ++l;
-          continue;
-        }
-        put_arrivals_before(i);
-        if (p >= ne) {
-          ok = false;
-          break;
-        }
-        ids[p] = static_cast<int32_t>(i);
-        if (has_beta) bcsr[p] = old_bcsr[q];
-        ++p;
-      }
-      if (ok) put_arrivals_before(INT64_MAX);
-      if (!ok || p != ne || a != ae || l != le) {
+      const bool ok = merge_cell(plan, c, ch, has_beta, nbeta, old_ids + ob, has_beta ? old_bcsr + ob : nullptr,
+                                 oe - ob, ids, bcsr, nb, ne);
+      if (!ok) {
         int64_t expected = -1;
         bad_cell.compare_exchange_strong(expected, c);
         ln[c] = imi::neg_inf<float>();

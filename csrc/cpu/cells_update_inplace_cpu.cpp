@@ -229,33 +229,9 @@ void rewrite_cells(const Shared& s, int64_t c0, int64_t c1, const Saved& left, c
     gather(ob, oe, Csr{t_ids.data(), nullptr, nullptr, hb ? t_bcsr.data() : nullptr});
     stage.drop_below(oe);
     protect(c);
-    const auto& pl = s.plan;
-    int64_t p = nb, ai = pl.arrive_off[c], l = pl.leave_off[c];
-    const int64_t ae = pl.arrive_off[c + 1], le = pl.leave_off[c + 1];
-    auto put_arrivals_before = [&](int64_t limit) {
-      for (; ai < ae && s.ch[pl.arrivals[ai]] < limit && p < ne; ++ai, ++p) {
-        a.ids[p] = static_cast<int32_t>(s.ch[pl.arrivals[ai]]);
-        if (hb) a.bcsr[p] = s.nbeta[pl.arrivals[ai]];
-      }
-    };
-    bool ok = true;
-    for (int64_t q = 0; q < n_old; ++q) {
-      const int64_t i = t_ids[q];
-      if (l < le && pl.leavers[l] == i) {
-        ++l;
-        continue;
-      }
-      put_arrivals_before(i);
-      if (p >= ne) {
-        ok = false;
-        break;
-      }
-      a.ids[p] = static_cast<int32_t>(i);
-      if (hb) a.bcsr[p] = t_bcsr[q];
-      ++p;
-    }
-    if (ok) put_arrivals_before(INT64_MAX);
-    if (!ok || p != ne || ai != ae || l != le) {
+    const bool ok = merge_cell(s.plan, c, s.ch, hb, s.nbeta, t_ids.data(), hb ? t_bcsr.data() : nullptr, n_old,
+                               a.ids, a.bcsr, nb, ne);
+    if (!ok) {
       int64_t expected = -1;
       s.bad_cell->compare_exchange_strong(expected, c);
       s.ln[c] = imi::neg_inf<float>();

@@ -73,4 +73,36 @@ inline CellUpdatePlan plan_cell_update(const char* op, int64_t K, const int64_t*
   return plan;
 }
 
+// A rebuilt cell's classes after the update, ascending, into ids[nb, ne): its old classes
+// old_ids[0, n_old) (ascending) minus its leavers, merged with its arrivals; with a bias, each
+// position's beta into bcsr too (old_bcsr for a class that stays, the new snapshot nbeta for an
+// arrival). False when the old slice, leavers and arrivals do not add up to the cell's new size (an
+// old index inconsistent with its codes). One sequential merge: no random reads over the N classes.
+inline bool merge_cell(const CellUpdatePlan& plan, int64_t c, const int64_t* ch, bool has_beta, const float* nbeta,
+                       const int32_t* old_ids, const float* old_bcsr, int64_t n_old, int32_t* ids, float* bcsr,
+                       int64_t nb, int64_t ne) {
+  int64_t p = nb, a = plan.arrive_off[c], l = plan.leave_off[c];
+  const int64_t ae = plan.arrive_off[c + 1], le = plan.leave_off[c + 1];
+  auto put_arrivals_before = [&](int64_t limit) {
+    for (; a < ae && ch[plan.arrivals[a]] < limit && p < ne; ++a, ++p) {
+      ids[p] = static_cast<int32_t>(ch[plan.arrivals[a]]);
+      if (has_beta) bcsr[p] = nbeta[plan.arrivals[a]];
+    }
+  };
+  for (int64_t q = 0; q < n_old; ++q) {
+    const int64_t i = old_ids[q];
+    if (l < le && plan.leavers[l] == i) {
+      ++l;
+      continue;
+    }
+    put_arrivals_before(i);
+    if (p >= ne) return false;
+    ids[p] = static_cast<int32_t>(i);
+    if (has_beta) bcsr[p] = old_bcsr[q];
+    ++p;
+  }
+  put_arrivals_before(INT64_MAX);
+  return p == ne && a == ae && l == le;
+}
+
 }  // namespace imi_softmax
