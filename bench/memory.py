@@ -195,12 +195,23 @@ def build_step(method: str, N: int, d: int, B: int, M: int, device: str = "cpu",
 # ------------------------------------------------------------------------------------------------
 # peak memory
 # ------------------------------------------------------------------------------------------------
+def status_bytes(key: str) -> Optional[int]:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _read_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    value = status_bytes(key)
+    if value is None:
+        raise KeyError(key)
+    return value
 
 
 def _malloc_trim() -> None:
@@ -210,7 +221,9 @@ def _malloc_trim() -> None:
         pass
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak RSS of this process (VmHWM) to the current RSS (Linux >= 4.0), so
+    the peak of one phase can be read; False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -237,14 +250,14 @@ def _child_measure(method: str, N: int, d: int, B: int, M: int, device: str, dty
         out.update(peak_bytes=int(torch.cuda.max_memory_allocated() - base), baseline_bytes=int(base),
                    mode="cuda_max_memory_allocated")
         return out
-    can_reset = _reset_hwm()
+    can_reset = reset_peak_rss()
     if can_reset:
         step()                              # warm-up: thread pools, lazy buffers, kernel caches
         for p in head.parameters():
             p.grad = None
         gc.collect()
         _malloc_trim()
-        _reset_hwm()
+        reset_peak_rss()
         base = _read_status("VmRSS")
         step()
         peak = _read_status("VmHWM")

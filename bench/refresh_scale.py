@@ -28,18 +28,15 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from memory import RESULTS, machine_info, machine_tag  # noqa: E402
+from memory import RESULTS, machine_info, machine_tag, status_bytes  # noqa: E402
 
 from imi_softmax import IMISoftmax  # noqa: E402
 
 
 def vm_hwm_gib() -> float:
     """Peak resident set size of this process so far (Linux VmHWM), GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+    peak = status_bytes("VmHWM")
+    return float("nan") if peak is None else peak / 2**30
 
 
 def timed(fn, repeats: int):

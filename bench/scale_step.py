@@ -37,7 +37,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from memory import RESULTS, machine_info, machine_tag  # noqa: E402
+from memory import RESULTS, machine_info, machine_tag, reset_peak_rss, status_bytes  # noqa: E402
 
 GIB = 2 ** 30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,37 +47,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _status_kib(field: str):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's peak RSS of this process (VmHWM) to the current RSS (Linux >= 4.0), so
-    the peak of one phase can be read; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def phase_peak(fn):
     """(seconds, RSS before, peak RSS during fn) for one call of fn (peak None if not measurable)."""
     gc.collect()
     ok = reset_peak_rss()
-    before = _status_kib("VmRSS")
+    before = status_bytes("VmRSS")
     t = time.perf_counter()
     fn()
     elapsed = time.perf_counter() - t
-    peak = _status_kib("VmHWM") if ok else None
+    peak = status_bytes("VmHWM") if ok else None
     return elapsed, before, peak
 
 
