@@ -4,11 +4,32 @@
 
 #ifdef IMI_PYTHON_MODULE
 #include <Python.h>
+
+#include "cpu/serial_glue.h"
+
+namespace {
+// _C._set_serial_glue(on: bool) -> bool: the switch of csrc/cpu/serial_glue.h for the calling
+// thread (imi_softmax/_serial_glue.py); returns whether it was on.
+PyObject* py_set_serial_glue(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(imi_softmax::set_serial_glue(on != 0));
+}
+
+// _C._kernel_threads() -> int: the threads parallel_chunks gives the calling thread's kernels.
+PyObject* py_kernel_threads(PyObject*, PyObject*) { return PyLong_FromLong(imi_softmax::kernel_threads()); }
+
+PyMethodDef module_methods[] = {
+    {"_set_serial_glue", py_set_serial_glue, METH_O, "Serial torch glue on this thread (imi_softmax/_serial_glue.py)."},
+    {"_kernel_threads", py_kernel_threads, METH_NOARGS, "Threads of the calling thread's kernels (csrc/cpu/serial_glue.h)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // Importing imi_softmax._C loads this shared library, which runs the registrations below.
 // (The CMake build for C++ users is a plain shared library without this entry point.)
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -1,4 +1,5 @@
 """IMISoftmax: nn.Linear + cross-entropy over a huge output space, trained with the MIDX sampled softmax."""
+import contextlib
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ddp import head_params_managed_by_active_ddp
+from ._serial_glue import serial_glue
 from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_multilabel_loss, chunked_topk
 from .functional import _sampled_softmax_loss
@@ -418,24 +420,33 @@ class IMISoftmax(nn.Module):
                 p.grad.div_(world)
 
     def _draw(self, x: Tensor, target: Tensor, generator=None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        check_finite("x", x)  # named here: the sampler would call it "query"
+        with serial_glue():
+            check_finite("x", x)  # named here: the sampler would call it "query"
         flat_x = x.reshape(-1, self.in_features)
         if self._refines() and not torch.compiler.is_compiling():
             self._record_queries(flat_x)
-        self._maybe_refresh()
+        self._maybe_refresh()  # a refresh keeps torch's threads (its products are O(changed rows * d))
         flat_t = target.reshape(-1)
-        # ignored rows score class 0 (any valid id): the loss masks them, and the sampler's checks pass
-        safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)
-        # a batch-aware sampler (in-batch negatives) must not take the placeholders as the batch's targets
-        batch = {"valid": flat_t != self.ignore_index} if getattr(self.sampler, "batch_aware", False) else {}
-        ids, log_q, target_log_q = self.sampler.sample_with_targets(
-            flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator, **batch)
+        with serial_glue():
+            # ignored rows score class 0 (any valid id): the loss masks them, and the sampler's checks pass
+            safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)
+            # a batch-aware sampler (in-batch negatives) must not take the placeholders as the batch's targets
+            batch = {"valid": flat_t != self.ignore_index} if getattr(self.sampler, "batch_aware", False) else {}
+        with self._sampler_glue():
+            ids, log_q, target_log_q = self.sampler.sample_with_targets(
+                flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator, **batch)
         target_log_q = target_log_q.squeeze(1)
         touched = self._touched
         if touched is not None:  # the rows this step's gradient reaches: O(B * M)
-            # one index built from the draws' output: ordered after the op that checks the targets
-            touched.index_fill_(0, torch.cat([ids.reshape(-1), safe_t]), True)
+            with serial_glue():
+                # one index built from the draws' output: ordered after the op that checks the targets
+                touched.index_fill_(0, torch.cat([ids.reshape(-1), safe_t]), True)
         return flat_x, flat_t, ids, log_q, target_log_q
+
+    def _sampler_glue(self):
+        """serial_glue() around the sampler's call when its work is in our kernels (Sampler.kernel_bound);
+        a sampler made of torch ops (ExactSampler scores all N classes) keeps torch's threads."""
+        return serial_glue() if getattr(self.sampler, "kernel_bound", False) else contextlib.nullcontext()
 
     def _sampled_loss(self, x: Tensor, target: Tensor) -> Tensor:
         self._check_ddp()
@@ -444,10 +455,11 @@ class IMISoftmax(nn.Module):
         with no_autocast(x.device):
             flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target)
             # x and target were checked by forward and _draw, the samples come from the sampler
-            return _sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
-                                         remove_accidental_hits=self.remove_accidental_hits,
-                                         ignore_index=self.ignore_index, reduction="mean",
-                                         sparse_grad=self.sparse_grad)
+            with serial_glue():
+                return _sampled_softmax_loss(flat_x, self.weight, self.bias, flat_t, ids, log_q, target_log_q,
+                                             remove_accidental_hits=self.remove_accidental_hits,
+                                             ignore_index=self.ignore_index, reduction="mean",
+                                             sparse_grad=self.sparse_grad)
 
     def _multilabel_forward(self, x: Tensor, target: MultiLabelTarget) -> Tensor:
         """Multi-label loss (imi_softmax/multilabel.py): sampled in training, exact over class chunks
@@ -462,17 +474,21 @@ class IMISoftmax(nn.Module):
         self._check_ddp()
         flat_x = flat_x.to(self.weight.dtype)  # under autocast the loss runs in the weight's dtype
         with no_autocast(x.device):
-            check_finite("x", flat_x)
+            with serial_glue():
+                check_finite("x", flat_x)
             self._maybe_refresh()
-            # pads score class 0 (any valid id): the loss ignores them, and the sampler's checks pass
-            safe = positives.clamp_min(0)
-            ids, log_q, target_log_q = self.sampler.sample_with_targets(flat_x.detach(), self.num_samples, safe)
-            touched = self._touched
-            if touched is not None:
-                touched.index_fill_(0, torch.cat([ids.reshape(-1), safe.reshape(-1)]), True)
-            return multilabel_loss(flat_x, self.weight, self.bias, positives, ids, log_q, target_log_q,
-                                   remove_accidental_hits=self.remove_accidental_hits, reduction="mean",
-                                   sparse_grad=self.sparse_grad)
+            with serial_glue():
+                # pads score class 0 (any valid id): the loss ignores them, and the sampler's checks pass
+                safe = positives.clamp_min(0)
+            with self._sampler_glue():
+                ids, log_q, target_log_q = self.sampler.sample_with_targets(flat_x.detach(), self.num_samples, safe)
+            with serial_glue():
+                touched = self._touched
+                if touched is not None:
+                    touched.index_fill_(0, torch.cat([ids.reshape(-1), safe.reshape(-1)]), True)
+                return multilabel_loss(flat_x, self.weight, self.bias, positives, ids, log_q, target_log_q,
+                                       remove_accidental_hits=self.remove_accidental_hits, reduction="mean",
+                                       sparse_grad=self.sparse_grad)
 
     def sampled_logits(self, x: Tensor, target: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """Bias-corrected logits [B, 1+M] (column 0 = target; accidental hits -inf when removed)

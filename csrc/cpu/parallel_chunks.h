@@ -9,11 +9,17 @@
 //
 // (Helpers from torch's inter-op pool instead of the OpenMP team, with the caller waiting only for
 // chunks in progress, measured no better: the OpenMP threads that spin after every torch op then
-// compete with the helpers for the cores. OMP_WAIT_POLICY=PASSIVE is what helps most on a busy
-// machine, see README "Busy machines".)
+// compete with the helpers for the cores. A pool of our own threads that the caller never waits for
+// unless they are inside a chunk, sleeping on a futex after a short spin, measured no better again
+// beside a busy process, with the step's glue on one thread, and slower on a quiet machine: torch's
+// OpenMP worker, spinning after any parallel torch op, takes the helper's core. What helped is
+// keeping torch's small ops of a step out of OpenMP altogether: serial_glue.h. OMP_WAIT_POLICY=PASSIVE
+// helps most on a busy machine, see README "Busy machines".)
 #pragma once
 
 #include <ATen/Parallel.h>
+
+#include "serial_glue.h"
 
 #include <algorithm>
 #include <atomic>
@@ -39,17 +45,19 @@ class ChunkQueue {
 };
 
 // Runs body(queue) once on each thread of one parallel region (on the calling thread alone when
-// [0, n) is a single chunk, with one thread, or inside another parallel region); body claims chunks
+// [0, n) is a single chunk, with one thread, or inside another parallel region; with every thread of
+// kernel_threads() while the calling thread's glue is serial); body claims chunks
 // until queue.next() returns false. Per-thread scratch is set up in body, before its claim loop.
 template <typename Body>
 void parallel_chunks(int64_t n, int64_t chunk, const Body& body) {
   ChunkQueue queue(n, chunk);
   const int64_t chunks = chunk > 0 ? (n + chunk - 1) / chunk : n;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  const int64_t threads = std::min<int64_t>(kernel_threads(), chunks);
   if (threads <= 1 || at::in_parallel_region()) {
     body(queue);
     return;
   }
+  KernelThreadsScope all_threads;  // every thread even while the step's glue runs on one (serial_glue.h)
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(queue); });
 }
 

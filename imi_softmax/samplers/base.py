@@ -27,6 +27,10 @@ class Sampler:
     """
 
     num_classes: Optional[int] = None
+    # True when the sampler's work runs in imi_softmax kernels and its torch ops are small glue
+    # (O(B * K * d) at most): IMISoftmax then runs those on one thread beside a busy process
+    # (imi_softmax/_serial_glue.py). False keeps torch's threads (an exact sampler scores all N).
+    kernel_bound: bool = False
 
     def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "Sampler":
         check_tensor("weight", weight, dims=(2,))

@@ -153,6 +153,8 @@ class MIDXSampler(Sampler):
             root-mean-square entry of the k-means codebooks.
     """
 
+    kernel_bound = True  # the draws, log Q and index updates are ops; around them only the scores' product
+
     def __init__(self, num_codewords: int = 64, quantizer: str = "rq", kmeans_iters: int = 10,
                  max_points_per_centroid: int = 256, seed: int = 0, kl_refine_steps: int = 0,
                  kl_refine_lr: float = 0.01):
