@@ -18,9 +18,13 @@ Writes ``bench/results/core_targets_<machine>.csv`` and ``.json`` (machine, torc
 Use ``--N 100000`` for a quick run. Timings on a shared machine are contended: look at the load
 average recorded in the JSON.
 
-``--busy 1`` also times (a), (b) and (c) again with one spinning process beside them (bench/busy.py:
-a data-loader worker or a second job on one of the cores) and reports each slowdown against the full
-softmax's slowdown under the same load (target: no worse). ``IMI_CPU_SIMD=avx2`` (or ``portable``)
+``--busy 1`` then times the steps of (a), the sampling of (b) and the warm refresh of (c) in turns
+with the full softmax step (``--full-repeats`` rounds; each runs the full softmax once, the refresh
+once and the others ``--busy-repeats`` times), once quiet and once with one spinning process beside
+them (bench/busy.py: a data-loader worker or a second job on one of the cores), and reports each
+slowdown against the full softmax's in the same rounds (target: no worse). Timing every contender in
+turns under one load matters: timed in blocks of their own, each met a different phase of the
+scheduler (which of the three threads shares a core) and the ratios moved by 2x from run to run. ``IMI_CPU_SIMD=avx2`` (or ``portable``)
 runs the draw passes a CPU without AVX-512 runs; the level is recorded and named in the file name.
 ``--parts ab`` runs only (a) and (b).
 """
@@ -30,6 +34,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -42,6 +47,41 @@ from busy import busy_processes  # noqa: E402
 from memory import (RESULTS, build_step, machine_info, machine_tag, make_inputs, peak_step_memory,  # noqa: E402
                     time_fn, time_interleaved)
 from peers import MIDXTorchSampler, zipf_counts  # noqa: E402
+
+
+def time_in_turns(fns, device, rounds: int, repeats: int):
+    """Median ms of each contender, timed in turns: each round runs the full softmax once and every
+    other contender ``repeats`` times (the refresh once), so that every phase of the machine's load
+    hits all of them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = 1 if name in ("full", "refresh") else repeats
+            times[name].extend(time_fn(fn, device, warmup=0, repeats=1)["median_ms"] for _ in range(n))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def busy_comparison(fns, a, device, row):
+    """Slowdown of each contender beside ``a.busy`` spinning processes against the full softmax's:
+    the same rounds in turns without and then with the busy processes (one busy block for all)."""
+    print(f"(busy) every contender in turns, {a.full_repeats} rounds, quiet and beside {a.busy} busy process(es)",
+          flush=True)
+    for fn in fns.values():
+        fn()  # warm: first-call allocations are not the load's doing
+    quiet = time_in_turns(fns, device, a.full_repeats, a.busy_repeats)
+    with busy_processes(a.busy):
+        busy = time_in_turns(fns, device, a.full_repeats, a.busy_repeats)
+    peer = busy["full"] / quiet["full"]
+    for name in fns:
+        print(f"   {name}: {quiet[name]:.4g} -> {busy[name]:.4g} ms ({busy[name] / quiet[name]:.2f}x)", flush=True)
+    labels = {"imi_dense": "step (imi_dense)", "imi_sparse": "step (imi_sparse)", "sampling": "sampling (same Q)",
+              "refresh": "refresh_index() (warm)"}
+    for name, label in labels.items():
+        if name in fns:
+            mine = busy[name] / quiet[name]
+            row(f"slowdown with {a.busy} busy: {label}", mine, peer, "x", mine / peer, "<= 1 (vs full)", mine <= peer,
+                f"{quiet[name]:.4g} -> {busy[name]:.4g} ms; full softmax {quiet['full']:.4g} -> {busy['full']:.4g} ms, "
+                "all in turns under one load")
 
 
 def main(argv=None):
@@ -59,8 +99,11 @@ def main(argv=None):
                         "On a shared, oversubscribed machine use 1: with 2+ threads every parallel region "
                         "waits for a descheduled thread and tiny ops take ~10 ms")
     p.add_argument("--busy", type=int, default=0,
-                   help="also time (a)-(c) with this many spinning processes beside them (e.g. 1 of 2 cores busy) "
-                        "and report the slowdowns against the full softmax's")
+                   help="also time (a)-(c) in turns with the full softmax, quiet and with this many spinning "
+                        "processes beside them (e.g. 1 of 2 cores busy), and report the slowdowns against the "
+                        "full softmax's")
+    p.add_argument("--busy-repeats", type=int, default=10,
+                   help="runs of each short contender per round of the busy comparison")
     p.add_argument("--parts", default="abcd", help="which parts to run (letters of a, b, c, d)")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
@@ -89,14 +132,9 @@ def main(argv=None):
               f"target {target:<8} {status}" + ("" if ratio_of_min is None else f"  (ratio of min times {ratio_of_min:.3g})"),
               flush=True)
 
-    def slowdown_row(what, quiet, busy, peer_quiet, peer_busy):
-        """The slowdown of `what` under the busy processes against the full softmax's (same run)."""
-        mine, peer = busy / quiet, peer_busy / peer_quiet
-        row(f"slowdown with {a.busy} busy: {what}", mine, peer, "x", mine / peer, "<= 1 (vs full)", mine <= peer,
-            f"{quiet:.4g} -> {busy:.4g} ms; full softmax {peer_quiet:.4g} -> {peer_busy:.4g} ms")
-
     imi_head = None
-    t, tb = {}, {}
+    t = {}
+    kept_steps = {}  # for the busy comparison: every contender timed in turns under one load
     if "a" in a.parts or (a.busy and ("b" in a.parts or "c" in a.parts)):
         print("(a) training step", flush=True)
         methods = ("full", "imi_dense", "imi_sparse") if "a" in a.parts else ("full", "imi_dense")
@@ -106,13 +144,10 @@ def main(argv=None):
             t[method] = time_fn(step, device, warmup=1 if method == "full" else 2, repeats=reps)
             print(f"   {method}: {t[method]['median_ms']:.1f} ms (median of {t[method]['n']}, "
                   f"min {t[method]['min_ms']:.1f})", flush=True)
-            if a.busy:
-                with busy_processes(a.busy):
-                    tb[method] = time_fn(step, device, warmup=1, repeats=reps)
-                print(f"   {method} beside {a.busy} busy process(es): {tb[method]['median_ms']:.1f} ms "
-                      f"(median of {tb[method]['n']}, min {tb[method]['min_ms']:.1f})", flush=True)
             if method == "imi_dense":
                 imi_head = head  # kept for (b) and (c)
+            if a.busy:
+                kept_steps[method] = step
             del step
         full_ms = t["full"]["median_ms"]
         for method, target in (("imi_dense", 20.0), ("imi_sparse", 100.0)):
@@ -122,11 +157,6 @@ def main(argv=None):
             sp = full_ms / ms
             row(f"step speedup vs full softmax ({method})", ms, full_ms, "ms", sp, f">= {target:g}x", sp >= target,
                 f"median of {t[method]['n']} vs {t['full']['n']}", t["full"]["min_ms"] / t[method]["min_ms"])
-        if a.busy:
-            for method in ("imi_dense", "imi_sparse"):
-                if method in t:
-                    slowdown_row(f"step ({method})", t[method]["median_ms"], tb[method]["median_ms"],
-                                 t["full"]["median_ms"], tb["full"]["median_ms"])
     if imi_head is None:
         imi_head, _ = build_step("imi_dense", a.N, a.d, a.B, a.M, device, dtype, a.K)
 
@@ -155,15 +185,8 @@ def main(argv=None):
         diff = (same_q.log_prob(x[:8], probe) - port.log_prob(x[:8], probe)).abs().max().item()
         print(f"   |log Q_imi - log Q_port| max over a probe = {diff:.2e}", flush=True)
         if a.busy:
-            with busy_processes(a.busy):
-                tsb = time_interleaved({"port": lambda: port.sample(x, a.M), "imi": lambda: same_q.sample(x, a.M)},
-                                       device, repeats=max(30, a.repeats))
-            slowdown_row("sampling (same Q)", t_imi["median_ms"], tsb["imi"]["median_ms"], t["full"]["median_ms"],
-                         tb["full"]["median_ms"])
-            print(f"   beside {a.busy} busy process(es): imi {tsb['imi']['median_ms']:.3f} ms, port "
-                  f"{tsb['port']['median_ms']:.3f} ms (port slowdown {tsb['port']['median_ms'] / t_port['median_ms']:.2f}x)",
-                  flush=True)
-        del same_q, port
+            kept_steps["sampling"] = lambda q=same_q: q.sample(x, a.M)
+        del port
 
     # (c) refresh ---------------------------------------------------------------------------------
     if "c" in a.parts:
@@ -183,11 +206,11 @@ def main(argv=None):
         row("refresh_index() wall time (cold first build)", cold_s, None, "s", None, "<= 2 s", cold_s <= 2.0,
             "k-means++ init, single run")
         if a.busy:
-            with busy_processes(a.busy):
-                t_refb = time_fn(imi_head.refresh_index, device, warmup=0, repeats=3)
-            slowdown_row("refresh_index() (warm)", t_ref["median_ms"], t_refb["median_ms"], t["full"]["median_ms"],
-                         tb["full"]["median_ms"])
+            kept_steps["refresh"] = imi_head.refresh_index
 
+    if a.busy and "full" in kept_steps:
+        busy_comparison(kept_steps, a, device, row)
+        kept_steps.clear()
     del imi_head
 
     # (d) memory ----------------------------------------------------------------------------------
