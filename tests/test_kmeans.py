@@ -61,3 +61,26 @@ def test_subsample_cap_and_warm_start():
     # warm start with no iterations returns the start, on the full data or a subsample
     for cap in (32, 10_000):
         torch.testing.assert_close(kmeans(x, 4, iters=0, init=init, max_points_per_centroid=cap), init, atol=0, rtol=0)
+
+
+def test_assign_in_row_blocks_matches_float64_and_any_thread_count():
+    """The CPU op computes its dots one block of 1,024 rows at a time (the blocks claimed by the
+    threads as they come): rows on both sides of block edges and in the short last block get the
+    float64 nearest codeword, and 1 or 2 threads give the same bits."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2 * 1024 + 77, 24, generator=g)
+    c = torch.randn(37, 24, generator=g)
+    d64 = torch.cdist(x.double(), c.double()).pow(2)
+    want_codes = d64.argmin(1)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(assign(x, c))
+    finally:
+        torch.set_num_threads(before)
+    (codes1, dist1), (codes2, dist2) = results
+    assert torch.equal(codes1, codes2) and torch.equal(dist1, dist2)
+    assert torch.equal(codes1, want_codes)
+    torch.testing.assert_close(dist1.double(), d64.min(1).values, rtol=1e-4, atol=1e-4)
