@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from imi_softmax import ExactSampler, IMISoftmax, MIDXSampler, _loader
+from imi_softmax import ExactSampler, IMISoftmax, _loader
 from imi_softmax import _serial_glue as sg
 
 pytestmark = pytest.mark.skipif(_loader.USING_FALLBACK, reason="the switch lives in the compiled library")
@@ -104,29 +104,3 @@ def test_no_switch_without_the_compiled_library(monkeypatch):
     with sg.serial_glue():  # a null context: torch keeps its threads
         assert torch.get_num_threads() == before
 
-
-def test_midx_sampler_calls_run_their_torch_ops_on_one_thread(two_threads):
-    """sample / sample_with_targets / log_prob: the scores' product on the calling thread, the op on
-    every thread; torch's count restored afterwards; same draws as without the switch."""
-    torch.manual_seed(0)
-    s = MIDXSampler(4).build(torch.randn(300, 8))
-    seen = []
-    inner = s.scores
-
-    def spy(*args, **kwargs):
-        seen.append((torch.get_num_threads(), _kernel_threads()))
-        return inner(*args, **kwargs)
-
-    s.scores = spy
-    x = torch.randn(5, 8)
-    ids, log_q = s.sample(x, 7, generator=torch.Generator().manual_seed(3))
-    lp = s.log_prob(x, ids)
-    assert seen == [(1, 2), (1, 2)]
-    assert torch.get_num_threads() == 2
-    torch.testing.assert_close(lp, log_q, rtol=0, atol=1e-5)
-    s.scores = inner
-    with_switch_off = pytest.MonkeyPatch.context()
-    with with_switch_off as mp:
-        mp.setattr(sg, "_switch", None)
-        ids2, log_q2 = s.sample(x, 7, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(ids, ids2) and torch.equal(log_q, log_q2)

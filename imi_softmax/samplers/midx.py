@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
-from .._serial_glue import serial_glue
 from .._validation import _compiling, check_class_ids, check_finite, check_fp32_range, check_positive_int, check_tensor
 from ..kmeans import assign, assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
@@ -41,21 +40,6 @@ def _check_lr(value, name: str = "kl_refine_lr") -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
-
-
-def _glued_reader(method):
-    """_reads_index, with the call's torch ops (the scores' product and its split) on the calling
-    thread alone and the op on every thread (imi_softmax/_serial_glue.py): the product's OpenMP
-    region would otherwise wait for a descheduled thread on a busy machine, and on a quiet one the
-    call measured no slower (2.3-2.4 ms against 2.6-2.8 ms at N = 1M, B = 512, M = 256, in turns
-    with the pure-PyTorch port)."""
-    reader = _reads_index(method)
-
-    @functools.wraps(method)
-    def glued(self, *args, **kwargs):
-        with serial_glue():
-            return reader(self, *args, **kwargs)
-    return glued
 
 
 def _reads_index(method):
@@ -641,7 +625,7 @@ class MIDXSampler(Sampler):
         ids, log_q, _ = self.sample_with_targets(query, num_samples, None, generator)
         return ids, log_q
 
-    @_glued_reader
+    @_reads_index
     def sample_with_targets(self, query: Tensor, num_samples: int, targets: Optional[Tensor],
                             generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """One query preparation serves the draws and the targets' log Q (bit-equal to log_prob).
@@ -659,7 +643,7 @@ class MIDXSampler(Sampler):
                                  index.alias_pos, index.beta_csr, num_samples, generator, targets, index.beta,
                                  index.code1, index.code2)
 
-    @_glued_reader
+    @_reads_index
     def log_prob(self, query: Tensor, ids: Tensor) -> Tensor:
         """Exact log Q(ids | query); ids [B, ...] int64 -> float32 of the same shape."""
         index = self._require_index()  # the one read of the index for this call
