@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._loader import load_library
-from ._serial_glue import serial_glue
+from ._serial_glue import with_serial_glue
 
 USING_FALLBACK = not load_library()
 
@@ -201,12 +201,8 @@ def _train_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, coef, grad_x)
 
 
+@with_serial_glue  # O(B * M) scaling around the weight-gradient kernel (imi_softmax/_serial_glue.py)
 def _train_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_coef, _grad_x):
-    with serial_glue():  # O(B * M) scaling around the weight-gradient kernel (imi_softmax/_serial_glue.py)
-        return _scaled_train_grads(ctx, grad_loss)
-
-
-def _scaled_train_grads(ctx, grad_loss: Tensor):
     x, ids, coef, grad_x = ctx.saved_tensors
     if grad_loss is not None and grad_loss.requires_grad:
         # coef and grad_x are constants here: a graph through this backward would miss their
@@ -285,12 +281,8 @@ def _multilabel_train_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(coef, grad_x)
 
 
+@with_serial_glue  # as _train_backward
 def _multilabel_train_backward(ctx, grad_row_loss: Tensor, _grad_coef, _grad_x):
-    with serial_glue():  # as _train_backward
-        return _scaled_multilabel_train_grads(ctx, grad_row_loss)
-
-
-def _scaled_multilabel_train_grads(ctx, grad_row_loss: Tensor):
     x, ids, coef, grad_x = ctx.saved_tensors
     if grad_row_loss is not None and grad_row_loss.requires_grad:
         # as _train_backward: coef and grad_x are constants of this graph

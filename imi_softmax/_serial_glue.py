@@ -17,6 +17,7 @@ library (the pure-PyTorch fallback has no kernels of its own).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -59,3 +60,12 @@ def serial_glue():
     if switch is None:
         return contextlib.nullcontext()
     return _SerialGlue(switch)
+
+
+def with_serial_glue(fn):
+    """Decorator: ``fn`` runs inside :func:`serial_glue` (the training ops' backward formulas)."""
+    @functools.wraps(fn)
+    def glued(*args, **kwargs):
+        with serial_glue():
+            return fn(*args, **kwargs)
+    return glued

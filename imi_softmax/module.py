@@ -432,21 +432,25 @@ class IMISoftmax(nn.Module):
             safe_t = torch.where(flat_t == self.ignore_index, torch.zeros_like(flat_t), flat_t)
             # a batch-aware sampler (in-batch negatives) must not take the placeholders as the batch's targets
             batch = {"valid": flat_t != self.ignore_index} if getattr(self.sampler, "batch_aware", False) else {}
-        with self._sampler_glue():
-            ids, log_q, target_log_q = self.sampler.sample_with_targets(
-                flat_x.detach(), self.num_samples, safe_t.unsqueeze(1), generator=generator, **batch)
-        target_log_q = target_log_q.squeeze(1)
+        ids, log_q, target_log_q = self._sample_and_mark(flat_x, safe_t.unsqueeze(1), generator=generator, **batch)
+        return flat_x, flat_t, ids, log_q, target_log_q.squeeze(1)
+
+    def _sample_and_mark(self, flat_x: Tensor, safe_targets: Tensor, **kwargs) -> Tuple[Tensor, Tensor, Tensor]:
+        """The sampler's draws for flat_x [B, d] with the log Q of safe_targets [B, L] (valid ids),
+        then the rows this step's gradient reaches marked for the next incremental refresh. The
+        sampler's call runs under serial_glue() when its work is in our kernels
+        (Sampler.kernel_bound); a sampler made of torch ops (ExactSampler scores all N classes)
+        keeps torch's threads."""
+        glue = serial_glue() if getattr(self.sampler, "kernel_bound", False) else contextlib.nullcontext()
+        with glue:
+            ids, log_q, target_log_q = self.sampler.sample_with_targets(flat_x.detach(), self.num_samples,
+                                                                        safe_targets, **kwargs)
         touched = self._touched
-        if touched is not None:  # the rows this step's gradient reaches: O(B * M)
+        if touched is not None:  # O(B * M)
             with serial_glue():
                 # one index built from the draws' output: ordered after the op that checks the targets
-                touched.index_fill_(0, torch.cat([ids.reshape(-1), safe_t]), True)
-        return flat_x, flat_t, ids, log_q, target_log_q
-
-    def _sampler_glue(self):
-        """serial_glue() around the sampler's call when its work is in our kernels (Sampler.kernel_bound);
-        a sampler made of torch ops (ExactSampler scores all N classes) keeps torch's threads."""
-        return serial_glue() if getattr(self.sampler, "kernel_bound", False) else contextlib.nullcontext()
+                touched.index_fill_(0, torch.cat([ids.reshape(-1), safe_targets.reshape(-1)]), True)
+        return ids, log_q, target_log_q
 
     def _sampled_loss(self, x: Tensor, target: Tensor) -> Tensor:
         self._check_ddp()
@@ -480,12 +484,8 @@ class IMISoftmax(nn.Module):
             with serial_glue():
                 # pads score class 0 (any valid id): the loss ignores them, and the sampler's checks pass
                 safe = positives.clamp_min(0)
-            with self._sampler_glue():
-                ids, log_q, target_log_q = self.sampler.sample_with_targets(flat_x.detach(), self.num_samples, safe)
+            ids, log_q, target_log_q = self._sample_and_mark(flat_x, safe)
             with serial_glue():
-                touched = self._touched
-                if touched is not None:
-                    touched.index_fill_(0, torch.cat([ids.reshape(-1), safe.reshape(-1)]), True)
                 return multilabel_loss(flat_x, self.weight, self.bias, positives, ids, log_q, target_log_q,
                                        remove_accidental_hits=self.remove_accidental_hits, reduction="mean",
                                        sparse_grad=self.sparse_grad)
