@@ -38,6 +38,13 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(imi_softmax, m) {
   // k-means step: nearest codeword of each row of x [N, d] among centroids [K, d].
   m.def("assign_codewords(Tensor x, Tensor centroids) -> (Tensor codes, Tensor sqdist)");
+  // Incremental refresh: codes (int32 [C] each) of the rows `rows` [C] of weight [N, d] (any float
+  // dtype, widened to float32) against float32 codebooks, equal to assign_codewords' for the same
+  // float32 rows: code2 of the residual row - codebook1[code1] (residual, rq) or of the row's last
+  // columns with code1 of its first ones (pq). finite (bool []) is false when some row holds NaN/Inf
+  // or has a float32 squared norm that overflows: the codes of such rows mean nothing.
+  m.def("assign_rows(Tensor weight, Tensor rows, Tensor codebook1, Tensor codebook2, bool residual) -> "
+        "(Tensor code1, Tensor code2, Tensor finite)");
   // Index build: cells CSR from the two code vectors, per-cell masses from the bias snapshot, and
   // per-cell alias tables over exp(bias) (alias_prob/alias_pos/beta_csr are empty without bias).
   // The index's per-class arrays (code1, code2, class_ids, alias_pos) are int32 (N < 2^31; every

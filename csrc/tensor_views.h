@@ -414,6 +414,39 @@ inline void check_assign_inputs(const at::Tensor& x, const at::Tensor& centroids
   check_same_device("assign_codewords", {named("x", x), named("centroids", centroids)});
 }
 
+// assign_rows: weight [N, d] (float32/64, float16, bfloat16) with unit column stride, rows int64
+// [C], float32 codebooks: [K1, d] and [K2, d] with `residual` (rq), [K1, h] and [K2, d - h] without
+// (pq, the two halves of each row). Row ids are checked where they are read (position flag).
+inline void check_assign_rows_inputs(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& codebook1,
+                                     const at::Tensor& codebook2, bool residual) {
+  constexpr const char* op = "assign_rows";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, d], got ", weight.sizes());
+  const auto wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kDouble || wt == at::kHalf || wt == at::kBFloat16, op,
+              ": weight must be float32, float64, float16 or bfloat16, got ", wt);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, op, ": rows must be int64 [C] (class ids), got ",
+              rows.scalar_type(), " ", rows.sizes());
+  TORCH_CHECK(codebook1.scalar_type() == at::kFloat && codebook2.scalar_type() == at::kFloat && codebook1.dim() == 2 &&
+                  codebook2.dim() == 2,
+              op, ": codebook1 and codebook2 must be float32 [K, width], got ", codebook1.scalar_type(), " ",
+              codebook1.sizes(), " and ", codebook2.scalar_type(), " ", codebook2.sizes());
+  check_num_codewords(op, codebook1.size(0));
+  check_num_codewords(op, codebook2.size(0));
+  const int64_t d = weight.size(1);
+  if (residual) {
+    TORCH_CHECK(codebook1.size(1) == d && codebook2.size(1) == d, op, ": with residual=True both codebooks must be [K, ",
+                d, "] like weight's rows, got ", codebook1.sizes(), " and ", codebook2.sizes());
+  } else {
+    TORCH_CHECK(codebook1.size(1) >= 1 && codebook2.size(1) >= 1 && codebook1.size(1) + codebook2.size(1) == d, op,
+                ": with residual=False the codebooks' widths must add up to weight's d = ", d,
+                " (codebook1 for the first columns, codebook2 for the rest), got ", codebook1.sizes(), " and ",
+                codebook2.sizes());
+  }
+  check_index_classes(op, rows.numel());
+  check_same_device(op, {named("weight", weight), named("rows", rows), named("codebook1", codebook1),
+                         named("codebook2", codebook2)});
+}
+
 // ---- loss and weight gradients -----------------------------------------------------------------
 
 // Accumulation dtype of the loss ops: float64 for float64 inputs, float32 otherwise.

@@ -24,6 +24,13 @@ def _assign_codewords_fake(x, centroids):
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n)
 
 
+@torch.library.register_fake(_lib + "assign_rows")
+def _assign_rows_fake(weight, rows, codebook1, codebook2, residual):
+    c = rows.shape[0]
+    return (rows.new_empty(c, dtype=torch.int32), rows.new_empty(c, dtype=torch.int32),
+            rows.new_empty((), dtype=torch.bool))
+
+
 @torch.library.register_fake(_lib + "build_cells")
 def _build_cells_fake(code1, code2, beta, num_codewords):
     n, kk = code1.shape[0], num_codewords * num_codewords

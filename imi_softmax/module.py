@@ -247,7 +247,7 @@ class IMISoftmax(nn.Module):
         if not full and touched is not None and self._can_update(touched, sync):
             if sync:
                 touched = _union_over_ranks(touched)
-            with no_autocast(self.weight.device):
+            with no_autocast(self.weight.device), serial_glue():  # the update's own glue, and the mask's nonzero
                 self.sampler.update(self.weight, self.bias, touched.nonzero().flatten())
             self._refreshes_since_full += 1
             return

@@ -144,14 +144,10 @@ def _frozen_assignment(s, w):
     return assign(w[:, :h].contiguous(), c1)[0], assign(w[:, h:].contiguous(), c2)[0]
 
 
-@pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("quantizer", ["rq", "pq"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_sampler_update_reassigns_only_the_changed_rows(monkeypatch, quantizer, bias, chunk):
-    """chunk = 7: the changed rows are re-assigned 7 at a time (13 chunks, the last one short), as
-    the default chunk does at scale; the codes must not depend on it."""
-    if chunk is not None:
-        monkeypatch.setattr("imi_softmax.samplers.midx._ASSIGN_CHUNK_ROWS", chunk)
+def test_sampler_update_reassigns_only_the_changed_rows(quantizer, bias):
+    """(The codes do not depend on the block of rows that computes them: tests/test_assign_rows.py.)"""
     s, w, b = _built_sampler(quantizer, bias)
     old = s.index
     changed = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(1))[:90]

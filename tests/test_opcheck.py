@@ -26,6 +26,16 @@ def test_assign_codewords(device, dtype):
     torch.library.opcheck(ops.assign_codewords, (x, c), test_utils=ALL_UTILS)
 
 
+@pytest.mark.parametrize("quantizer", ["rq", "pq"])
+def test_assign_rows(device, quantizer):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(60, 8, generator=g).to(device)
+    rows = torch.randint(0, 60, (25,), generator=g).to(device)
+    width = 8 if quantizer == "rq" else 4
+    c1, c2 = (torch.randn(5, width, generator=g).to(device) for _ in range(2))
+    torch.library.opcheck(ops.assign_rows, (w, rows, c1, c2, quantizer == "rq"), test_utils=ALL_UTILS)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_build_cells(device, bias):
     g = torch.Generator().manual_seed(1)
@@ -154,7 +164,7 @@ def test_sampled_softmax_backward_and_weight_grads(device, dtype, bias):
 def test_every_op_is_covered():
     """A new op in the library must get an opcheck here (the optimizer ops: in test_optim.py; the
     multi-label loss ops: in test_multilabel.py; retrieval ops: in test_search.py)."""
-    covered = {"assign_codewords", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
+    covered = {"assign_codewords", "assign_rows", "build_cells", "update_cells", "midx_sample", "midx_sample_seeded", "midx_log_prob",
                "update_cells_",  # opcheck in test_inplace_refresh.py
                "sampled_softmax_forward", "sampled_softmax_train", "sampled_softmax_backward", "dense_weight_grad",
                "sparse_weight_grad", "row_sparse_adam_", "row_wise_adagrad_", "multilabel_softmax_forward",

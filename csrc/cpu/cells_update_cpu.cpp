@@ -18,6 +18,7 @@
 #include "../tensor_views.h"
 #include "cells_update_plan.h"
 #include "fresh_zeros.h"
+#include "parallel_chunks.h"
 #include "imi_softmax/cells.h"
 
 namespace imi_softmax {
@@ -104,9 +105,11 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   // slice, a count off) comes from an inconsistent old index: recorded here, raised after the loop.
   std::atomic<int64_t> bad_cell{-1};
 
-  at::parallel_for(0, KK, 16, [&](int64_t b, int64_t e) {
+  // cells differ in size by orders of magnitude: small chunks claimed as the threads come
+  parallel_chunks(KK, 16, [&](ChunkQueue& queue) {
     std::vector<double> exps;  // each exp once per class
     std::vector<int32_t> work;  // the alias construction's stack, per thread (no [N] scratch array)
+    for (int64_t b, e; queue.next(b, e);)
     for (int64_t c = b; c < e; ++c) {
       const int64_t ob = old_off[c], oe = old_off[c + 1], nb = off[c], ne = off[c + 1];
       if (!affected[c]) {
@@ -153,9 +156,10 @@ Outputs update_cells_cpu(const at::Tensor& offsets, const at::Tensor& class_ids,
   auto out_cell_mass = at::empty({K, K}, float_opts);
   float* cm = out_cell_mass.data_ptr<float>();
   const float* old_cm = cell_mass.data_ptr<float>();
-  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c)
-      cm[c] = (same_max && !affected[c]) ? old_cm[c] : imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
+  parallel_chunks(KK, 64, [&](ChunkQueue& queue) {
+    for (int64_t b, e; queue.next(b, e);)
+      for (int64_t c = b; c < e; ++c)
+        cm[c] = (same_max && !affected[c]) ? old_cm[c] : imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
   });
   return {out_code1, out_code2,  out_beta,  out_offsets,   out_ids,      out_prob,
           out_alias, out_bcsr,   out_log_n, out_cell_mass, out_log_n_max};

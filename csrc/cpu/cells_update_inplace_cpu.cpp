@@ -28,6 +28,7 @@
 #include "../tensor_views.h"
 #include "cells_update_plan.h"
 #include "imi_softmax/cells.h"
+#include "parallel_chunks.h"
 
 namespace imi_softmax {
 namespace {
@@ -246,10 +247,12 @@ void rewrite_cells(const Shared& s, int64_t c0, int64_t c1, const Saved& left, c
   }
 }
 
-// Cut points of the cell range for up to `threads` ranges of about equal work, such that the band
-// of each cut (between its old and new offset) lies between the neighbouring cuts' bands.
+// Cut points of the cell range for up to `max_ranges` ranges of about equal work, such that the
+// band of each cut (between its old and new offset) lies between the neighbouring cuts' bands.
+constexpr int kRangesPerThread = 4;
+
 std::vector<int64_t> cut_cells(const CellUpdatePlan& plan, const std::vector<int64_t>& oo, int64_t KK,
-                               int threads) {
+                               int max_ranges) {
   const auto& no = plan.new_off;
   std::vector<double> work(KK + 1, 0.0);  // prefix sums
   for (int64_t c = 0; c < KK; ++c) {
@@ -258,7 +261,7 @@ std::vector<int64_t> cut_cells(const CellUpdatePlan& plan, const std::vector<int
     const double w = plan.affected[c] ? 4.0 * size + 16.0 : (no[c] != oo[c] ? size : 0.0) + 1.0;
     work[c + 1] = work[c] + w;
   }
-  for (int t = std::max(threads, 1); t > 1; --t) {
+  for (int t = std::max(max_ranges, 1); t > 1; --t) {
     std::vector<int64_t> cuts{0};
     for (int i = 1; i < t; ++i) {
       const double goal = work[KK] * i / t;
@@ -330,7 +333,9 @@ void update_cells_inplace_cpu(const at::Tensor& offsets, const at::Tensor& class
   std::atomic<int64_t> bad_cell{-1};
   const Shared shared{plan, old_off, csr, has_beta, ch, has_beta ? new_beta->data_ptr<float>() : nullptr,
                       has_beta ? beta->data_ptr<float>() : nullptr, ln, &bad_cell};
-  const std::vector<int64_t> cuts = cut_cells(plan, old_off, KK, at::get_num_threads());
+  // several ranges per thread, claimed as the threads come: beside a busy process a thread that is
+  // off its core holds up one small range, not half of the cells
+  const std::vector<int64_t> cuts = cut_cells(plan, old_off, KK, kRangesPerThread * kernel_threads());
   const int64_t ranges = static_cast<int64_t>(cuts.size()) - 1;
   // bands[i]: old data of the positions between the old and new offset of cut i, saved before any
   // range writes (the range that reads them finds them here; the other one overwrites them)
@@ -339,8 +344,9 @@ void update_cells_inplace_cpu(const at::Tensor& offsets, const at::Tensor& class
     const int64_t b = cuts[i];
     bands[i].append(csr, std::min(old_off[b], plan.new_off[b]), std::max(old_off[b], plan.new_off[b]));
   }
-  at::parallel_for(0, ranges, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) rewrite_cells(shared, cuts[r], cuts[r + 1], bands[r], bands[r + 1]);
+  parallel_chunks(ranges, 1, [&](ChunkQueue& queue) {
+    for (int64_t b, e; queue.next(b, e);)
+      for (int64_t r = b; r < e; ++r) rewrite_cells(shared, cuts[r], cuts[r + 1], bands[r], bands[r + 1]);
   });
   // a cell whose old slice, leavers and arrivals do not add up (its ids not ascending: not caught by
   // the search above in every case) leaves a half-written index
@@ -365,9 +371,10 @@ void update_cells_inplace_cpu(const at::Tensor& offsets, const at::Tensor& class
   float* cm = cell_mass.data_ptr<float>();
   const int64_t* off = plan.new_off.data();
   const float* bcsr = csr.bcsr;
-  at::parallel_for(0, KK, 64, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c)
-      if (!(same_max && !plan.affected[c])) cm[c] = imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
+  parallel_chunks(KK, 64, [&](ChunkQueue& queue) {
+    for (int64_t b, e; queue.next(b, e);)
+      for (int64_t c = b; c < e; ++c)
+        if (!(same_max && !plan.affected[c])) cm[c] = imi::cell_scaled_mass(bcsr, off[c], off[c + 1], lmax);
   });
 }
 

@@ -112,6 +112,38 @@ std::tuple<at::Tensor, at::Tensor> assign_codewords_cuda(const at::Tensor& x_in,
   return {codes, sqdist};
 }
 
+// ---- assign_rows -------------------------------------------------------------------------------
+
+// The gather, widening and residual as ATen ops around assign_codewords: on the GPU these are
+// single launches, not the regions split per thread that the CPU kernel avoids.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_rows_cuda(const at::Tensor& weight, const at::Tensor& rows,
+                                                                const at::Tensor& codebook1,
+                                                                const at::Tensor& codebook2, bool residual) {
+  check_assign_rows_inputs(weight, rows, codebook1, codebook2, residual);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const int64_t N = weight.size(0);
+  if (rows.numel() > 0) {  // one device->host read of the extremes before anything indexes with them
+    const auto extremes = at::stack({rows.min(), rows.max()}).cpu();
+    const int64_t lo = extremes[0].item<int64_t>(), hi = extremes[1].item<int64_t>();
+    if (lo < 0 || hi >= N) {
+      const int64_t at = ((rows < 0) | (rows >= N)).nonzero()[0][0].item<int64_t>();
+      check_no_bad_position("assign_rows", "rows", at, rows, "[0, " + std::to_string(N) + ")");
+    }
+  }
+  const auto x = weight.index_select(0, rows).to(at::kFloat);
+  const auto finite = at::isfinite(x.mul(x).sum(1)).all();
+  at::Tensor code1, code2;
+  if (residual) {
+    code1 = std::get<0>(assign_codewords_cuda(x, codebook1));
+    code2 = std::get<0>(assign_codewords_cuda(x - codebook1.contiguous().index_select(0, code1), codebook2));
+  } else {
+    const int64_t h = codebook1.size(1);
+    code1 = std::get<0>(assign_codewords_cuda(x.narrow(1, 0, h), codebook1));
+    code2 = std::get<0>(assign_codewords_cuda(x.narrow(1, h, x.size(1) - h), codebook2));
+  }
+  return {code1.to(at::kInt), code2.to(at::kInt), finite};
+}
+
 // ---- build_cells -------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -787,6 +819,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multilabel_softmax_train_cuda(
 
 TORCH_LIBRARY_IMPL(imi_softmax, CUDA, m) {
   m.impl("assign_codewords", &assign_codewords_cuda);
+  m.impl("assign_rows", &assign_rows_cuda);
   m.impl("build_cells", &build_cells_cuda);
   m.impl("update_cells", &update_cells_cuda);
   m.impl("midx_sample", &midx_sample_cuda);

@@ -52,6 +52,42 @@ def assign_codewords(x: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
     return codes, sqdist
 
 
+def assign_rows(weight: Tensor, rows: Tensor, codebook1: Tensor, codebook2: Tensor,
+                residual: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Codes (int32 [C] each) of weight[rows] widened to float32: against codebook1, then codebook2
+    on the residual (``residual``) or on the last columns (codebook1 on the first ones); and whether
+    every row and its float32 squared norm are finite."""
+    _check(weight.dim() == 2 and weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+           f"assign_rows: weight must be a float [N, d] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    _check(rows.dtype == torch.int64 and rows.dim() == 1,
+           f"assign_rows: rows must be int64 [C] (class ids), got {rows.dtype} {tuple(rows.shape)}")
+    _check(codebook1.dtype == codebook2.dtype == torch.float32 and codebook1.dim() == codebook2.dim() == 2,
+           "assign_rows: codebook1 and codebook2 must be float32 [K, width]")
+    _check(1 <= codebook1.shape[0] <= 8192 and 1 <= codebook2.shape[0] <= 8192,
+           "assign_rows: num_codewords (K, the codebooks' rows) must lie in [1, 8192]")
+    n, d = weight.shape
+    widths = (codebook1.shape[1], codebook2.shape[1])
+    _check(widths == (d, d) if residual else (min(widths) >= 1 and sum(widths) == d),
+           f"assign_rows: codebooks {tuple(codebook1.shape)} and {tuple(codebook2.shape)} do not fit weight's d = {d} "
+           f"(residual={residual})")
+    _check(len({t.device for t in (weight, rows, codebook1, codebook2)}) == 1,
+           "assign_rows: weight, rows and the codebooks must be on one device")
+    bad = ((rows < 0) | (rows >= n)).nonzero()
+    if bad.numel():
+        raise RuntimeError(f"assign_rows: rows has class id {int(rows[bad[0, 0]])} at [{int(bad[0, 0])}] "
+                         f"outside [0, {n})")
+    x = weight[rows].to(torch.float32)
+    finite = torch.isfinite(x.pow(2).sum(1)).all()
+    if residual:
+        code1 = assign_codewords(x, codebook1)[0]
+        code2 = assign_codewords(x - codebook1[code1], codebook2)[0]
+    else:
+        h = widths[0]
+        code1 = assign_codewords(x[:, :h].contiguous(), codebook1)[0]
+        code2 = assign_codewords(x[:, h:].contiguous(), codebook2)[0]
+    return code1.to(torch.int32), code2.to(torch.int32), finite
+
+
 def _vose(weights: List[float], n: int) -> Tuple[List[np.float32], List[int]]:
     """Alias table of one cell in csrc's order (float32 arithmetic); positions local to the cell."""
     prob = [np.float32(w) for w in weights]

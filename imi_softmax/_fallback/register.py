@@ -15,6 +15,8 @@ _TABLES = ("Tensor s1, Tensor s2, Tensor log_n, Tensor cell_mass, Tensor log_n_m
 SCHEMAS = {
     "assign_codewords": ("assign_codewords(Tensor x, Tensor centroids) -> (Tensor codes, Tensor sqdist)",
                          cells.assign_codewords),
+    "assign_rows": ("assign_rows(Tensor weight, Tensor rows, Tensor codebook1, Tensor codebook2, bool residual) -> "
+                    "(Tensor code1, Tensor code2, Tensor finite)", cells.assign_rows),
     "build_cells": ("build_cells(Tensor code1, Tensor code2, Tensor? beta, int num_codewords) -> "
                     "(Tensor offsets, Tensor class_ids, Tensor alias_prob, Tensor alias_pos, Tensor beta_csr, "
                     "Tensor log_n, Tensor cell_mass, Tensor log_n_max)", cells.build_cells),

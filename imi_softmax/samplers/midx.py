@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
+from .._serial_glue import serial_glue
 from .._validation import _compiling, check_class_ids, check_finite, check_fp32_range, check_positive_int, check_tensor
-from ..kmeans import assign, assign_chunked, assign_residual, kmeans
+from ..kmeans import assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
 
 QUANTIZERS = ("rq", "pq")
@@ -121,8 +122,20 @@ def _sole_holder_counts() -> Tuple[int, Tuple[int, int]]:
     return _SOLE_COUNTS
 
 
-# Rows re-assigned at a time by an incremental update (8 MiB of float32 rows at d = 64).
-_ASSIGN_CHUNK_ROWS = 32768
+# Rows checked at a time when an incremental update found a bad one (8 MiB of float32 rows at d = 64).
+_CHECK_CHUNK_ROWS = 32768
+
+
+def _raise_for_rows(weight: Tensor, rows: Tensor) -> None:
+    """The error for the rows of weight that op assign_rows found NaN/Inf or with a float32 squared
+    norm that overflows, named as a full build names it."""
+    for start in range(0, rows.numel(), _CHECK_CHUNK_ROWS):
+        w = weight.detach()[rows[start:start + _CHECK_CHUNK_ROWS]].to(torch.float32)
+        check_finite("weight", w)
+        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
+    # torch's sum of some row stayed finite where the kernel's (another order) did not: the edge itself
+    raise ValueError(f"weight's squared row norms (k-means distances) overflow float32 (|value| > 3.4e38); "
+                     f"{_OVERFLOW_FIX}")
 
 
 class MIDXSampler(Sampler):
@@ -348,41 +361,48 @@ class MIDXSampler(Sampler):
         which readers hold around their ops, so a concurrent reader sees the old or the new index.
         Otherwise (and on CUDA) a new index is made beside the old one (op ``update_cells``) and
         swapped in by one assignment. ``last_update_in_place`` says which way the latest update ran."""
-        index = self._require_index()
-        check_tensor("weight", weight, dims=(2,))
-        if tuple(weight.shape) != (index.num_classes, index.in_features):
-            raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
-                             f"{tuple(weight.shape)}: a different shape needs a full build(weight, bias)")
-        if weight.device != index.codebook1.device:
-            raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}: "
-                             f"a new device needs a full build(weight, bias)")
-        if (bias is None) != (index.beta is None):
-            raise ValueError("bias must be given exactly when the index was built with one "
-                             f"(index has {'a' if index.beta is not None else 'no'} bias snapshot): "
-                             "call build(weight, bias) instead")
-        if bias is not None:
-            check_tensor("bias", bias, dims=(1,))
-            if bias.shape[0] != index.num_classes:
-                raise ValueError(f"bias must be [{index.num_classes}] to match weight, got {tuple(bias.shape)}")
-        check_tensor("changed", changed)
-        if changed.dtype != torch.int64:
-            raise TypeError(f"changed must hold int64 class ids, got {changed.dtype}")
-        if changed.device != weight.device:
-            raise ValueError(f"changed is on {changed.device} but weight is on {weight.device}")
-        check_class_ids("changed", changed, index.num_classes)
-        changed = changed.reshape(-1)
-        if changed.numel() > 1 and not bool((changed[1:] > changed[:-1]).all()):
-            changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
-        with no_autocast(weight.device):
-            a1, a2, new_beta = self._assign_changed(index, weight, bias, changed)
-            on_cpu = index.codebook1.device.type == "cpu"
-            del index  # this frame's reference would count as another holder
-            if not (on_cpu and self._update_in_place(changed, a1, a2, new_beta)):
-                index = self._require_index()
-                new_index = self._update_index(index, changed, a1, a2, new_beta)
-                self._cell_copy = self._take_cell_copy(new_index, weight, bias)
-                self._index = new_index
-                self.last_update_in_place = False
+        # The checks, the re-assignment and the cell update are ops with their own threads around a
+        # few O(C) torch ops: serial glue (imi_softmax/_serial_glue.py), so that none of those waits
+        # for a thread that a busy machine keeps off its core.
+        with serial_glue():
+            index = self._require_index()
+            check_tensor("weight", weight, dims=(2,))
+            if tuple(weight.shape) != (index.num_classes, index.in_features):
+                raise ValueError(f"weight must be [{index.num_classes}, {index.in_features}] like the index, got "
+                                 f"{tuple(weight.shape)}: a different shape needs a full build(weight, bias)")
+            if weight.device != index.codebook1.device:
+                raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}: "
+                                 f"a new device needs a full build(weight, bias)")
+            if (bias is None) != (index.beta is None):
+                raise ValueError("bias must be given exactly when the index was built with one "
+                                 f"(index has {'a' if index.beta is not None else 'no'} bias snapshot): "
+                                 "call build(weight, bias) instead")
+            if bias is not None:
+                check_tensor("bias", bias, dims=(1,))
+                if bias.shape[0] != index.num_classes:
+                    raise ValueError(f"bias must be [{index.num_classes}] to match weight, got {tuple(bias.shape)}")
+            check_tensor("changed", changed)
+            if changed.dtype != torch.int64:
+                raise TypeError(f"changed must hold int64 class ids, got {changed.dtype}")
+            if changed.device != weight.device:
+                raise ValueError(f"changed is on {changed.device} but weight is on {weight.device}")
+            check_class_ids("changed", changed, index.num_classes)
+            changed = changed.reshape(-1)
+            if changed.numel() > 1 and not bool((changed[1:] > changed[:-1]).all()):
+                changed = torch.unique(changed)  # a sort; a mask's nonzero() is ascending already
+            with no_autocast(weight.device):
+                a1, a2, new_beta = self._assign_changed(index, weight, bias, changed)
+                on_cpu = index.codebook1.device.type == "cpu"
+                del index  # this frame's reference would count as another holder
+                new_index = None
+                if not (on_cpu and self._update_in_place(changed, a1, a2, new_beta)):
+                    index = self._require_index()
+                    new_index = self._update_index(index, changed, a1, a2, new_beta)
+                    del index
+        if new_index is not None:  # torch's threads for the cell-ordered copy ([N, d] gathers)
+            self._cell_copy = self._take_cell_copy(new_index, weight, bias)
+            self._index = new_index
+            self.last_update_in_place = False
         self._vectors = (weight, bias)
         return self
 
@@ -417,29 +437,17 @@ class MIDXSampler(Sampler):
                         changed: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """New codes (int32 [C] each) of the rows ``changed`` against the index's codebooks, and
         their bias snapshot (float32 [C] or None)."""
-        c1, c2 = index.codebook1, index.codebook2
         new_beta = None
         if bias is not None:
             new_beta = bias.detach()[changed].to(torch.float32)
             check_finite("bias", new_beta)
-        # A chunk of rows at a time: their float32 copies, residuals and distances are the refresh's
-        # only transient memory (all C rows at once were 0.05-0.1 GiB at N = 20M, 1% changed).
-        a1 = torch.empty(changed.numel(), dtype=torch.int32, device=changed.device)
-        a2 = torch.empty_like(a1)
-        for start in range(0, changed.numel(), _ASSIGN_CHUNK_ROWS):
-            rows = changed[start:start + _ASSIGN_CHUNK_ROWS]
-            w = weight.detach()[rows].to(torch.float32)
-            check_finite("weight", w)
-            check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX,
-                             cause=w)
-            part = slice(start, start + rows.numel())
-            if self.quantizer == "rq":
-                a1[part] = assign(w, c1)[0].to(torch.int32)
-                a2[part] = assign_residual(w, c1, a1[part], c2, dtype=torch.int32)
-            else:
-                h = w.shape[1] // 2
-                a1[part] = assign(w[:, :h].contiguous(), c1)[0].to(torch.int32)
-                a2[part] = assign(w[:, h:].contiguous(), c2)[0].to(torch.int32)
+        # One op for the gather, the widening to float32, the check and both assignments, in row
+        # blocks the threads claim as they come (no [C, d] copy, no torch op in between): the same
+        # codes as assign / assign_residual on the float32 rows.
+        a1, a2, finite = ops.assign_rows(weight.detach(), changed, index.codebook1, index.codebook2,
+                                         self.quantizer == "rq")
+        if not bool(finite):
+            _raise_for_rows(weight, changed)
         return a1, a2, new_beta
 
     def _update_index(self, index: MIDXIndex, changed: Tensor, a1: Tensor, a2: Tensor,
