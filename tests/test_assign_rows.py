@@ -111,10 +111,10 @@ def test_bad_arguments_are_refused():
             op(w.int(), rows, c1, c2, True)
         with pytest.raises(BAD, match="weight must be"):
             op(w[0], rows, c1, c2, True)
-    with pytest.raises(BAD, match=r"residual=True both codebooks must be \[K, 24\]"):
-        ops.assign_rows(w, rows, c1[:, :12], c2, True)
-    with pytest.raises(BAD, match="widths must add up to weight's d = 24"):
-        ops.assign_rows(w, rows, c1[:, :12], c2[:, :11], False)
+        with pytest.raises(BAD, match=r"residual=True both codebooks must be \[K, 24\]"):
+            op(w, rows, c1[:, :12], c2, True)
+        with pytest.raises(BAD, match="widths must add up to weight's d = 24"):
+            op(w, rows, c1[:, :12], c2[:, :11], False)
 
 
 def test_a_strided_weight_gives_the_codes_of_its_values():

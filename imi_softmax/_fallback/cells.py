@@ -67,9 +67,14 @@ def assign_rows(weight: Tensor, rows: Tensor, codebook1: Tensor, codebook2: Tens
            "assign_rows: num_codewords (K, the codebooks' rows) must lie in [1, 8192]")
     n, d = weight.shape
     widths = (codebook1.shape[1], codebook2.shape[1])
-    _check(widths == (d, d) if residual else (min(widths) >= 1 and sum(widths) == d),
-           f"assign_rows: codebooks {tuple(codebook1.shape)} and {tuple(codebook2.shape)} do not fit weight's d = {d} "
-           f"(residual={residual})")
+    if residual:
+        _check(widths == (d, d), f"assign_rows: with residual=True both codebooks must be [K, {d}] like weight's "
+               f"rows, got {tuple(codebook1.shape)} and {tuple(codebook2.shape)}")
+    else:
+        _check(min(widths) >= 1 and sum(widths) == d,
+               f"assign_rows: with residual=False the codebooks' widths must add up to weight's d = {d} (codebook1 "
+               f"for the first columns, codebook2 for the rest), got {tuple(codebook1.shape)} and "
+               f"{tuple(codebook2.shape)}")
     _check(len({t.device for t in (weight, rows, codebook1, codebook2)}) == 1,
            "assign_rows: weight, rows and the codebooks must be on one device")
     bad = ((rows < 0) | (rows >= n)).nonzero()
