@@ -44,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from busy import busy_processes  # noqa: E402
-from memory import (RESULTS, build_step, machine_info, machine_tag, make_inputs, peak_step_memory,  # noqa: E402
-                    time_fn, time_interleaved)
+from memory import (RESULTS, add_step_shape_args, build_step, machine_info, machine_tag, make_inputs,  # noqa: E402
+                    peak_step_memory, time_fn, time_interleaved)
 from peers import MIDXTorchSampler, zipf_counts  # noqa: E402
 
 
@@ -86,11 +86,7 @@ def busy_comparison(fns, a, device, row):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--N", type=int, default=1_000_000)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--B", type=int, default=512)
-    p.add_argument("--M", type=int, default=256)
-    p.add_argument("--K", type=int, default=64)
+    add_step_shape_args(p)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (after 1-2 warm-up runs)")
     p.add_argument("--full-repeats", type=int, default=3, help="timed repeats of the (slow) full softmax step")
     p.add_argument("--skip-memory", action="store_true")

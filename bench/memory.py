@@ -165,6 +165,16 @@ def make_inputs(N: int, d: int, B: int, device: str, dtype: torch.dtype, counts:
     return x, y.to(device)
 
 
+def add_step_shape_args(p: argparse.ArgumentParser) -> None:
+    """--N --d --B --M --K with the acceptance benchmark's defaults (N = 1M, d = 128, B = 512, M = 256,
+    K = 64): the step shape of the scripts that time build_step."""
+    p.add_argument("--N", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--B", type=int, default=512)
+    p.add_argument("--M", type=int, default=256)
+    p.add_argument("--K", type=int, default=64)
+
+
 def build_step(method: str, N: int, d: int, B: int, M: int, device: str = "cpu", dtype=torch.float32,
                K: int = 64, seed: int = 0):
     """(head, step_fn) for one method; step_fn() runs forward + backward (grads reset to None first).

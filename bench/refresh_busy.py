@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from busy import busy_processes  # noqa: E402
-from memory import RESULTS, build_step, machine_info, machine_tag  # noqa: E402
+from memory import RESULTS, add_step_shape_args, build_step, machine_info, machine_tag  # noqa: E402
 
 
 def _timed(parts, name, fn):
@@ -38,11 +38,7 @@ def _timed(parts, name, fn):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--N", type=int, default=1_000_000)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--B", type=int, default=512)
-    p.add_argument("--M", type=int, default=256)
-    p.add_argument("--K", type=int, default=64)
+    add_step_shape_args(p)
     p.add_argument("--steps", type=int, default=10, help="training steps before each refresh")
     p.add_argument("--samples", type=int, default=5, help="refreshes per block")
     p.add_argument("--blocks", type=int, default=2, help="pairs of blocks (quiet, busy)")

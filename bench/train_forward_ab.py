@@ -23,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from memory import RESULTS, build_step, machine_info, machine_tag, time_interleaved  # noqa: E402
+from memory import RESULTS, add_step_shape_args, build_step, machine_info, machine_tag, time_interleaved  # noqa: E402
 
 
 class _ForwardThenBackward:
@@ -42,11 +42,7 @@ class _ForwardThenBackward:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--N", type=int, default=1_000_000)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--B", type=int, default=512)
-    p.add_argument("--M", type=int, default=256)
-    p.add_argument("--K", type=int, default=64)
+    add_step_shape_args(p)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=RESULTS)

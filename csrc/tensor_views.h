@@ -414,9 +414,9 @@ inline void check_assign_inputs(const at::Tensor& x, const at::Tensor& centroids
   check_same_device("assign_codewords", {named("x", x), named("centroids", centroids)});
 }
 
-// assign_rows: weight [N, d] (float32/64, float16, bfloat16) with unit column stride, rows int64
-// [C], float32 codebooks: [K1, d] and [K2, d] with `residual` (rq), [K1, h] and [K2, d - h] without
-// (pq, the two halves of each row). Row ids are checked where they are read (position flag).
+// assign_rows: weight [N, d] (float32/64, float16, bfloat16), rows int64 [C], float32 codebooks:
+// [K1, d] and [K2, d] with `residual` (rq), [K1, h] and [K2, d - h] without (pq, the two halves of
+// each row). Row ids are checked by the backends before a row is read (CPU: at use, position flag).
 inline void check_assign_rows_inputs(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& codebook1,
                                      const at::Tensor& codebook2, bool residual) {
   constexpr const char* op = "assign_rows";

@@ -93,6 +93,7 @@ def test_no_rows(device):
 def test_rows_out_of_range_are_refused_with_their_position(device, bad_id):
     w, rows, c1, c2 = _inputs("rq", device=device)
     rows[1777] = bad_id
+    rows[2300] = N + 1  # in a later block: the first position is the one named, whatever thread saw which
     for op in (ops.assign_rows, fb.assign_rows):
         with pytest.raises(BAD, match=rf"rows has class id {bad_id} at \[1777\] outside \[0, {N}\)"):
             op(w, rows, c1, c2, True)

@@ -19,18 +19,15 @@
 namespace imi_softmax {
 namespace {
 
-constexpr int64_t kBlock = 1024;  // rows per claimed block (the block size of assign_codewords)
+constexpr int64_t kBlock = kAssignBlockRows;
 
 struct Codebook {
-  at::Tensor t;       // [d, K] view of the contiguous codebook
+  explicit Codebook(const at::Tensor& codebook)
+      : rows(codebook.contiguous()), t(rows.t()), sqnorm(rows.mul(rows).sum(1).contiguous()) {}
+  at::Tensor rows;    // the contiguous [K, width] codebook
+  at::Tensor t;       // [width, K] view of it
   at::Tensor sqnorm;  // [K], computed as assign_codewords computes it
-  const float* rows;  // the contiguous [K, width] codebook
 };
-
-Codebook prepare(const at::Tensor& codebook) {
-  const auto c = codebook.contiguous();
-  return {c.t(), c.mul(c).sum(1).contiguous(), c.data_ptr<float>()};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_rows_cpu(const at::Tensor& weight_in, const at::Tensor& rows_in,
                                                                const at::Tensor& codebook1,
@@ -40,14 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_rows_cpu(const at::Tensor&
   const auto rows = rows_in.contiguous();
   const int64_t N = weight.size(0), d = weight.size(1), C = rows.numel(), ld = weight.stride(0);
   const int64_t* rp = rows.data_ptr<int64_t>();
-  int64_t first_bad = IMI_NO_BAD_POSITION;
-  for (int64_t i = 0; i < C; ++i)
-    if (rp[i] < 0 || rp[i] >= N) {
-      first_bad = i;
-      break;
-    }
-  check_no_bad_position("assign_rows", "rows", first_bad, rows, "[0, " + std::to_string(N) + ")");
-  const Codebook cb1 = prepare(codebook1), cb2 = prepare(codebook2);
+  int64_t first_bad = IMI_NO_BAD_POSITION;  // a row id outside [0, N): recorded at use, raised after the loop
+  const Codebook cb1(codebook1), cb2(codebook2);
   const int64_t K1 = codebook1.size(0), K2 = codebook2.size(0), h = residual ? d : codebook1.size(1);
   auto code1 = at::empty({C}, rows.options().dtype(at::kInt));
   auto code2 = at::empty({C}, rows.options().dtype(at::kInt));
@@ -68,8 +59,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_rows_cpu(const at::Tensor&
         const int64_t n = e - b, w2 = second.size(1);
         float* xp = whole.data_ptr<float>();
         for (int64_t i = 0; i < n; ++i) {  // widen the row; its float32 squared norm must be finite
-          const scalar_t* src = wp + rp[b + i] * ld;
           float* dst = xp + i * d;
+          if (!imi::in_range(rp[b + i], N)) {
+            imi::record_bad_position(&first_bad, b + i);
+            std::fill(dst, dst + d, 0.0f);
+            continue;
+          }
+          const scalar_t* src = wp + rp[b + i] * ld;
           for (int64_t t = 0; t < d; ++t) dst[t] = static_cast<float>(src[t]);
           ok = ok && std::isfinite(row_sq_norm(dst, d));
         }
@@ -86,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_rows_cpu(const at::Tensor&
         if (residual) {  // x - codebook1[code1], as assign_residual subtracts it
           float* res = second.data_ptr<float>();
           for (int64_t i = 0; i < n; ++i) {
-            const float* c = cb1.rows + static_cast<int64_t>(c1p[b + i]) * d;
+            const float* c = cb1.rows.data_ptr<float>() + static_cast<int64_t>(c1p[b + i]) * d;
             for (int64_t t = 0; t < d; ++t) res[i * d + t] = xp[i * d + t] - c[t];
           }
         }
@@ -96,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_rows_cpu(const at::Tensor&
       if (!ok) finite.store(false, std::memory_order_relaxed);
     });
   });
+  check_no_bad_position("assign_rows", "rows", first_bad, rows, "[0, " + std::to_string(N) + ")");
   return {code1, code2, at::scalar_tensor(finite.load(), rows.options().dtype(at::kBool))};
 }
 

@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> assign_codewords_cpu(const at::Tensor& x_in,
   // one small GEMM run by the thread that claimed it (BLAS is sequential inside the region). One
   // big product for all rows would split them in equal parts up front: beside a busy process, the
   // thread that is off its core would hold up the whole product for its half.
-  constexpr int64_t kBlock = 1024;
+  constexpr int64_t kBlock = kAssignBlockRows;
   const auto centroids_t = centroids.t();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "assign_codewords_cpu", [&] {
     const scalar_t* cn = c_sqnorm.data_ptr<scalar_t>();

@@ -11,6 +11,9 @@
 
 namespace imi_softmax {
 
+// Rows per block that a thread claims in assign_codewords and assign_rows.
+constexpr int64_t kAssignBlockRows = 1024;
+
 // Squared norm of one row, summed as every CPU assignment sums it.
 template <typename scalar_t>
 inline scalar_t row_sq_norm(const scalar_t* row, int64_t d) {

@@ -126,16 +126,23 @@ def _sole_holder_counts() -> Tuple[int, Tuple[int, int]]:
 _CHECK_CHUNK_ROWS = 32768
 
 
+_ROW_NORMS = "weight's squared row norms (k-means distances)"
+
+
+def _check_weight_rows(w: Tensor) -> None:
+    """The build's checks of weight rows w: no NaN/Inf, and squared norms that fit in float32
+    (k-means distances and the proposal scores square the rows: past ~1e19 they are inf)."""
+    check_finite("weight", w)
+    check_fp32_range(_ROW_NORMS, _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
+
+
 def _raise_for_rows(weight: Tensor, rows: Tensor) -> None:
     """The error for the rows of weight that op assign_rows found NaN/Inf or with a float32 squared
     norm that overflows, named as a full build names it."""
     for start in range(0, rows.numel(), _CHECK_CHUNK_ROWS):
-        w = weight.detach()[rows[start:start + _CHECK_CHUNK_ROWS]].to(torch.float32)
-        check_finite("weight", w)
-        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
+        _check_weight_rows(weight.detach()[rows[start:start + _CHECK_CHUNK_ROWS]].to(torch.float32))
     # torch's sum of some row stayed finite where the kernel's (another order) did not: the edge itself
-    raise ValueError(f"weight's squared row norms (k-means distances) overflow float32 (|value| > 3.4e38); "
-                     f"{_OVERFLOW_FIX}")
+    raise ValueError(f"{_ROW_NORMS} overflow float32 (|value| > 3.4e38); {_OVERFLOW_FIX}")
 
 
 class MIDXSampler(Sampler):
@@ -287,9 +294,7 @@ class MIDXSampler(Sampler):
         # and the scores are float32 for every weight dtype.
         half = weight.dtype in (torch.float16, torch.bfloat16)
         w = weight.detach() if half else weight.detach().to(torch.float32)
-        check_finite("weight", w)
-        # k-means distances and the proposal scores square the rows: past ~1e19 they are inf in fp32
-        check_fp32_range("weight's squared row norms (k-means distances)", _row_sq_norms(w), _OVERFLOW_FIX, cause=w)
+        _check_weight_rows(w)
         beta = None if bias is None else bias.detach().to(torch.float32).contiguous()
         if beta is not None:
             check_finite("bias", beta)
