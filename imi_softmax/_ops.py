@@ -168,6 +168,15 @@ def _save_weight_grad_flags(ctx, weight: Tensor, bias: Optional[Tensor], sparse_
     ctx.bias_shape = None if bias is None else bias.shape
 
 
+def _mark_constant_outputs(ctx, *outputs) -> None:
+    """Outputs no gradient flows through. Their gradients are not materialized either: autograd would
+    otherwise fill a zero tensor per output in every backward (``[B, M + 1]`` and ``[B, d]`` for the
+    training ops), each fill a parallel region outside serial_glue(); the backward formulas take
+    ``None`` for them."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
 def _save_flags(ctx, inputs):
     x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index, sparse_grad = inputs
     ctx.remove_accidental_hits = remove_accidental_hits
@@ -180,7 +189,7 @@ def _setup_context(ctx, inputs, output):
     _, lse = output
     ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
     _save_flags(ctx, inputs)
-    ctx.mark_non_differentiable(lse)
+    _mark_constant_outputs(ctx, lse)
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_lse):
@@ -205,7 +214,7 @@ def _train_setup_context(ctx, inputs, output):
     _, lse, coef, grad_x = output
     ctx.save_for_backward(x, ids, coef, grad_x)
     _save_flags(ctx, inputs)
-    ctx.mark_non_differentiable(lse, coef, grad_x)
+    _mark_constant_outputs(ctx, lse, coef, grad_x)
 
 
 @with_serial_glue  # O(B * M) scaling around the weight-gradient kernel (imi_softmax/_serial_glue.py)
@@ -260,7 +269,7 @@ def _multilabel_setup_context(ctx, inputs, output):
     ctx.num_positives = num_positives
     ctx.remove_accidental_hits = remove_accidental_hits
     _save_weight_grad_flags(ctx, weight, bias, sparse_grad)
-    ctx.mark_non_differentiable(lse)
+    _mark_constant_outputs(ctx, lse)
 
 
 def _multilabel_backward(ctx, grad_loss: Tensor, _grad_lse):
@@ -285,7 +294,7 @@ def _multilabel_train_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, ids, coef, grad_x)
     ctx.num_positives = num_positives
     _save_weight_grad_flags(ctx, weight, bias, sparse_grad)
-    ctx.mark_non_differentiable(coef, grad_x)
+    _mark_constant_outputs(ctx, coef, grad_x)
 
 
 @with_serial_glue  # as _train_backward
