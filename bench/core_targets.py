@@ -24,7 +24,10 @@ once and the others ``--busy-repeats`` times), once quiet and once with one spin
 them (bench/busy.py: a data-loader worker or a second job on one of the cores), and reports each
 slowdown against the full softmax's in the same rounds (target: no worse). Timing every contender in
 turns under one load matters: timed in blocks of their own, each met a different phase of the
-scheduler (which of the three threads shares a core) and the ratios moved by 2x from run to run. ``IMI_CPU_SIMD=avx2`` (or ``portable``)
+scheduler (which of the three threads shares a core) and the ratios moved by 2x from run to run. The
+fair-share floor is printed with them: T threads beside P spinning processes on C cores get at most
+C * T / (T + P) cores when T + P > C, so nothing running on T threads can slow down less than
+(T + P) / C (1.5x for 2 threads and one busy process on 2 cores). ``IMI_CPU_SIMD=avx2`` (or ``portable``)
 runs the draw passes a CPU without AVX-512 runs; the level is recorded and named in the file name.
 ``--parts ab`` runs only (a) and (b).
 """
@@ -61,6 +64,13 @@ def time_in_turns(fns, device, rounds: int, repeats: int):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def fair_share_floor(threads: int, busy: int, cores: int) -> float:
+    """The least slowdown any work on ``threads`` threads can have beside ``busy`` spinning processes
+    on ``cores`` cores when the scheduler shares the cores evenly among the runnable threads."""
+    threads = min(threads, cores)
+    return max(1.0, (threads + busy) / cores)
+
+
 def busy_comparison(fns, a, device, row):
     """Slowdown of each contender beside ``a.busy`` spinning processes against the full softmax's:
     the same rounds in turns without and then with the busy processes (one busy block for all)."""
@@ -72,6 +82,10 @@ def busy_comparison(fns, a, device, row):
     with busy_processes(a.busy):
         busy = time_in_turns(fns, device, a.full_repeats, a.busy_repeats)
     peer = busy["full"] / quiet["full"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    floor = fair_share_floor(torch.get_num_threads(), a.busy, cores)
+    row(f"slowdown with {a.busy} busy: fair-share floor", floor, peer, "x", floor / peer, "info", None,
+        f"(threads + busy) / cores = ({torch.get_num_threads()} + {a.busy}) / {cores}; peer = full softmax's slowdown")
     for name in fns:
         print(f"   {name}: {quiet[name]:.4g} -> {busy[name]:.4g} ms ({busy[name] / quiet[name]:.2f}x)", flush=True)
     labels = {"imi_dense": "step (imi_dense)", "imi_sparse": "step (imi_sparse)", "sampling": "sampling (same Q)",
