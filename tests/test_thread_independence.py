@@ -47,3 +47,26 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
         threads(count)
         for got, want in zip(_run_all(s, w, b), reference):
             assert torch.equal(got, want)
+
+
+def _row_optim_steps(w0, rows, grads):
+    """Three steps of each fused row optimizer on copies of w0 (the rows many parallel tasks long)."""
+    w_adam, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    w_ada, G = w0.clone(), torch.zeros(w0.shape[0])
+    for step, g in enumerate(grads, 1):
+        ops.row_sparse_adam_(w_adam, m, v, rows, g, 1e-2, 0.9, 0.999, 1e-8, 0.01, step)
+        ops.row_wise_adagrad_(w_ada, G, rows, g, 1e-2, 1e-8, 0.01)
+    return [w_adam, m, v, w_ada, G]
+
+
+def test_row_optimizers_do_not_depend_on_the_thread_count(threads):
+    g = torch.Generator().manual_seed(2)
+    w0 = torch.randn(50000, 64, generator=g)
+    rows = torch.randperm(50000, generator=g)[:6000].sort().values  # 12 tasks of 512 rows at d = 64
+    grads = [torch.randn(6000, 64, generator=g) for _ in range(3)]
+    threads(1)
+    reference = _row_optim_steps(w0, rows, grads)
+    for count in (2, 4, 2):
+        threads(count)
+        for got, want in zip(_row_optim_steps(w0, rows, grads), reference):
+            assert torch.equal(got, want)
