@@ -498,8 +498,10 @@ def test_loss_rejects_out_of_range_ids():
     with pytest.raises(RuntimeError, match="outside"):
         fb.sampled_softmax_forward(x.detach(), w.detach(), b.detach(), bad, torch.zeros(2, 3, dtype=torch.float64),
                                    True, -100, False)
+    # non-zero coefficients: an entry whose coefficient is exactly 0 is skipped whatever its id, as the
+    # kernel does (imi::weight_grad_entry; test_op_checks.py::test_weight_grad_skips_marker_and_zero_coef_entries)
     with pytest.raises(RuntimeError, match="num_classes"):
-        fb.dense_weight_grad(torch.zeros(2, 3, dtype=torch.float64), bad, x.detach(), 10)
+        fb.dense_weight_grad(torch.ones(2, 3, dtype=torch.float64), bad, x.detach(), 10)
 
 
 # --- registered in place of the compiled library --------------------------------------------------

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .proposal import _check_index_array
+from ._checks import (check, check_cell_masses, check_codes, check_index_classes, check_no_bad_position,
+                      check_num_codewords, check_same_device, check_sampling_tables, contiguous, in_range, present)
 
 
 def _libm_logf():
@@ -31,19 +32,14 @@ def _libm_logf():
 _LOGF = _libm_logf()
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise RuntimeError(msg)
-
-
 def assign_codewords(x: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
     """codes [N] int64 and squared distances [N] (x's dtype) of the nearest centroid ([K, d])."""
-    _check(x.dim() == 2 and centroids.dim() == 2 and x.shape[1] == centroids.shape[1],
-           f"assign_codewords: x must be [N, d] and centroids [K, d], got {tuple(x.shape)} and {tuple(centroids.shape)}")
-    _check(centroids.shape[0] >= 1, "assign_codewords: centroids must hold at least one row")
-    _check(x.dtype == centroids.dtype and x.dtype in (torch.float32, torch.float64),
-           "assign_codewords: x and centroids must both be float32 or both float64")
-    _check(x.device == centroids.device, "assign_codewords: x and centroids must be on one device")
+    check(x.dim() == 2 and centroids.dim() == 2 and x.shape[1] == centroids.shape[1],
+          f"assign_codewords: x [N, d] and centroids [K, d] expected, got {list(x.shape)} and {list(centroids.shape)}")
+    check(x.dtype == centroids.dtype, "assign_codewords: x and centroids dtypes differ")
+    check(x.dtype in (torch.float32, torch.float64), f"assign_codewords: float32 or float64 expected, got {x.dtype}")
+    check(centroids.shape[0] > 0, "assign_codewords: no centroids")
+    check_same_device("assign_codewords", x=x, centroids=centroids)
     c_sqnorm = centroids.mul(centroids).sum(1)
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the argmin needs only the last two terms
     d = c_sqnorm - 2 * (x @ centroids.T)
@@ -57,30 +53,29 @@ def assign_rows(weight: Tensor, rows: Tensor, codebook1: Tensor, codebook2: Tens
     """Codes (int32 [C] each) of weight[rows] widened to float32: against codebook1, then codebook2
     on the residual (``residual``) or on the last columns (codebook1 on the first ones); and whether
     every row and its float32 squared norm are finite."""
-    _check(weight.dim() == 2 and weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-           f"assign_rows: weight must be a float [N, d] tensor, got {weight.dtype} {tuple(weight.shape)}")
-    _check(rows.dtype == torch.int64 and rows.dim() == 1,
-           f"assign_rows: rows must be int64 [C] (class ids), got {rows.dtype} {tuple(rows.shape)}")
-    _check(codebook1.dtype == codebook2.dtype == torch.float32 and codebook1.dim() == codebook2.dim() == 2,
-           "assign_rows: codebook1 and codebook2 must be float32 [K, width]")
-    _check(1 <= codebook1.shape[0] <= 8192 and 1 <= codebook2.shape[0] <= 8192,
-           "assign_rows: num_codewords (K, the codebooks' rows) must lie in [1, 8192]")
+    op = "assign_rows"
+    check(weight.dim() == 2, f"{op}: weight must be [N, d], got {list(weight.shape)}")
+    check(weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+          f"{op}: weight must be float32, float64, float16 or bfloat16, got {weight.dtype}")
+    check(rows.dtype == torch.int64 and rows.dim() == 1,
+          f"{op}: rows must be int64 [C] (class ids), got {rows.dtype} {list(rows.shape)}")
+    check(codebook1.dtype == codebook2.dtype == torch.float32 and codebook1.dim() == codebook2.dim() == 2,
+          f"{op}: codebook1 and codebook2 must be float32 [K, width], got {codebook1.dtype} {list(codebook1.shape)} "
+          f"and {codebook2.dtype} {list(codebook2.shape)}")
+    check_num_codewords(op, codebook1.shape[0])
+    check_num_codewords(op, codebook2.shape[0])
     n, d = weight.shape
     widths = (codebook1.shape[1], codebook2.shape[1])
     if residual:
-        _check(widths == (d, d), f"assign_rows: with residual=True both codebooks must be [K, {d}] like weight's "
-               f"rows, got {tuple(codebook1.shape)} and {tuple(codebook2.shape)}")
+        check(widths == (d, d), f"{op}: with residual=True both codebooks must be [K, {d}] like weight's rows, got "
+                                f"{list(codebook1.shape)} and {list(codebook2.shape)}")
     else:
-        _check(min(widths) >= 1 and sum(widths) == d,
-               f"assign_rows: with residual=False the codebooks' widths must add up to weight's d = {d} (codebook1 "
-               f"for the first columns, codebook2 for the rest), got {tuple(codebook1.shape)} and "
-               f"{tuple(codebook2.shape)}")
-    _check(len({t.device for t in (weight, rows, codebook1, codebook2)}) == 1,
-           "assign_rows: weight, rows and the codebooks must be on one device")
-    bad = ((rows < 0) | (rows >= n)).nonzero()
-    if bad.numel():
-        raise RuntimeError(f"assign_rows: rows has class id {int(rows[bad[0, 0]])} at [{int(bad[0, 0])}] "
-                         f"outside [0, {n})")
+        check(min(widths) >= 1 and sum(widths) == d,
+              f"{op}: with residual=False the codebooks' widths must add up to weight's d = {d} (codebook1 for the "
+              f"first columns, codebook2 for the rest), got {list(codebook1.shape)} and {list(codebook2.shape)}")
+    check_index_classes(op, rows.numel())
+    check_same_device(op, weight=weight, rows=rows, codebook1=codebook1, codebook2=codebook2)
+    check_no_bad_position(op, "rows", rows, ~in_range(rows, n), f"[0, {n})")
     x = weight[rows].to(torch.float32)
     finite = torch.isfinite(x.pow(2).sum(1)).all()
     if residual:
@@ -142,25 +137,23 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
     """(offsets [K*K+1], class_ids [N], alias_prob, alias_pos, beta_csr ([N] with beta, else [0]),
     log_n [K, K], cell_mass [K, K], log_n_max [1]); see the schema in csrc/ops.cpp."""
     K = int(num_codewords)
-    _check(K >= 1, f"build_cells: num_codewords must be >= 1, got {K}")
-    _check(code1.dim() == 1 and code1.shape == code2.shape,
-           f"build_cells: code1 and code2 must be [N] of equal length, got {tuple(code1.shape)} and {tuple(code2.shape)}")
-    _check(code1.dtype == torch.int32 and code2.dtype == torch.int32,
-           f"build_cells: code1 and code2 must be int32 (the index's codes are int32), got {code1.dtype} and "
-           f"{code2.dtype}: convert them with .to(torch.int32)")
-    _check_index_array("build_cells", "code1", code1)
-    _check(K <= 3037000499, f"build_cells: num_codewords {K} makes K*K overflow int64")
+    check_num_codewords("build_cells", K)
+    check(code1.dim() == 1 and code1.shape == code2.shape,
+          f"build_cells: code1 and code2 must be [N] of equal length, got {list(code1.shape)} and {list(code2.shape)}")
+    check(code1.dtype == torch.int32 and code2.dtype == torch.int32,
+          f"build_cells: code1 and code2 must be int32 (the index's codes are int32), got {code1.dtype} and "
+          f"{code2.dtype}: convert them with .to(torch.int32)")
+    check_index_classes("build_cells", code1.numel())
+    check_same_device("build_cells", code1=code1, code2=code2, beta=beta)
     n = code1.shape[0]
-    if n > 0:
-        bad = (code1 < 0) | (code1 >= K) | (code2 < 0) | (code2 >= K)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise RuntimeError(f"build_cells: code of class {i} out of range [0, {K}): "
-                               f"({int(code1[i])}, {int(code2[i])})")
     has_beta = beta is not None
     if has_beta:
-        _check(beta.dim() == 1 and beta.shape[0] == n and beta.dtype == torch.float32,
-               "build_cells: beta must be float32 [N]")
+        check(beta.dim() == 1 and beta.shape[0] == n and beta.dtype == torch.float32,
+              "build_cells: beta must be float32 [N]")
+    bad = ~(in_range(code1, K) & in_range(code2, K))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise RuntimeError(f"build_cells: code of class {i} out of range [0, {K}): ({int(code1[i])}, {int(code2[i])})")
     device = code1.device
     cell = code1.long() * K + code2.long()
     counts = torch.bincount(cell, minlength=K * K)
@@ -209,43 +202,82 @@ def _cell_scaled_mass(counts: List[int], off: List[int], beta_csr: Optional[np.n
     return torch.from_numpy(out)
 
 
+def _check_update_inputs(op: str, K: int, offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor],
+                         alias_pos: Optional[Tensor], beta_csr: Optional[Tensor], log_n: Tensor, cell_mass: Tensor,
+                         log_n_max: Tensor, code1: Tensor, code2: Tensor, beta: Optional[Tensor], changed: Tensor,
+                         new_code1: Tensor, new_code2: Tensor, new_beta: Optional[Tensor]) -> bool:
+    """update_cells_inputs (csrc/tensor_views.h): an index built for code1/code2/beta and the rows
+    changed with their new codes and beta. Returns whether the index has a bias."""
+    check_num_codewords(op, K)
+    check_same_device(op, offsets=offsets, class_ids=class_ids, alias_prob=alias_prob, alias_pos=alias_pos,
+                      beta_csr=beta_csr, log_n=log_n, cell_mass=cell_mass, log_n_max=log_n_max, code1=code1,
+                      code2=code2, beta=beta, changed=changed, new_code1=new_code1, new_code2=new_code2,
+                      new_beta=new_beta)
+    check_cell_masses(K, log_n, cell_mass, log_n_max)
+    check_codes(op, code1, code2)
+    n = code1.numel()
+    check(class_ids.dim() == 1 and class_ids.numel() == n,
+          f"{op}: class_ids must be [N] = [{n}] (one entry per class of code1), got {list(class_ids.shape)}")
+    check_sampling_tables(op, K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
+    has_beta = beta is not None
+    check(has_beta == present(alias_prob), f"{op}: beta and the alias tables (alias_prob, alias_pos, beta_csr) must "
+                                           f"be given together: an index built with a bias has all four, one built "
+                                           f"without has none")
+    if has_beta:
+        check(beta.dtype == torch.float32 and beta.dim() == 1 and beta.numel() == n and contiguous(beta),
+              f"{op}: beta must be contiguous float32 [N] = [{n}], got {beta.dtype} {list(beta.shape)}")
+    check(changed.dtype == torch.int64 and changed.dim() == 1 and contiguous(changed),
+          f"{op}: changed must be contiguous int64 [C] (the re-assigned class ids, ascending), got {changed.dtype} "
+          f"{list(changed.shape)}")
+    c = changed.numel()
+    check(all(t.dtype == torch.int32 and t.dim() == 1 and t.numel() == c and contiguous(t)
+              for t in (new_code1, new_code2)),
+          f"{op}: new_code1 and new_code2 must be contiguous int32 [C] = [{c}] like changed (the index's codes are "
+          f"int32), got {new_code1.dtype} {list(new_code1.shape)} and {new_code2.dtype} {list(new_code2.shape)}")
+    check((new_beta is not None) == has_beta, f"{op}: new_beta must be given exactly when the index has a bias (beta)")
+    if has_beta:
+        check(new_beta.dtype == torch.float32 and new_beta.dim() == 1 and new_beta.numel() == c
+              and contiguous(new_beta),
+              f"{op}: new_beta must be contiguous float32 [C] = [{c}] like changed, got {new_beta.dtype} "
+              f"{list(new_beta.shape)}")
+    return has_beta
+
+
+def _check_changed(op: str, K: int, code1: Tensor, code2: Tensor, changed: Tensor, new_code1: Tensor,
+                   new_code2: Tensor) -> None:
+    """plan_cell_update's checks of each changed class j, in order: a class id, strictly ascending, its
+    new and its old codes in [0, K). The first j that fails one is named."""
+    n = code1.numel()
+    if changed.numel() == 0:
+        return
+    bad_id = ~in_range(changed, n)
+    descending = torch.cat([torch.zeros(1, dtype=torch.bool, device=changed.device), changed[1:] <= changed[:-1]])
+    bad_new = ~(in_range(new_code1, K) & in_range(new_code2, K))
+    safe = changed.clamp(0, n - 1)  # n >= 1: check_sampling_tables
+    bad_old = ~(in_range(code1[safe], K) & in_range(code2[safe], K))
+    bad = bad_id | descending | bad_new | bad_old
+    if not bool(bad.any()):
+        return
+    j = int(bad.nonzero()[0, 0])
+    i = int(changed[j])
+    check(not bool(bad_id[j]), f"{op}: changed[{j}] = {i} is not a class id in [0, {n})")
+    check(not bool(descending[j]), f"{op}: changed must be strictly ascending (sorted, no repeats); changed[{j - 1}] "
+                                   f"= {int(changed[j - 1])}, changed[{j}] = {i} (use torch.unique)")
+    check(not bool(bad_new[j]), f"{op}: new code of changed[{j}] out of range [0, {K}): ({int(new_code1[j])}, "
+                                f"{int(new_code2[j])})")
+    raise RuntimeError(f"{op}: old code of class {i} out of range [0, {K}): ({int(code1[i])}, {int(code2[i])})")
+
+
 def update_cells(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor], alias_pos: Optional[Tensor],
                  beta_csr: Optional[Tensor], log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor, code1: Tensor,
                  code2: Tensor, beta: Optional[Tensor], changed: Tensor, new_code1: Tensor, new_code2: Tensor,
                  new_beta: Optional[Tensor], num_codewords: int):
     """(code1, code2, beta ([0] without bias)) with the rows ``changed`` overwritten, followed by
     build_cells' outputs for them: what the kernel's in-place cell update must equal bit for bit."""
-    K = int(num_codewords)
-    _check(K >= 1, f"update_cells: num_codewords must be >= 1, got {K}")
-    n = code1.shape[0]
-    _check(code1.dim() == 1 and code1.shape == code2.shape, "update_cells: code1/code2 must be [N] of equal length")
-    _check_index_array("update_cells", "code1", code1)
-    _check_index_array("update_cells", "code2", code2)
-    _check_index_array("update_cells", "class_ids", class_ids)
-    _check(offsets.dtype == torch.int64 and offsets.shape == (K * K + 1,),
-           f"update_cells: offsets must be int64 [K*K+1] = [{K * K + 1}]")
-    _check(class_ids.shape == (n,), f"update_cells: class_ids must be [N] = [{n}]")
-    has_beta = beta is not None
-    _check(has_beta == (alias_prob is not None and alias_prob.numel() > 0),
-           "update_cells: beta and the alias tables (alias_prob, alias_pos, beta_csr) must be given together")
-    _check(changed.dim() == 1 and changed.dtype == torch.int64,
-           "update_cells: changed must be int64 [C] (the re-assigned class ids, ascending)")
-    c = changed.shape[0]
-    _check(new_code1.shape == (c,) and new_code2.shape == (c,) and new_code1.dtype == torch.int32
-           and new_code2.dtype == torch.int32,
-           f"update_cells: new_code1 and new_code2 must be int32 [C] = [{c}] like changed (the index's codes are int32)")
-    _check((new_beta is not None) == has_beta, "update_cells: new_beta must be given exactly when the index has a bias")
-    if has_beta:
-        _check(beta.shape == (n,) and beta.dtype == torch.float32, f"update_cells: beta must be float32 [N] = [{n}]")
-        _check(new_beta.shape == (c,) and new_beta.dtype == torch.float32,
-               f"update_cells: new_beta must be float32 [C] = [{c}]")
-    if c > 0:
-        _check(int(changed.min()) >= 0 and int(changed.max()) < n,
-               f"update_cells: changed holds ids outside the class ids [0, {n})")
-        _check(c == 1 or bool((changed[1:] > changed[:-1]).all()),
-               "update_cells: changed must be strictly ascending (sorted, no repeats; use torch.unique)")
-        bad = (new_code1 < 0) | (new_code1 >= K) | (new_code2 < 0) | (new_code2 >= K)
-        _check(not bool(bad.any()), f"update_cells: new codes out of range [0, {K})")
+    op, K = "update_cells", int(num_codewords)
+    has_beta = _check_update_inputs(op, K, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
+                                     log_n_max, code1, code2, beta, changed, new_code1, new_code2, new_beta)
+    _check_changed(op, K, code1, code2, changed, new_code1, new_code2)
     out1 = code1.clone().index_copy_(0, changed, new_code1)
     out2 = code2.clone().index_copy_(0, changed, new_code2)
     out_beta = beta.clone().index_copy_(0, changed, new_beta) if has_beta else torch.empty(

@@ -10,35 +10,25 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import (acc_dtype, check, check_backward_inputs, check_loss_inputs, check_no_bad_position,
+                      check_same_device, checked_size_product, in_range)
+
 _ROWS_PER_CHUNK_ELEMS = 1 << 24  # bound on the gathered [rows, 1+M, d] block
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_loss_inputs(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, log_q: Tensor,
-                       ignore_index: int) -> None:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise RuntimeError(f"{op}: x must be [B, d] and weight [N, d], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.dtype != torch.int64 or ids.shape[1] < 1:
-        raise RuntimeError(f"{op}: ids must be int64 [B, 1+M] with B = {x.shape[0]}, got {tuple(ids.shape)}")
-    if log_q.shape != ids.shape or log_q.dtype != acc_dtype(x.dtype):
-        raise RuntimeError(f"{op}: log_q must be {acc_dtype(x.dtype)} {tuple(ids.shape)}")
-    if weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],))):
-        raise RuntimeError(f"{op}: weight and bias must have x's dtype and bias be [N]")
-    n = weight.shape[0]
-    ok = (ids >= 0) & (ids < n)
+def _check_ids(op: str, ids: Tensor, n: int, ignore_index: int) -> None:
+    """imi::valid_column_id: every id in [0, N), or ignore_index in column 0 (the target)."""
+    ok = in_range(ids, n)
     ok[:, 0] |= ids[:, 0] == ignore_index
-    if not bool(ok.all()):
-        raise RuntimeError(f"{op}: ids holds {int(ids[~ok][0])}, outside [0, {n}) (targets may be ignore_index)")
+    check_no_bad_position(op, "ids", ids, ~ok, f"[0, {n}) (column 0: or ignore_index = {ignore_index})")
 
 
 def _corrected_logits(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index):
     """(u [B, 1+M] in the accumulation dtype with masked columns at -inf, ignored-row mask [B], safe ids)."""
     acc = acc_dtype(x.dtype)
     ignored = ids[:, 0] == ignore_index
-    safe = torch.where(ids < 0, torch.zeros_like(ids), ids)
+    # ignore_index may lie outside [0, N): an ignored row reads class 0 (its outputs are zeroed)
+    safe = torch.where(in_range(ids, weight.shape[0]), ids, torch.zeros_like(ids))
     rows = max(1, _ROWS_PER_CHUNK_ELEMS // max(1, ids.shape[1] * x.shape[1]))
     parts = []
     for start in range(0, x.shape[0], rows):
@@ -58,7 +48,8 @@ def _corrected_logits(x, weight, bias, ids, log_q, remove_accidental_hits, ignor
 def sampled_softmax_forward(x, weight, bias, ids, log_q, remove_accidental_hits: bool, ignore_index: int,
                             sparse_grad: bool) -> Tuple[Tensor, Tensor]:
     """(loss [B], lse [B]) in the accumulation dtype."""
-    _check_loss_inputs("sampled_softmax_forward", x, weight, bias, ids, log_q, ignore_index)
+    check_loss_inputs(x, weight, bias, ids, log_q)
+    _check_ids("sampled_softmax_forward", ids, weight.shape[0], ignore_index)
     u, ignored, _ = _corrected_logits(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index)
     lse = torch.logsumexp(u, dim=1)
     loss = lse - u[:, 0]
@@ -70,7 +61,8 @@ def sampled_softmax_train(x, weight, bias, ids, log_q, remove_accidental_hits: b
                           sparse_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss [B], lse [B], coef [B, 1+M], grad_x [B, d]), all in the accumulation dtype: the forward and
     its gradients for grad_loss = 1 (coef = d loss_b / d u_bj, grad_x = sum_j coef_bj w_{ids_bj})."""
-    _check_loss_inputs("sampled_softmax_train", x, weight, bias, ids, log_q, ignore_index)
+    check_loss_inputs(x, weight, bias, ids, log_q)
+    _check_ids("sampled_softmax_train", ids, weight.shape[0], ignore_index)
     acc = acc_dtype(x.dtype)
     u, ignored, safe = _corrected_logits(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index)
     lse = torch.logsumexp(u, dim=1)
@@ -87,9 +79,12 @@ def sampled_softmax_train(x, weight, bias, ids, log_q, remove_accidental_hits: b
 def sampled_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, remove_accidental_hits: bool,
                              ignore_index: int) -> Tuple[Tensor, Tensor]:
     """(grad_x [B, d] in x's dtype, coef [B, 1+M] = d loss_b / d u_bj * grad_loss_b)."""
-    _check_loss_inputs("sampled_softmax_backward", x, weight, bias, ids, log_q, ignore_index)
-    if grad_loss.numel() != x.shape[0] or lse.numel() != x.shape[0]:
-        raise RuntimeError("sampled_softmax_backward: grad_loss and lse must be [B]")
+    check_loss_inputs(x, weight, bias, ids, log_q)
+    B = x.shape[0]
+    check(grad_loss.numel() == B and lse.numel() == B, f"sampled_softmax_backward: grad_loss and lse must be [B] = "
+                                                       f"[{B}], got {list(grad_loss.shape)} and {list(lse.shape)}")
+    check_backward_inputs("sampled_softmax_backward", grad_loss, lse, x)
+    _check_ids("sampled_softmax_backward", ids, weight.shape[0], ignore_index)
     acc = acc_dtype(x.dtype)
     u, ignored, safe = _corrected_logits(x, weight, bias, ids, log_q, remove_accidental_hits, ignore_index)
     p = torch.exp(u - lse.reshape(-1, 1).to(acc))  # exp(-inf) = 0 for masked columns
@@ -101,17 +96,21 @@ def sampled_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, remove
 
 
 def _weight_grad_inputs(op: str, coef: Tensor, ids: Tensor, x: Tensor, num_classes: int) -> Tensor:
-    if ids.dim() != 2 or coef.shape != ids.shape or ids.dtype != torch.int64:
-        raise RuntimeError(f"{op}: coef and ids must be [B, 1+M], ids int64")
-    if x.dim() != 2 or x.shape[0] != ids.shape[0]:
-        raise RuntimeError(f"{op}: x must be [B, d]")
-    if coef.dtype != acc_dtype(x.dtype):
-        raise RuntimeError(f"{op}: coef dtype must be the accumulation dtype of x")
-    if num_classes < 0:
-        raise RuntimeError(f"{op}: num_classes must be >= 0, got {num_classes}")
-    if ids.numel() and int(ids.max()) >= num_classes:
-        raise RuntimeError(f"{op}: class id {int(ids.max())} >= num_classes {num_classes}")
-    return ids >= 0  # negative ids (ignored targets) carry no gradient
+    """The entries that add to a class's gradient (imi::weight_grad_entry): ids in [0, num_classes).
+    -1 (the ignore marker, also padding) and any id whose coef is exactly 0 (an ignored row, whatever
+    its marker) are skipped; any other id raises."""
+    check(ids.dim() == 2 and coef.shape == ids.shape and ids.dtype == torch.int64,
+          f"{op}: coef and ids must be [B, 1+M], ids int64")
+    check(x.dim() == 2 and x.shape[0] == ids.shape[0], f"{op}: x must be [B, d]")
+    check(coef.dtype == acc_dtype(x.dtype), f"{op}: coef dtype must be the accumulation dtype of x")
+    check(num_classes >= 0, f"{op}: num_classes must be >= 0, got {num_classes}")
+    checked_size_product(op, "num_classes * d", num_classes, x.shape[1])
+    check_same_device(op, x=x, coef=coef, ids=ids)
+    keep = in_range(ids, num_classes)
+    bad = ~keep & (ids != -1) & (coef != 0)
+    check_no_bad_position(op, "ids", ids, bad, f"[0, num_classes = {num_classes}) (-1, or any id with coef 0, is "
+                                               f"skipped)")
+    return keep
 
 
 def _class_sums(coef, ids, x, num_classes, keep):

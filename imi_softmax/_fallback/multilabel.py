@@ -10,25 +10,22 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .loss import acc_dtype
+from ._checks import (acc_dtype, check, check_backward_inputs, check_loss_inputs, check_no_bad_position,
+                      check_same_device, in_range)
 
 
 def _check(op: str, x: Tensor, weight: Tensor, bias, ids: Tensor, log_q: Tensor, num_positives: int) -> None:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise RuntimeError(f"{op}: x must be [B, d] and weight [N, d], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.dtype != torch.int64 or ids.shape[1] < 1:
-        raise RuntimeError(f"{op}: ids must be int64 [B, L+M] with B = {x.shape[0]}, got {tuple(ids.shape)}")
-    if log_q.shape != ids.shape or log_q.dtype != acc_dtype(x.dtype):
-        raise RuntimeError(f"{op}: log_q must be {acc_dtype(x.dtype)} {tuple(ids.shape)}")
-    if weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],))):
-        raise RuntimeError(f"{op}: weight and bias must have x's dtype and bias be [N]")
-    if not 0 <= num_positives <= ids.shape[1]:
-        raise RuntimeError(f"{op}: num_positives must be in [0, {ids.shape[1]}], got {num_positives}")
-    n = weight.shape[0]
-    ok = (ids >= 0) & (ids < n)
+    """check_multilabel_inputs: the loss ops' shapes and dtypes, then num_positives in [0, L+M]."""
+    check_loss_inputs(x, weight, bias, ids, log_q)
+    check(0 <= num_positives <= ids.shape[1], f"{op}: num_positives must be in [0, {ids.shape[1]}] (ids is "
+                                              f"[B, L+M] with L = num_positives), got {num_positives}")
+
+
+def _check_ids(op: str, ids: Tensor, n: int, num_positives: int) -> None:
+    """imi::valid_multilabel_id: every id in [0, N), or -1 (padding) in the positive columns."""
+    ok = in_range(ids, n)
     ok[:, :num_positives] |= ids[:, :num_positives] == -1
-    if not bool(ok.all()):
-        raise RuntimeError(f"{op}: ids holds {int(ids[~ok][0])}, outside [0, {n}) (positives may be -1, padding)")
+    check_no_bad_position(op, "ids", ids, ~ok, f"[0, {n}) (the positive columns: or -1, padding)")
 
 
 def _logits(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits):
@@ -53,6 +50,7 @@ def multilabel_softmax_forward(x, weight, bias, ids, log_q, num_positives: int, 
                                sparse_grad: bool) -> Tuple[Tensor, Tensor]:
     """(loss [B, L], lse [B, L]) in the accumulation dtype, 0 at pads."""
     _check("multilabel_softmax_forward", x, weight, bias, ids, log_q, num_positives)
+    _check_ids("multilabel_softmax_forward", ids, weight.shape[0], num_positives)
     u, pad, _ = _logits(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits)
     s = torch.logsumexp(u[:, num_positives:], dim=1, keepdim=True) if ids.shape[1] > num_positives else \
         torch.full((ids.shape[0], 1), float("-inf"), dtype=u.dtype, device=u.device)
@@ -65,10 +63,13 @@ def multilabel_softmax_forward(x, weight, bias, ids, log_q, num_positives: int, 
 def multilabel_softmax_backward(grad_loss, x, weight, bias, ids, log_q, lse, num_positives: int,
                                 remove_accidental_hits: bool) -> Tuple[Tensor, Tensor]:
     """(grad_x [B, d] in x's dtype, coef [B, L+M] = sum_p grad_loss_p d loss_p / d u_c)."""
-    _check("multilabel_softmax_backward", x, weight, bias, ids, log_q, num_positives)
+    op = "multilabel_softmax_backward"
+    _check(op, x, weight, bias, ids, log_q, num_positives)
     want = (x.shape[0], num_positives)
-    if tuple(grad_loss.shape) != want or tuple(lse.shape) != want:
-        raise RuntimeError(f"multilabel_softmax_backward: grad_loss and lse must be [B, L] = {list(want)}")
+    check(grad_loss.shape == want and lse.shape == want, f"{op}: grad_loss and lse must be [B, L] = {list(want)}, got "
+                                                         f"{list(grad_loss.shape)} and {list(lse.shape)}")
+    check_backward_inputs(op, grad_loss, lse, x)
+    _check_ids(op, ids, weight.shape[0], num_positives)
     grad_x, coef = _coef_and_grad_x(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits,
                                     grad_loss, lse)
     return grad_x.to(x.dtype), coef
@@ -93,11 +94,15 @@ def multilabel_softmax_train(x, weight, bias, ids, log_q, pos_weight, num_positi
                              remove_accidental_hits: bool, sparse_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(row_loss [B] = sum_p pos_weight_p loss_p, coef [B, L+M] and grad_x [B, d] of row_loss), all in the
     accumulation dtype: the forward, then the backward with grad_loss = pos_weight."""
-    _check("multilabel_softmax_train", x, weight, bias, ids, log_q, num_positives)
+    op = "multilabel_softmax_train"
+    _check(op, x, weight, bias, ids, log_q, num_positives)
     acc = acc_dtype(x.dtype)
-    if tuple(pos_weight.shape) != (x.shape[0], num_positives) or pos_weight.dtype != acc:
-        raise RuntimeError(f"multilabel_softmax_train: pos_weight must be {acc} [B, L] = "
-                           f"{[x.shape[0], num_positives]}, got {pos_weight.dtype} {tuple(pos_weight.shape)}")
+    want = (x.shape[0], num_positives)
+    check(pos_weight.shape == want, f"{op}: pos_weight must be [B, L] = {list(want)}, got {list(pos_weight.shape)}")
+    check(pos_weight.dtype == acc, f"{op}: pos_weight must have the accumulation dtype of x ({acc}), got "
+                                   f"{pos_weight.dtype}")
+    check_same_device(op, x=x, pos_weight=pos_weight)
+    _check_ids(op, ids, weight.shape[0], num_positives)
     loss, lse = multilabel_softmax_forward(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits,
                                            sparse_grad)
     grad_x, coef = _coef_and_grad_x(x, weight, bias, ids, log_q, num_positives, remove_accidental_hits,

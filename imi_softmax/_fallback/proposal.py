@@ -12,11 +12,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import (check_cell_masses, check_class_codes, check_codes, check_cpu_simd_env, check_ids_and_codes,
+                      check_no_bad_position, check_query_scores, check_same_device, check_sampling_tables, in_range,
+                      present)
 from .philox import MASK32, draw_words, slot_and_accept, uniform24
 
 ROW_MASS_FLOOR = 1e-30  # IMI_ROW_MASS_FLOOR: rows below it are recomputed in log space
 _F32 = torch.float32
-INT32_MAX = 2 ** 31 - 1  # the index arrays are int32: fewer classes than this per index
 
 
 def _f32(v: float) -> Tensor:
@@ -146,92 +148,13 @@ def _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z):
     return _log_q(t1, t2, code1[safe].long(), code2[safe].long(), beta, safe, log_n_max, log_z)
 
 
-def _check_scores(op: str, s1: Tensor, s2: Tensor, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> int:
-    if not (s1.dim() == 2 and s1.shape == s2.shape and s1.dtype == _F32 and s2.dtype == _F32):
-        raise RuntimeError(f"{op}: s1 and s2 must be float32 [B, K] of equal shape, got {tuple(s1.shape)} and {tuple(s2.shape)}")
-    K = s1.shape[1]
-    if log_n.numel() != K * K or cell_mass.numel() != K * K or log_n_max.numel() != 1:
-        raise RuntimeError(f"{op}: log_n and cell_mass must hold K*K = {K * K} entries and log_n_max 1")
-    return K
-
-
-def _check_ids(op: str, name: str, ids: Tensor, n: int, allow_negative: bool) -> None:
-    if ids.numel() == 0:
-        return
-    bad = (ids >= n) | ((ids < 0) if not allow_negative else torch.zeros_like(ids, dtype=torch.bool))
-    if bool(bad.any()):
-        raise RuntimeError(f"{op}: {name} holds {int(ids[bad][0])}, outside [0, {n})")
-
-
-def _check_ids_and_codes(op: str, name: str, ids: Tensor, code1: Tensor, code2: Tensor, K: int,
-                         negative_marker: bool = False) -> None:
-    """check_ids_and_codes (csrc/tensor_views.h), with its messages: every id in [0, N) (negative
-    allowed with `negative_marker`) and the codes of those ids in [0, K)."""
-    if ids.numel() == 0:
-        return
-    n = code1.numel()
-    flat = ids.reshape(-1)
-    bad = flat >= n
-    if not negative_marker:
-        bad = bad | (flat < 0)
-    if n > 0:
-        safe = flat.clamp(0, n - 1)
-        c1, c2 = code1[safe], code2[safe]
-        bad = bad | (((c1 < 0) | (c1 >= K) | (c2 < 0) | (c2 >= K)) & (flat >= 0))
-    if not bool(bad.any()):
-        return
-    pos = int(bad.nonzero()[0, 0])
-    v = int(flat[pos])
-    if not 0 <= v < n:
-        where = f"{pos // ids.shape[1]}, {pos % ids.shape[1]}" if ids.dim() == 2 else str(pos)
-        marker = " (or negative: ignored)" if negative_marker else ""
-        raise RuntimeError(f"{op}: {name} has class id {v} at [{where}] outside [0, {n}){marker}")
-    raise RuntimeError(f"{op}: class {v} (in {name}) has codes ({int(code1[v])}, {int(code2[v])}) "
-                       f"outside [0, K = {K})")
-
-
-def _check_tables(K: int, offsets: Tensor, class_ids: Tensor, alias_prob, alias_pos, beta_csr) -> None:
-    """What the draw indexes with: monotone CSR ending at len(class_ids), ids and aliases in range,
-    per-class tables of length N (torch would raise too, but a CUDA device assert is not an error)."""
+def _check_class_ids(class_ids: Tensor) -> None:
+    """Every entry of class_ids is a class id in [0, N). The kernels hand out whatever a draw reads
+    there (the loss ops reject it later); the fallback's O(N) look costs little beside its draws
+    and names the corrupt entry where it is."""
     n = class_ids.numel()
-    if offsets.numel() != K * K + 1 or offsets.dtype != torch.int64:
-        raise RuntimeError("midx_sample: offsets must be int64 [K*K+1]")
-    _check_index_array("midx_sample", "class_ids", class_ids)
-    if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
-        raise RuntimeError(f"midx_sample: offsets must rise from 0 to len(class_ids) = {n}")
-    _check_ids("midx_sample", "class_ids", class_ids, n, allow_negative=False)
-    tables = [t for t in (alias_prob, alias_pos, beta_csr) if t is not None and t.numel() > 0]
-    if any(t.numel() != n for t in tables):
-        raise RuntimeError(f"midx_sample: alias_prob, alias_pos and beta_csr must hold N = {n} entries")
-    if alias_pos is not None and alias_pos.numel() > 0:
-        _check_index_array("midx_sample", "alias_pos", alias_pos)
-        if alias_prob is None or alias_prob.numel() != n:
-            raise RuntimeError("midx_sample: alias_pos needs alias_prob of the same length")
-        _check_ids("midx_sample", "alias_pos", alias_pos, n, allow_negative=False)
-
-
-def _check_index_array(op: str, name: str, t: Tensor) -> None:
-    """check_index_array (csrc/tensor_views.h): the index's per-class arrays are int32 [N], N < 2^31."""
-    if t.dtype != torch.int32:
-        raise RuntimeError(f"{op}: {name} must be int32 (the MIDX index's class ids, codes and positions are int32), "
-                           f"got {t.dtype}: convert it with .to(torch.int32) or rebuild the index")
-    if t.dim() != 1:
-        raise RuntimeError(f"{op}: {name} must be contiguous [N], got {tuple(t.shape)}")
-    if t.numel() > INT32_MAX:
-        raise RuntimeError(f"{op}: an index holds at most 2^31 - 1 = {INT32_MAX} classes (its class ids and positions "
-                           f"are int32), got {t.numel()}: shard the head over processes (IMISoftmax(..., "
-                           f"process_group=pg)) so that each shard holds fewer")
-
-
-def _check_codes(op: str, code1: Tensor, code2: Tensor, beta) -> None:
-    """check_class_codes: the codes' types and lengths (their values are checked where used)."""
-    n = code1.numel()
-    _check_index_array(op, "code1", code1)
-    _check_index_array(op, "code2", code2)
-    if code2.shape != code1.shape:
-        raise RuntimeError(f"{op}: code1/code2 must have equal length, got {tuple(code1.shape)} and {tuple(code2.shape)}")
-    if beta is not None and (beta.numel() != n or beta.dtype != _F32):
-        raise RuntimeError(f"{op}: beta must be float32 [N] = [{n}], got {beta.dtype} {tuple(beta.shape)}")
+    ids = class_ids.long()
+    check_no_bad_position("midx_sample", "class_ids", ids, ~in_range(ids, n), f"[0, {n})")
 
 
 _BAD_DRAW = ("midx_sample: a draw reached an empty cell or an alias outside its cell: the query scores hold NaN "
@@ -249,37 +172,58 @@ def _check_finite_scores(op: str, s1: Tensor, s2: Tensor) -> None:
 
 def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) -> Tensor:
     """Exact log Q(ids | query) [B, L] float32 from the same preparation as the draws."""
-    _check_scores("midx_log_prob", s1, s2, log_n, cell_mass, log_n_max)
-    if not (ids.dim() == 2 and ids.shape[0] == s1.shape[0] and ids.dtype == torch.int64):
-        raise RuntimeError(f"midx_log_prob: ids must be int64 [B, L] with B = {s1.shape[0]}, got {tuple(ids.shape)}")
-    K = s1.shape[1]
-    _check_codes("midx_log_prob", code1, code2, beta)
-    _check_ids_and_codes("midx_log_prob", "ids", ids, code1, code2, K)
+    check_query_scores(s1, s2)
+    B, K = s1.shape
+    if not (ids.dim() == 2 and ids.shape[0] == B and ids.dtype == torch.int64):
+        raise RuntimeError(f"midx_log_prob: ids must be int64 [B, L] with B = {B}, got {list(ids.shape)}")
+    check_codes("midx_log_prob", code1, code2)
+    check_same_device("midx_log_prob", s1=s1, s2=s2, log_n=log_n, cell_mass=cell_mass, log_n_max=log_n_max,
+                      code1=code1, code2=code2, ids=ids, beta=beta)
+    check_ids_and_codes("midx_log_prob", "ids", ids, code1, code2, K)
+    check_cell_masses(K, log_n, cell_mass, log_n_max)
+    check_class_codes("midx_log_prob", beta, code1, code2)
+    if s1.device.type == "cpu":
+        check_cpu_simd_env()
     _check_finite_scores("midx_log_prob", s1, s2)
     log_n_max = log_n_max.reshape(1)
     t1, t2, _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)
     return _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z)
 
 
+def _check_sample_targets(B: int, K: int, targets, beta, code1, code2) -> None:
+    """sample_targets_inputs: targets int64 [B, L], each a class id in [0, N) or negative (ignored),
+    read with code1 / code2 (and beta)."""
+    if targets is None:
+        return
+    if not (targets.dim() == 2 and targets.shape[0] == B and targets.dtype == torch.int64):
+        raise RuntimeError(f"midx_sample: targets must be int64 [B, L] with B = {B}, got {list(targets.shape)}")
+    if code1 is None or code2 is None:
+        raise RuntimeError("midx_sample: targets need code1 and code2")
+    check_codes("midx_sample", code1, code2)
+    check_ids_and_codes("midx_sample", "targets", targets, code1, code2, K, negative_marker=True)
+    check_class_codes("midx_sample", beta, code1, code2)
+
+
 def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
                        beta_csr, num_samples: int, seed: int, offset: int, targets=None, beta=None,
                        code1=None, code2=None):
     """(ids [B, M] int64, log_q [B, M] float32, target_log_q [B, L] float32); CONTRACT.md section 2."""
-    K = _check_scores("midx_sample", s1, s2, log_n, cell_mass, log_n_max)
-    B, M = s1.shape[0], int(num_samples)
+    check_query_scores(s1, s2)
+    (B, K), M = s1.shape, int(num_samples)
     if M < 0:
         raise RuntimeError(f"midx_sample: num_samples must be >= 0, got {M}")
     if offset % 4 != 0 or offset < 0:
         raise RuntimeError(f"midx_sample_seeded: offset counts 32-bit Philox outputs, 4 per draw: it must be a "
                            f"non-negative multiple of 4, got {offset}")
-    _check_tables(K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
-    if targets is not None and not (targets.dim() == 2 and targets.shape[0] == B and targets.dtype == torch.int64):
-        raise RuntimeError(f"midx_sample: targets must be int64 [B, L] with B = {B}, got {tuple(targets.shape)}")
-    if targets is not None and (code1 is None or code2 is None):
-        raise RuntimeError("midx_sample: targets need code1 and code2")
-    if targets is not None:
-        _check_codes("midx_sample", code1, code2, beta)
-        _check_ids_and_codes("midx_sample", "targets", targets, code1, code2, K, negative_marker=True)
+    check_same_device("midx_sample", s1=s1, s2=s2, log_n=log_n, cell_mass=cell_mass, log_n_max=log_n_max,
+                      offsets=offsets, class_ids=class_ids, alias_prob=alias_prob, alias_pos=alias_pos,
+                      beta_csr=beta_csr, targets=targets, beta=beta, code1=code1, code2=code2)
+    check_cell_masses(K, log_n, cell_mass, log_n_max)
+    check_sampling_tables("midx_sample", K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
+    _check_class_ids(class_ids)
+    _check_sample_targets(B, K, targets, beta, code1, code2)
+    if s1.device.type == "cpu":
+        check_cpu_simd_env()
     if M > 0 or (targets is not None and targets.shape[1] > 0):
         _check_finite_scores("midx_sample", s1, s2)
     dev = s1.device
@@ -303,7 +247,8 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
         raise RuntimeError(_BAD_DRAW)
     slot, u_acc = slot_and_accept(w2, w3, end - begin)
     pos = begin + slot
-    if alias_prob is not None and alias_pos is not None and alias_prob.numel() > 0:
+    if present(alias_prob):
+        # alias_pos is read at use, as the kernels do: an alias outside its cell fails the draw
         alias = alias_pos[pos].long()
         take = ~(u_acc < alias_prob[pos])
         if bool((take & ((alias < begin) | (alias >= end))).any()):

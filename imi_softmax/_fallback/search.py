@@ -11,6 +11,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import (check, check_no_bad_position, check_offsets, check_query_scores, check_same_device, contiguous,
+                      in_range)
+
 
 def _ranks(s: Tensor) -> Tensor:
     """Rank of each codeword of each row of s [B, K] (score descending, codeword ascending on ties)."""
@@ -45,61 +48,49 @@ def _visited(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> Tuple[Tens
     return cells[0][cells[0] >= 0], int(count[0])
 
 
-def _check_offsets(offsets: Tensor, kk: int, n: Optional[int]) -> int:
-    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() != kk + 1:
-        raise RuntimeError(f"midx_search: offsets must be int64 [K*K+1] = [{kk + 1}], got {offsets.dtype} "
-                           f"{tuple(offsets.shape)}")
-    last = int(offsets[-1]) if n is None else n
-    if int(offsets[0]) != 0 or int(offsets[-1]) != last or bool((offsets[1:] < offsets[:-1]).any()):
-        raise RuntimeError(f"midx_search: offsets must start at 0, never decrease and end at len(class_ids) = {last}")
-    return last
-
-
-def _check_scores(s1: Tensor, s2: Tensor, budget: int) -> None:
-    if s1.dim() != 2 or s1.shape != s2.shape:
-        raise RuntimeError(f"imi_softmax: s1 and s2 must both be [B, K], got {tuple(s1.shape)} and {tuple(s2.shape)}")
-    if s1.dtype != torch.float32 or s2.dtype != torch.float32:
-        raise RuntimeError("imi_softmax: query scores must be float32")
-    if budget < 1:
-        raise RuntimeError(f"midx_search: budget (candidates to collect per query) must be >= 1, got {budget}")
+def _check_cells_inputs(op: str, s1: Tensor, s2: Tensor, offsets: Tensor, n: int, budget: int) -> None:
+    """check_search_cells_inputs: the query scores, budget >= 1 and the offsets over n classes."""
+    check_query_scores(s1, s2)
+    check(budget >= 1, f"{op}: budget (candidates to collect per query) must be >= 1, got {budget}")
+    check_same_device(op, s1=s1, s2=s2, offsets=offsets)
+    check_offsets(op, s1.shape[1], offsets, n)
 
 
 def midx_search_cells(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
-    _check_scores(s1, s2, budget)
-    _check_offsets(offsets, s1.shape[1] ** 2, None)
+    op = "midx_search_cells"
+    check_query_scores(s1, s2)
+    kk = s1.shape[1] ** 2
+    check(offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.numel() == kk + 1,
+          f"{op}: offsets must be int64 [K*K+1] = [{kk + 1}], got {offsets.dtype} {list(offsets.shape)}")
+    _check_cells_inputs(op, s1, s2, offsets, int(offsets[kk]), budget)  # the class count: offsets' last entry
     return _visit(s1, s2, offsets, budget)
 
 
 def midx_search(query: Tensor, weight: Tensor, bias: Optional[Tensor], s1: Tensor, s2: Tensor, offsets: Tensor,
                 class_ids: Tensor, k: int, budget: int, rerank: str = "auto") -> Tuple[Tensor, Tensor]:
     # rerank (the compiled CPU op's loop order) does not change the result: checked, then unused
+    op = "midx_search"
+    check(rerank in ("auto", "query", "cell"), f"{op}: rerank must be 'auto', 'query' or 'cell', got '{rerank}'")
+    # check_search_inputs
+    check(query.dim() == 2 and weight.dim() == 2 and query.shape[1] == weight.shape[1],
+          f"{op}: query [B, d] and weight [N, d] expected, got {list(query.shape)} and {list(weight.shape)}")
     n = weight.shape[0]
-    if rerank not in ("auto", "query", "cell"):
-        raise RuntimeError(f"midx_search: rerank must be 'auto', 'query' or 'cell', got '{rerank}'")
-    # the compiled op's checks and messages (csrc/tensor_views.h, check_search_inputs)
-    if query.dim() != 2 or weight.dim() != 2 or query.shape[1] != weight.shape[1]:
-        raise RuntimeError(f"midx_search: query [B, d] and weight [N, d] expected, got {tuple(query.shape)} and "
-                           f"{tuple(weight.shape)}")
-    if query.dtype != weight.dtype:
-        raise RuntimeError(f"midx_search: query is {query.dtype} but weight is {weight.dtype}; cast the query to "
-                           f"the weight's dtype")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype != weight.dtype):
-        raise RuntimeError(f"midx_search: bias must be [N] = [{n}] with weight's dtype")
-    if s1.dim() != 2 or s1.shape[0] != query.shape[0]:
-        raise RuntimeError(f"midx_search: s1/s2 must have one row per query (B = {query.shape[0]}), got "
-                           f"{tuple(s1.shape)}")
-    if class_ids.dim() != 1 or class_ids.dtype not in (torch.int64, torch.int32):
-        raise RuntimeError(f"midx_search: class_ids must be contiguous int64 or int32 [N], got {class_ids.dtype} "
-                           f"{tuple(class_ids.shape)}")
-    if class_ids.numel() != n:
-        raise RuntimeError(f"midx_search: the index holds {class_ids.numel()} classes but weight has {n} rows; "
-                           f"rebuild the index from this weight")
-    if not 0 <= k <= n:
-        raise RuntimeError(f"midx_search: k must lie in [0, N = {n}], got {k}")
-    if budget < k:
-        raise RuntimeError(f"midx_search: budget ({budget}) must be >= k ({k})")
-    _check_scores(s1, s2, max(budget, 1))
-    _check_offsets(offsets, s1.shape[1] ** 2, n)
+    check(query.dtype == weight.dtype,
+          f"{op}: query is {query.dtype} but weight is {weight.dtype}; cast the query to the weight's dtype")
+    check(weight.is_floating_point(), f"{op}: weight must be floating point, got {weight.dtype}")
+    if bias is not None:
+        check(bias.dim() == 1 and bias.shape[0] == n and bias.dtype == weight.dtype,
+              f"{op}: bias must be [N] = [{n}] with weight's dtype, got {bias.dtype} {list(bias.shape)}")
+    check(s1.dim() == 2 and s1.shape[0] == query.shape[0],
+          f"{op}: s1/s2 must have one row per query (B = {query.shape[0]}), got {list(s1.shape)}")
+    check(class_ids.dtype in (torch.int64, torch.int32) and class_ids.dim() == 1 and contiguous(class_ids),
+          f"{op}: class_ids must be contiguous int64 or int32 [N], got {class_ids.dtype} {list(class_ids.shape)}")
+    check(class_ids.numel() == n, f"{op}: the index holds {class_ids.numel()} classes but weight has {n} rows; "
+                                  f"rebuild the index from this weight")
+    check(0 <= k <= n, f"{op}: k must lie in [0, N = {n}], got {k}")
+    check(budget >= k, f"{op}: budget ({budget}) must be >= k ({k})")
+    check_same_device(op, query=query, weight=weight, bias=bias, s1=s1, s2=s2, offsets=offsets, class_ids=class_ids)
+    _check_cells_inputs(op, s1, s2, offsets, n, max(budget, 1))
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     b = query.shape[0]
     ids = torch.empty((b, k), dtype=torch.int64, device=query.device)
@@ -107,10 +98,7 @@ def midx_search(query: Tensor, weight: Tensor, bias: Optional[Tensor], s1: Tenso
     if k == 0:
         return ids, scores
     cls = class_ids.long()
-    bad = (cls < 0) | (cls >= n)
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise RuntimeError(f"midx_search: class_ids has class id {int(cls[pos])} at [{pos}] outside [0, N = {n})")
+    check_no_bad_position(op, "class_ids", cls, ~in_range(cls, n), f"[0, N = {n})")
     for row in range(b):
         visited, _ = _visited(s1[row], s2[row], offsets, budget)
         cand = torch.cat([cls[int(offsets[c]):int(offsets[c + 1])] for c in visited.tolist()])
