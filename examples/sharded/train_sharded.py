@@ -27,6 +27,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -181,3 +182,12 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Leave without the interpreter's teardown: the process group is destroyed and every output is
+    # written, but a thread of torch's gloo/DDP stack can still be joinable when the C++ static
+    # destructors run, and the process then aborts after a complete run ("terminate called without
+    # an active exception", no Python frame left). Beside a busy process on this 2-core machine, a
+    # DDP script over gloo without imi_softmax did so in 6 of 60 runs (torch 2.13) and this example in
+    # 1 of 40; leaving with os._exit, 0 of 80.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
