@@ -18,16 +18,21 @@ Writes ``bench/results/core_targets_<machine>.csv`` and ``.json`` (machine, torc
 Use ``--N 100000`` for a quick run. Timings on a shared machine are contended: look at the load
 average recorded in the JSON.
 
-``--busy 1`` then times the steps of (a), the sampling of (b) and the warm refresh of (c) in turns
-with the full softmax step (``--full-repeats`` rounds; each runs the full softmax once, the refresh
-once and the others ``--busy-repeats`` times), once quiet and once with one spinning process beside
-them (bench/busy.py: a data-loader worker or a second job on one of the cores), and reports each
-slowdown against the full softmax's in the same rounds (target: no worse). Timing every contender in
-turns under one load matters: timed in blocks of their own, each met a different phase of the
-scheduler (which of the three threads shares a core) and the ratios moved by 2x from run to run. The
-fair-share floor is printed with them: T threads beside P spinning processes on C cores get at most
-C * T / (T + P) cores when T + P > C, so nothing running on T threads can slow down less than
-(T + P) / C (1.5x for 2 threads and one busy process on 2 cores). ``IMI_CPU_SIMD=avx2`` (or ``portable``)
+``--busy 1`` then compares slowdowns beside a busy process: the steps of (a), the sampling of (b)
+and the warm refresh of (c) with the full softmax step, over ``--full-repeats`` rounds. Each round
+times every contender in turns (the full softmax and the refresh once, the others ``--busy-repeats``
+times), quiet and then beside one freshly started spinning process (bench/busy.py: a data-loader
+worker or a second job on one of the cores). A contender's slowdown in a round is its busy time over
+its quiet time in that round, and its ratio is that over the full softmax's slowdown in the same
+round; the target (no worse than the full softmax) is on the median of the rounds' ratios, printed
+with a distribution-free 95% interval. Pairing quiet and busy within a round keeps the VM's drift
+(its speed moved 1.5x within an hour here) out of the slowdowns, and a fresh busy process per round
+samples the scheduler's placements instead of the one a single busy block happens to get; timing
+every contender in turns matters too: timed in blocks of their own, each met a different phase of
+the scheduler (which of the three threads shares a core) and the ratios moved by 2x from run to
+run. The fair-share floor is printed with them: T threads beside P spinning processes on C cores
+get at most C * T / (T + P) cores when T + P > C, so nothing running on T threads can slow down
+less than (T + P) / C (1.5x for 2 threads and one busy process on 2 cores). ``IMI_CPU_SIMD=avx2`` (or ``portable``)
 runs the draw passes a CPU without AVX-512 runs; the level is recorded and named in the file name.
 ``--parts ab`` runs only (a) and (b).
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -52,16 +58,14 @@ from memory import (RESULTS, add_step_shape_args, build_step, machine_info, mach
 from peers import MIDXTorchSampler, zipf_counts  # noqa: E402
 
 
-def time_in_turns(fns, device, rounds: int, repeats: int):
-    """Median ms of each contender, timed in turns: each round runs the full softmax once and every
-    other contender ``repeats`` times (the refresh once), so that every phase of the machine's load
-    hits all of them alike."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = 1 if name in ("full", "refresh") else repeats
-            times[name].extend(time_fn(fn, device, warmup=0, repeats=1)["median_ms"] for _ in range(n))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def time_in_turns(fns, device, repeats: int):
+    """Median ms of each contender in one pass, timed in turns: the full softmax and the refresh once,
+    every other contender ``repeats`` times."""
+    times = {}
+    for name, fn in fns.items():
+        n = 1 if name in ("full", "refresh") else repeats
+        times[name] = statistics.median(time_fn(fn, device, warmup=0, repeats=1)["median_ms"] for _ in range(n))
+    return times
 
 
 def fair_share_floor(threads: int, busy: int, cores: int) -> float:
@@ -71,31 +75,64 @@ def fair_share_floor(threads: int, busy: int, cores: int) -> float:
     return max(1.0, (threads + busy) / cores)
 
 
+def median_interval(values, level: float = 0.95):
+    """Median of ``values`` and a distribution-free interval for it: order statistics k and n + 1 - k
+    with k the largest for which Binomial(n, 1/2) < k has probability <= (1 - level) / 2."""
+    xs, n = sorted(values), len(values)
+    k, tail = 0, 0.0
+    while k < n // 2:
+        p_k = math.comb(n, k) / 2 ** n  # P(Binomial(n, 1/2) = k)
+        if tail + p_k > (1 - level) / 2:
+            break
+        tail += p_k
+        k += 1
+    lo, hi = (xs[k - 1], xs[n - k]) if k > 0 else (float("-inf"), float("inf"))
+    return statistics.median(xs), lo, hi
+
+
 def busy_comparison(fns, a, device, row):
-    """Slowdown of each contender beside ``a.busy`` spinning processes against the full softmax's:
-    the same rounds in turns without and then with the busy processes (one busy block for all)."""
-    print(f"(busy) every contender in turns, {a.full_repeats} rounds, quiet and beside {a.busy} busy process(es)",
-          flush=True)
+    """Slowdown of each contender beside ``a.busy`` spinning processes against the full softmax's.
+    Each round times every contender in turns quiet, then again beside freshly started busy
+    processes; a contender's slowdown in a round is its busy time over its quiet time of that round,
+    and its ratio is that over the full softmax's slowdown in the same round. The verdict is on the
+    median of the rounds' ratios (with a distribution-free 95% interval)."""
+    print(f"(busy) {a.full_repeats} rounds, each: every contender in turns quiet, then beside {a.busy} fresh busy "
+          "process(es)", flush=True)
     for fn in fns.values():
         fn()  # warm: first-call allocations are not the load's doing
-    quiet = time_in_turns(fns, device, a.full_repeats, a.busy_repeats)
-    with busy_processes(a.busy):
-        busy = time_in_turns(fns, device, a.full_repeats, a.busy_repeats)
-    peer = busy["full"] / quiet["full"]
+    slow = {name: [] for name in fns}
+    quiet_ms = {name: [] for name in fns}
+    busy_ms = {name: [] for name in fns}
+    for r in range(a.full_repeats):
+        quiet = time_in_turns(fns, device, a.busy_repeats)
+        with busy_processes(a.busy):
+            busy = time_in_turns(fns, device, a.busy_repeats)
+        for name in fns:
+            quiet_ms[name].append(quiet[name])
+            busy_ms[name].append(busy[name])
+            slow[name].append(busy[name] / quiet[name])
+        print(f"   round {r + 1}: " + ", ".join(f"{name} {slow[name][-1]:.2f}x" for name in fns), flush=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     floor = fair_share_floor(torch.get_num_threads(), a.busy, cores)
+    peer = statistics.median(slow["full"])
     row(f"slowdown with {a.busy} busy: fair-share floor", floor, peer, "x", floor / peer, "info", None,
-        f"(threads + busy) / cores = ({torch.get_num_threads()} + {a.busy}) / {cores}; peer = full softmax's slowdown")
+        f"(threads + busy) / cores = ({torch.get_num_threads()} + {a.busy}) / {cores}; peer = full softmax's median "
+        "slowdown over the rounds")
     for name in fns:
-        print(f"   {name}: {quiet[name]:.4g} -> {busy[name]:.4g} ms ({busy[name] / quiet[name]:.2f}x)", flush=True)
+        print(f"   {name}: median {statistics.median(quiet_ms[name]):.4g} -> {statistics.median(busy_ms[name]):.4g} ms, "
+              f"slowdown median {statistics.median(slow[name]):.2f}x (rounds {min(slow[name]):.2f}-{max(slow[name]):.2f})",
+              flush=True)
     labels = {"imi_dense": "step (imi_dense)", "imi_sparse": "step (imi_sparse)", "sampling": "sampling (same Q)",
               "refresh": "refresh_index() (warm)"}
     for name, label in labels.items():
         if name in fns:
-            mine = busy[name] / quiet[name]
-            row(f"slowdown with {a.busy} busy: {label}", mine, peer, "x", mine / peer, "<= 1 (vs full)", mine <= peer,
-                f"{quiet[name]:.4g} -> {busy[name]:.4g} ms; full softmax {quiet['full']:.4g} -> {busy['full']:.4g} ms, "
-                "all in turns under one load")
+            ratios = [m / f for m, f in zip(slow[name], slow["full"])]
+            med, lo, hi = median_interval(ratios)
+            wins = sum(x <= 1 for x in ratios)
+            row(f"slowdown with {a.busy} busy: {label}", statistics.median(slow[name]), peer, "x", med,
+                "<= 1 (vs full)", med <= 1.0,
+                f"ratio = median over {len(ratios)} rounds of (its slowdown / full softmax's slowdown) in the round; "
+                f"95% interval {lo:.3g}-{hi:.3g}; no worse in {wins} of {len(ratios)} rounds")
 
 
 def main(argv=None):
@@ -113,7 +150,7 @@ def main(argv=None):
                         "processes beside them (e.g. 1 of 2 cores busy), and report the slowdowns against the "
                         "full softmax's")
     p.add_argument("--busy-repeats", type=int, default=10,
-                   help="runs of each short contender per round of the busy comparison")
+                   help="runs of each short contender per round and load of the busy comparison (their median is the round's time)")
     p.add_argument("--parts", default="abcd", help="which parts to run (letters of a, b, c, d)")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
