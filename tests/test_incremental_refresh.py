@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from imi_softmax import IMISoftmax, MIDXSampler, _fallback as fb, ops
-from imi_softmax._loader import USING_FALLBACK
 from imi_softmax.kmeans import assign, assign_residual
 from conftest import random_index, reference_midx_log_q
 
@@ -106,15 +105,17 @@ def test_update_cells_refuses_bad_input(impl):
         call(new_beta=new_beta.double())
 
 
-@pytest.mark.skipif(USING_FALLBACK, reason="the fallback rebuilds from the codes: it never reads the old cells")
-def test_update_cells_refuses_codes_that_do_not_match_the_index():
+@pytest.mark.parametrize("impl", ["ops", "fallback"])
+def test_update_cells_refuses_codes_that_do_not_match_the_index(impl):
+    """The fallback rebuilds from the codes, but refuses such an index as the kernel does."""
+    fn = ops.update_cells if impl == "ops" else fb.update_cells
     n, k = 100, 4
     (code1, code2, beta), cells = random_index(n, k, True, seed=1)
     changed, new1, new2, new_beta = _random_change(n, k, 5, True, 2)
     wrong = code1.clone()
     wrong[changed] = (wrong[changed] + 1) % k  # not the codes the cells were built from
     with pytest.raises(RuntimeError, match="old"):
-        ops.update_cells(*_update_args((wrong, code2, beta), cells, changed, new1, new2, new_beta), k)
+        fn(*_update_args((wrong, code2, beta), cells, changed, new1, new2, new_beta), k)
 
 
 # -- the sampler ----------------------------------------------------------------------------------

@@ -207,8 +207,9 @@ def test_bad_input_is_refused_before_any_write(impl):
         assert torch.equal(a[name], t), f"{name} was modified by a refused call"
 
 
-@pytest.mark.skipif(USING_FALLBACK, reason="the fallback rebuilds from the codes: it never reads the old cells")
-def test_an_index_that_does_not_match_its_codes_is_refused_intact():
+@pytest.mark.parametrize("impl", ["ops", "fallback"])
+def test_an_index_that_does_not_match_its_codes_is_refused_intact(impl):
+    fn = ops.update_cells_ if impl == "ops" else fb.update_cells_
     n, k = 100, 4
     a = _index_arrays(n, k, True, seed=1)
     change = _change(n, k, [3, 17, 40], True, seed=2)
@@ -217,18 +218,53 @@ def test_an_index_that_does_not_match_its_codes_is_refused_intact():
     b = dict(a, code1=wrong)
     before = {name: t.clone() for name, t in b.items()}
     with pytest.raises(RuntimeError, match="(not in the cell|do not match)"):
-        ops.update_cells_(*_args(b, *change, k))
+        fn(*_args(b, *change, k))
     for name, t in before.items():
         assert torch.equal(b[name], t), name
 
 
-@pytest.mark.skipif(USING_FALLBACK, reason="kernel check")
-def test_arguments_sharing_memory_are_refused():
+def _mismatch_cases():
+    """(arrays, change, k) per way an index fails to match its codes: a changed row whose stated old
+    cell is empty (a count below zero), and one whose stated old cell does not hold it."""
+    n, k = 200, 4
+    a = _index_arrays(n, k, True, seed=6, code2_values=[0, 1, 2])  # cells (*, 3) are empty
+    change = _change(n, k, [5, 60], True, seed=3, to_cells=[(1, 1)])
+    empty, elsewhere = dict(a, code2=a["code2"].clone()), dict(a, code1=a["code1"].clone())
+    empty["code2"][60] = 3
+    elsewhere["code1"][60] = (elsewhere["code1"][60] + 1) % k
+    return {"empty": (empty, change, k), "elsewhere": (elsewhere, change, k)}
+
+
+@pytest.mark.skipif(USING_FALLBACK, reason="the compiled library is not loaded: nothing to compare with")
+@pytest.mark.parametrize("case", ["empty", "elsewhere"])
+@pytest.mark.parametrize("name", ["update_cells", "update_cells_"])
+def test_fallback_refuses_a_mismatched_index_with_the_kernels_message(name, case):
+    a, change, k = _mismatch_cases()[case]
+    messages = []
+    for fn in (getattr(ops, name), getattr(fb, name)):
+        b = {key: None if t is None else t.clone() for key, t in a.items()}
+        with pytest.raises(RuntimeError) as err:
+            fn(*_args(b, *change, k))
+        messages.append(str(err.value).splitlines()[0])
+        assert all(t is None or torch.equal(t, a[key]) for key, t in b.items()), "a refused call wrote"
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(name + ": ") and "old" in messages[0]
+
+
+@pytest.mark.parametrize("impl", ["ops", "fallback"])
+def test_arguments_sharing_memory_are_refused(impl):
+    fn = ops.update_cells_ if impl == "ops" else fb.update_cells_
     n, k = 100, 4
     a = _index_arrays(n, k, True, seed=1)
     change = _change(n, k, [3, 17, 40], True, seed=2)
-    with pytest.raises(RuntimeError, match="share memory"):
-        ops.update_cells_(*_args(dict(a, code2=a["code1"]), *change, k))
+    before = {name: t.clone() for name, t in a.items()}
+    with pytest.raises(RuntimeError, match="update_cells_: code1 and code2 share memory"):
+        fn(*_args(dict(a, code2=a["code1"]), *change, k))
+    changed = a["offsets"][:3]  # a view of the index's offsets: written by the op, read as changed
+    with pytest.raises(RuntimeError, match="update_cells_: offsets and changed share memory"):
+        fn(*_args(a, changed, *change[1:], k))
+    for name, t in before.items():
+        assert torch.equal(a[name], t), f"{name} was modified by a refused call"
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -39,6 +39,25 @@ def check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
                                         f"move them to one device")
 
 
+def _byte_span(t: Tensor):
+    """[first, end) of the bytes t's elements occupy (torch strides are never negative)."""
+    start = t.data_ptr()
+    return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def check_no_shared_memory(op: str, **tensors: Optional[Tensor]) -> None:
+    """The in-place ops' check (at::get_overlap_status(a, b) == No for every two given, non-empty
+    arguments, in the kernel's order): one write must not change another argument. Byte ranges stand
+    in for the storage test; they can only be more careful for non-dense views, as the kernel is
+    (it refuses those as too hard to tell)."""
+    spans = [(name, _byte_span(t)) for name, t in tensors.items() if present(t)]
+    for i, (a, (a0, a1)) in enumerate(spans):
+        for b, (b0, b1) in spans[i + 1:]:
+            check(not (a0 < b1 and b0 < a1), f"{op}: {a} and {b} share memory; the op writes the index in place, so "
+                                             f"each argument must be its own tensor (pass the index's own arrays and "
+                                             f"fresh changed/new_* tensors)")
+
+
 def checked_size_product(op: str, what: str, a: int, b: int) -> int:
     """a * b for a size computed from arguments, refused when it does not fit in int64 (before allocating)."""
     check(a >= 0 and b >= 0 and a * b <= INT64_MAX, f"{op}: {what} = {a} * {b} does not fit in int64")

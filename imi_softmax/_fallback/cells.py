@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ._checks import (check, check_cell_masses, check_codes, check_index_classes, check_no_bad_position,
-                      check_num_codewords, check_same_device, check_sampling_tables, contiguous, in_range, present)
+                      check_no_shared_memory, check_num_codewords, check_same_device, check_sampling_tables,
+                      contiguous, in_range, present)
 
 
 def _libm_logf():
@@ -268,21 +269,78 @@ def _check_changed(op: str, K: int, code1: Tensor, code2: Tensor, changed: Tenso
     raise RuntimeError(f"{op}: old code of class {i} out of range [0, {K}): ({int(code1[i])}, {int(code2[i])})")
 
 
+def _check_old_cells(op: str, in_place: bool, K: int, offsets: Tensor, class_ids: Tensor, code1: Tensor,
+                     code2: Tensor, changed: Tensor, new_code1: Tensor, new_code2: Tensor) -> None:
+    """The kernels' test that the old index is the one built for code1/code2, which the fallback would
+    otherwise never notice (it rebuilds from the codes): plan_cell_update's new cell counts, then each
+    changed class in the old cell of its old code (update_cells: merge_cell; update_cells_: a search
+    before any write). The first cell (then class) that fails is named, with the op's own message."""
+    if changed.numel() == 0:
+        return
+    kk = K * K
+    old_cell = code1[changed].long() * K + code2[changed].long()
+    sizes = offsets[1:] - offsets[:-1]
+    count = sizes - torch.bincount(old_cell, minlength=kk) + torch.bincount(new_code1.long() * K + new_code2.long(),
+                                                                            minlength=kk)
+    negative = (count < 0).nonzero()
+    if negative.numel() > 0:
+        c = int(negative[0, 0])
+        raise RuntimeError(f"{op}: cell {c} would hold {int(count[c])} classes: the old codes of the changed rows do "
+                           f"not match the old index's cells (pass the index's own code1/code2)")
+    # a (cell, class id) key per CSR position and per leaver: any int32 id shifted into [0, 2^32), so
+    # keys of distinct pairs differ (class_ids' values are not checked: a corrupt one must not match)
+    def key(cell: Tensor, ids: Tensor) -> Tensor:
+        return cell * 2 ** 32 + (ids.long() + 2 ** 31)
+
+    pos_cell = torch.searchsorted(offsets, torch.arange(class_ids.numel(), device=offsets.device), right=True) - 1
+    leaver = key(old_cell, changed)
+    missing = ~torch.isin(leaver, key(pos_cell, class_ids))
+    if not bool(missing.any()):
+        return
+    c, i = divmod(int(leaver[missing].min()), 2 ** 32)  # the kernels' order: cell, then class id
+    i -= 2 ** 31
+    if in_place:
+        raise RuntimeError(f"{op}: class {i} is not in the cell of its old code (cell {c}) of the old index (or that "
+                           f"cell's ids are not ascending): pass the index's own offsets/class_ids/code1/code2; the "
+                           f"index was not modified")
+    raise RuntimeError(f"{op}: cell {c} of the old index does not match its codes (a changed class missing from the "
+                       f"cell of its old code, or ids not ascending within a cell): pass the index's own "
+                       f"offsets/class_ids/code1/code2")
+
+
+def _updated(op: str, offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor], alias_pos: Optional[Tensor],
+             beta_csr: Optional[Tensor], log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor, code1: Tensor,
+             code2: Tensor, beta: Optional[Tensor], changed: Tensor, new_code1: Tensor, new_code2: Tensor,
+             new_beta: Optional[Tensor], num_codewords: int):
+    """update_cells' outputs after op's checks in the kernel's order (errors name op); None for
+    update_cells_ when nothing changes (its kernel writes nothing then)."""
+    K, in_place = int(num_codewords), op == "update_cells_"
+    has_beta = _check_update_inputs(op, K, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
+                                     log_n_max, code1, code2, beta, changed, new_code1, new_code2, new_beta)
+    if in_place:  # one write would change another argument's input
+        check_no_shared_memory(op, offsets=offsets, class_ids=class_ids, alias_prob=alias_prob, alias_pos=alias_pos,
+                               beta_csr=beta_csr, log_n=log_n, cell_mass=cell_mass, log_n_max=log_n_max,
+                               code1=code1, code2=code2, beta=beta, changed=changed, new_code1=new_code1,
+                               new_code2=new_code2, new_beta=new_beta)
+    _check_changed(op, K, code1, code2, changed, new_code1, new_code2)
+    _check_old_cells(op, in_place, K, offsets, class_ids, code1, code2, changed, new_code1, new_code2)
+    if in_place and changed.numel() == 0:
+        return None
+    out1 = code1.clone().index_copy_(0, changed, new_code1)
+    out2 = code2.clone().index_copy_(0, changed, new_code2)
+    out_beta = beta.clone().index_copy_(0, changed, new_beta) if has_beta else torch.empty(
+        0, dtype=torch.float32, device=code1.device)
+    return (out1, out2, out_beta) + tuple(build_cells(out1, out2, out_beta if has_beta else None, K))
+
+
 def update_cells(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor], alias_pos: Optional[Tensor],
                  beta_csr: Optional[Tensor], log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor, code1: Tensor,
                  code2: Tensor, beta: Optional[Tensor], changed: Tensor, new_code1: Tensor, new_code2: Tensor,
                  new_beta: Optional[Tensor], num_codewords: int):
     """(code1, code2, beta ([0] without bias)) with the rows ``changed`` overwritten, followed by
     build_cells' outputs for them: what the kernel's in-place cell update must equal bit for bit."""
-    op, K = "update_cells", int(num_codewords)
-    has_beta = _check_update_inputs(op, K, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass,
-                                     log_n_max, code1, code2, beta, changed, new_code1, new_code2, new_beta)
-    _check_changed(op, K, code1, code2, changed, new_code1, new_code2)
-    out1 = code1.clone().index_copy_(0, changed, new_code1)
-    out2 = code2.clone().index_copy_(0, changed, new_code2)
-    out_beta = beta.clone().index_copy_(0, changed, new_beta) if has_beta else torch.empty(
-        0, dtype=torch.float32, device=code1.device)
-    return (out1, out2, out_beta) + tuple(build_cells(out1, out2, out_beta if has_beta else None, K))
+    return _updated("update_cells", offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max,
+                    code1, code2, beta, changed, new_code1, new_code2, new_beta, num_codewords)
 
 
 def update_cells_(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tensor], alias_pos: Optional[Tensor],
@@ -291,8 +349,10 @@ def update_cells_(offsets: Tensor, class_ids: Tensor, alias_prob: Optional[Tenso
                   new_beta: Optional[Tensor], num_codewords: int) -> None:
     """update_cells written back into the index's own arrays (copy, then assign: the fallback keeps
     no memory promise, only the kernel's results). Every check runs before the first write."""
-    out = update_cells(offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max, code1,
-                       code2, beta, changed, new_code1, new_code2, new_beta, num_codewords)
+    out = _updated("update_cells_", offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max,
+                   code1, code2, beta, changed, new_code1, new_code2, new_beta, num_codewords)
+    if out is None:
+        return
     targets = (code1, code2, beta, offsets, class_ids, alias_prob, alias_pos, beta_csr, log_n, cell_mass, log_n_max)
     for dst, src in zip(targets, out):
         if dst is not None and dst.numel() > 0:
