@@ -323,6 +323,35 @@ inline SampleTargets sample_targets_inputs(const char* op, int64_t B, int64_t K,
   return t;
 }
 
+// midx_sample's view of the index (with the targets' codes and bias when it has targets) and its
+// outputs ids / log_q [B, M] and target_log_q [B, L], for s1 [B, K] already contiguous. ix points
+// into the tables the caller holds and into tg's tensors, so both must outlive the op's loop or kernel.
+struct SampleCall {
+  imi::CellIndex ix{};
+  SampleTargets tg;
+  at::Tensor ids, log_q, target_log_q;
+};
+
+inline SampleCall midx_sample_call(const at::Tensor& s1, int64_t M, const at::Tensor& log_n,
+                                   const at::Tensor& cell_mass, const at::Tensor& log_n_max, const at::Tensor& offsets,
+                                   const at::Tensor& class_ids, const std::optional<at::Tensor>& alias_prob,
+                                   const std::optional<at::Tensor>& alias_pos,
+                                   const std::optional<at::Tensor>& beta_csr, const std::optional<at::Tensor>& targets,
+                                   const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& code1,
+                                   const std::optional<at::Tensor>& code2) {
+  const int64_t B = s1.size(0), K = s1.size(1);
+  SampleCall c;
+  c.ix = make_cell_index(K, log_n, cell_mass, log_n_max);
+  set_sampling_tables(c.ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
+  // The targets' log Q come from the same query preparation as the draws (one per query).
+  c.tg = sample_targets_inputs("midx_sample", B, K, targets, beta, code1, code2);
+  if (c.tg.present) set_class_codes(c.ix, c.tg.beta, c.tg.code1, c.tg.code2);
+  c.ids = at::empty({B, M}, s1.options().dtype(at::kLong));
+  c.log_q = at::empty({B, M}, s1.options());
+  c.target_log_q = at::empty({B, c.tg.L}, s1.options());
+  return c;
+}
+
 // ---- build_cells / assign_codewords ------------------------------------------------------------
 
 // code1 / code2 int32 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and

@@ -58,16 +58,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
   check_philox_offset(offset);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
-  auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
-  set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
-  // The targets' log Q come from the same query preparation as the draws (one per query).
-  const SampleTargets tg = sample_targets_inputs("midx_sample", B, K, targets_in, beta, code1_in, code2_in);
+  const SampleCall c = midx_sample_call(s1, M, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
+                                        beta_csr, targets_in, beta, code1_in, code2_in);
+  const imi::CellIndex& ix = c.ix;
+  const SampleTargets& tg = c.tg;
   const bool has_targets = tg.present;
   const int64_t L = tg.L, N = tg.N;
-  if (has_targets) set_class_codes(ix, tg.beta, tg.code1, tg.code2);
-  auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
-  auto log_q = at::empty({B, M}, s1.options());
-  auto target_log_q = at::empty({B, L}, s1.options());
+  const at::Tensor &ids = c.ids, &log_q = c.log_q, &target_log_q = c.target_log_q;
   const float* s1p = s1.data_ptr<float>();
   const float* s2p = s2.data_ptr<float>();
   int64_t* idp = ids.data_ptr<int64_t>();

@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
     const std::optional<at::Tensor>& beta_in, const std::optional<at::Tensor>& code1_in,
     const std::optional<at::Tensor>& code2_in) {
   check_query_scores(s1_in, s2_in);
-  const int64_t B = s1_in.size(0), K = s1_in.size(1), M = num_samples;
+  const int64_t B = s1_in.size(0), M = num_samples;
   check_num_samples(M);
   const auto log_n = log_n_in.contiguous();
   const auto cell_mass = cell_mass_in.contiguous();
@@ -283,16 +283,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
   const auto alias_prob = contiguous_opt(alias_prob_in);
   const auto alias_pos = contiguous_opt(alias_pos_in);
   const auto beta_csr = contiguous_opt(beta_csr_in);
-  auto ix = make_cell_index(K, log_n, cell_mass, log_n_max);
-  set_sampling_tables(ix, offsets, class_ids, alias_prob, alias_pos, beta_csr);
-  // The targets' log Q come from the same query preparation as the draws (one per query).
-  const SampleTargets tg = sample_targets_inputs("midx_sample", B, K, targets_in, beta_in, code1_in, code2_in);
+  const SampleCall c = midx_sample_call(s1, M, log_n, cell_mass, log_n_max, offsets, class_ids, alias_prob, alias_pos,
+                                        beta_csr, targets_in, beta_in, code1_in, code2_in);
+  const imi::CellIndex& ix = c.ix;
+  const SampleTargets& tg = c.tg;
   const bool has_targets = tg.present;
   const int64_t L = tg.L, N = tg.N;
-  if (has_targets) set_class_codes(ix, tg.beta, tg.code1, tg.code2);
-  auto ids = at::empty({B, M}, s1.options().dtype(at::kLong));
-  auto log_q = at::empty({B, M}, s1.options());
-  auto target_log_q = at::empty({B, L}, s1.options());
+  const at::Tensor &ids = c.ids, &log_q = c.log_q, &target_log_q = c.target_log_q;
   const int stage2_mode = stage2_mode_from_env();
 
   cuda::PhiloxArgs philox;
