@@ -240,3 +240,45 @@ def test_sparse_weight_grad_rows_from_recycled_mappings():
         del uniq, rows, brows  # hands the mapping back for the next call
     assert torch.equal(kept[1], kept_rows)
     torch.testing.assert_close(kept[1].double(), kept[3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["three_digits", "high_digit_shared", "low_digit_shared", "one_class"])
+def test_weight_grad_grouping_sums_each_class_in_position_order(layout):
+    """The weight gradients group entries by class with an LSD radix sort, 11 bits a digit. For
+    class-id layouts that take three digits, share one digit, or are one class, each row must be the
+    sum of its entries in increasing position: bitwise equal to that float32 sum (a stable sort), and
+    close to float64; the sparse rows come out unique and ascending, the dense ones equal them."""
+    g = torch.Generator().manual_seed(7)
+    b, m1, d = 24, 9, 5
+    n = {"three_digits": (1 << 23) + 5, "high_digit_shared": 1_000_000, "low_digit_shared": 1_000_000,
+         "one_class": 1_000_000}[layout]
+    if layout == "three_digits":
+        ids = torch.randint(0, n, (b, m1), generator=g)
+        ids[0, :4] = torch.tensor([n - 1, n - 1, 0, 1 << 22])  # repeats and every digit's extremes
+    elif layout == "high_digit_shared":  # ids < 2048: the second digit is 0 for all
+        ids = torch.randint(0, 2048, (b, m1), generator=g)
+    elif layout == "low_digit_shared":  # ids = 2048 * k + 5: the first digit is 5 for all
+        ids = torch.randint(0, n // 2048, (b, m1), generator=g) * 2048 + 5
+    else:
+        ids = torch.full((b, m1), 123_457)
+    x = torch.randn(b, d, generator=g)
+    coef = torch.randn(b, m1, generator=g)
+    uniq, rows, brows = ops.sparse_weight_grad(coef, ids, x, n)
+    assert torch.equal(uniq, torch.unique(ids.flatten()))
+    flat_ids, flat_coef = ids.flatten().tolist(), coef.flatten()
+    for u, c in enumerate(uniq.tolist()):
+        acc, acc_b = torch.zeros(d), torch.zeros(())
+        for e in (e for e, i in enumerate(flat_ids) if i == c):  # increasing position, float32
+            acc = acc + flat_coef[e] * x[e // m1]
+            acc_b = acc_b + flat_coef[e]
+        assert torch.equal(rows[u], acc), (c, rows[u], acc)
+        assert torch.equal(brows[u], acc_b)
+    ref = torch.zeros(uniq.numel(), d, dtype=torch.float64).index_add_(
+        0, torch.searchsorted(uniq, ids.flatten()), (coef.double()[:, :, None] * x.double()[:, None, :]).reshape(-1, d))
+    torch.testing.assert_close(rows.double(), ref, atol=1e-5, rtol=1e-5)
+    if n <= 1_000_000:
+        gw, gb = ops.dense_weight_grad(coef, ids, x, n)
+        assert torch.equal(gw[uniq], rows) and torch.equal(gb[uniq], brows)
+        untouched = torch.ones(n, dtype=torch.bool)
+        untouched[uniq] = False
+        assert not gw[untouched].any() and not gb[untouched].any()
