@@ -40,6 +40,23 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_ignore_index(value) -> int:
+    """ignore_index is a Python int (a bool would silently ignore class 1 or 0; a float or None would
+    match no target, or fail deep inside torch)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int (the target value to skip, -100 by default), got "
+                        f"{type(value).__name__} ({value!r})")
+    return value
+
+
+def check_generator(value) -> None:
+    """generator is None or a torch.Generator (the draws' random stream)."""
+    if value is not None and not isinstance(value, torch.Generator):
+        hint = (f"; to seed the draws pass torch.Generator().manual_seed({value})"
+                if isinstance(value, int) and not isinstance(value, bool) else "")
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(value).__name__} ({value!r}){hint}")
+
+
 def check_same_device(**tensors: Optional[Tensor]) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = items[0]

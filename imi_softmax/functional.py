@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 
 from ._ops import acc_dtype, ops
-from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_linear_inputs, check_same_device,
-                          check_samples, check_tensor)
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
+                          check_same_device, check_samples, check_tensor)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -49,8 +49,7 @@ def sampled_softmax_loss(
         raise ValueError(f"target_log_q must have shape {tuple(batch_shape)}, got {tuple(target_log_q.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)  # a bool is refused: ignore_index=True would skip every target 1
     check_same_device(x=x, weight=weight, bias=bias, target=target, sample_ids=sample_ids,
                       sample_log_q=sample_log_q, target_log_q=target_log_q)
     check_class_ids("target", target, n, ignore_index=ignore_index)

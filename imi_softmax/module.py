@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ._ddp import head_params_managed_by_active_ddp
 from ._serial_glue import serial_glue
-from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_generator, check_head_input,
+                          check_ignore_index, check_positive_int, check_tensor)
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_multilabel_loss, chunked_topk
 from .functional import _sampled_softmax_loss
 from .multilabel import MultiLabelTarget, is_multilabel_target, multilabel_loss, padded_positives
@@ -117,7 +118,7 @@ class IMISoftmax(nn.Module):
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
         self.num_samples = check_positive_int("num_samples", num_samples, minimum=0)
-        self.refresh_every = check_positive_int("refresh_every", refresh_every, minimum=0)
+        self.refresh_every = refresh_every
         check_positive_int("num_codewords", num_codewords)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.sparse_grad = bool(sparse_grad)
@@ -127,6 +128,9 @@ class IMISoftmax(nn.Module):
         self._touched: Optional[Tensor] = None  # [N] bool: classes that may have changed since the last build
         self._refreshes_since_full = 0
         factory = {"device": device, "dtype": dtype}
+        if dtype is not None and dtype not in FLOAT_DTYPES:  # before nn.Parameter refuses it less clearly
+            floats = ", ".join(str(d) for d in FLOAT_DTYPES)
+            raise TypeError(f"dtype must be a floating dtype ({floats}), got {dtype!r}")
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
         if self.weight.dtype not in FLOAT_DTYPES:
@@ -184,6 +188,31 @@ class IMISoftmax(nn.Module):
         return head
 
     # -- settings -----------------------------------------------------------------------------
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # a head pickled whole (torch.save(model)) before these settings became checked properties
+        for name in ("refresh_every", "ignore_index"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
+
+    @property
+    def refresh_every(self) -> int:
+        """Training forward calls between index rebuilds (0 = only manual :meth:`refresh_index`)."""
+        return self._refresh_every
+
+    @refresh_every.setter
+    def refresh_every(self, value: int) -> None:
+        self._refresh_every = check_positive_int("refresh_every", value, minimum=0)
+
+    @property
+    def ignore_index(self) -> int:
+        """Target value that is skipped (as in F.cross_entropy)."""
+        return self._ignore_index
+
+    @ignore_index.setter
+    def ignore_index(self, value: int) -> None:
+        self._ignore_index = check_ignore_index(value)
+
     @property
     def full_refresh_every(self) -> int:
         """One refresh in this many is a full rebuild; the others are incremental (0 or 1: all full)."""
@@ -319,6 +348,14 @@ class IMISoftmax(nn.Module):
         if not isinstance(state, dict) or _EXTRA_STATE_MARK not in state:
             raise ValueError("the state_dict's _extra_state was not written by IMISoftmax.get_extra_state")
         restored = self.sampler.load_state_dict(state["sampler"], device=self.weight.device)
+        index = getattr(self.sampler, "index", None)
+        if restored and index is not None and (index.num_classes, index.in_features) != (self.num_classes,
+                                                                                         self.in_features):
+            self.sampler.load_state_dict({**state["sampler"], "index": None}, device=self.weight.device)
+            raise ValueError(f"_extra_state's index was built for [{index.num_classes}, {index.in_features}] "
+                             f"(num_classes, in_features), this head is [{self.num_classes}, {self.in_features}]: "
+                             f"was it saved by a head of another shape? Load a checkpoint of this shape, or "
+                             f"drop the '_extra_state' key (the index is then rebuilt from the weight)")
         self._training_calls = int(state["training_calls"])
         self._index_stale = bool(state["index_stale"]) or not restored
         # checkpoints from before incremental refreshes have no touched set: the next refresh is full
@@ -495,6 +532,7 @@ class IMISoftmax(nn.Module):
         and the sample ids [B, M], for x [*, d] flattened to B rows. Differentiable (materializes
         the gathered rows; the training loss uses the fused kernel instead)."""
         self._check_input(x, target)
+        check_generator(generator)
         x = x.to(self.weight.dtype)  # differs only under autocast: logits in the weight's dtype
         with no_autocast(x.device):
             flat_x, flat_t, ids, log_q, target_log_q = self._draw(x, target, generator)

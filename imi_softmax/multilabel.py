@@ -11,6 +11,7 @@ over that row's positives (NaN when no row has one, as F.cross_entropy); "sum" =
 """
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +41,11 @@ def padded_positives(target: MultiLabelTarget, batch_shape: torch.Size, num_clas
     for s in batch_shape:
         rows *= s
     if isinstance(target, (tuple, list)):
+        if not all(isinstance(t, (Tensor, np.ndarray)) for t in target):
+            kinds = sorted({type(t).__name__ for t in target})
+            raise TypeError(f"target must be an int64 tensor ([*] class ids, or [*, L] padded labels) or a CSR pair "
+                            f"(offsets, labels) of int64 tensors; got a {type(target).__name__} of "
+                            f"{', '.join(kinds) or 'nothing'}: convert it, e.g. torch.tensor(target)")
         if len(target) != 2:
             raise ValueError(f"a CSR target is a pair (offsets [B+1], labels [nnz]), got {len(target)} items")
         offsets, labels = target

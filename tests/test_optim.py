@@ -451,3 +451,36 @@ def test_ops_check_what_they_index_with_and_write_nothing_on_error(which, impl):
         with pytest.raises(RuntimeError, match=match):
             call(**kw)
     assert torch.equal(p, p0)  # every error was raised before anything was written
+
+
+@pytest.mark.parametrize("opt_cls", [SparseAdam, RowWiseAdagrad])
+def test_load_state_dict_refuses_state_of_other_shapes(opt_cls):
+    """A checkpoint of another model used to load, then fail at the next step inside the fused op."""
+    small = torch.nn.Parameter(torch.randn(6, 4))
+    opt = opt_cls([small])
+    small.grad = torch.randn(6, 4)
+    opt.step()
+    big = torch.nn.Parameter(torch.randn(100, 4))
+    with pytest.raises(ValueError, match=r"load_state_dict: state '(exp_avg|sum)' of parameter 0 must be .*"
+                                         r"shape \(100(, 4)?,?\).*got torch.float32 \(6"):
+        opt_cls([big]).load_state_dict(opt.state_dict())
+    sd = opt.state_dict()
+    key = "exp_avg" if opt_cls is SparseAdam else "sum"
+    del sd["state"][0][key]
+    with pytest.raises(ValueError, match=f"has no '{key}'.*another optimizer"):
+        opt_cls([small]).load_state_dict(sd)
+
+
+def test_load_state_dict_keeps_state_float32():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = SparseAdam([p])
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    sd = opt.state_dict()
+    for k in ("exp_avg", "exp_avg_sq"):
+        sd["state"][0][k] = sd["state"][0][k].double()
+    opt2 = SparseAdam([p])
+    opt2.load_state_dict(sd)
+    assert opt2.state[p]["exp_avg"].dtype == opt2.state[p]["exp_avg_sq"].dtype == torch.float32
+    p.grad = torch.randn(6, 4)
+    opt2.step()  # the fused op takes the cast state

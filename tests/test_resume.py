@@ -125,3 +125,20 @@ def test_extra_state_from_another_configuration_is_refused():
     b = IMISoftmax(D, N, num_samples=24, num_codewords=8)
     with pytest.raises(ValueError, match="num_codewords"):
         b.load_state_dict(a.state_dict())
+
+
+def test_a_head_pickled_with_plain_setting_attributes_still_loads():
+    """Heads pickled whole before refresh_every / ignore_index became checked properties hold them
+    as plain attributes: unpickling moves them behind the properties."""
+    import imi_softmax
+    head = imi_softmax.IMISoftmax(8, 50, num_samples=5, refresh_every=7, ignore_index=-5)
+    state = dict(head.__dict__)
+    state["refresh_every"] = state.pop("_refresh_every")
+    state["ignore_index"] = state.pop("_ignore_index")
+    old = imi_softmax.IMISoftmax.__new__(imi_softmax.IMISoftmax)
+    old.__setstate__(state)
+    assert (old.refresh_every, old.ignore_index) == (7, -5)
+    assert "refresh_every" not in old.__dict__ and "ignore_index" not in old.__dict__
+    x, t = torch.randn(4, 8), torch.tensor([1, -5, 3, 4])
+    head.eval(), old.eval()
+    torch.testing.assert_close(old(x, t), head(x, t))

@@ -125,3 +125,118 @@ def test_sampler_names_a_non_finite_query():
         s.sample(torch.full((2, 8), 3e38), 4)
     with pytest.raises(ValueError, match="scores.*overflows float32"):
         s.log_prob(torch.full((2, 8), 3e38), torch.zeros(2, 1, dtype=torch.long))
+
+
+# ---- found by fuzzing the public API with plausible user mistakes -----------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(dtype=torch.int64), TypeError, r"dtype must be a floating dtype .*got torch.int64"),
+        (dict(ignore_index=None), TypeError, r"ignore_index must be an int .*got NoneType"),
+        (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int .*got float \(1.5\)"),
+        (dict(ignore_index=True), TypeError, r"ignore_index must be an int .*got bool"),
+        (dict(num_codewords=10 ** 6), ValueError, r"num_codewords must be <= 8192.*got 1000000"),
+        (dict(sampler="unigram", class_counts=[1.0] * 50), TypeError, "class_counts must be a torch.Tensor, got list"),
+    ],
+)
+def test_fuzzed_constructor_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        IMISoftmax(8, 50, num_samples=4, **kwargs)
+
+
+def test_settings_are_checked_when_assigned_after_construction(head):
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        head.ignore_index = None
+    with pytest.raises(ValueError, match="refresh_every must be >= 0, got -1"):
+        head.refresh_every = -1
+    head.ignore_index, head.refresh_every = 7, 0  # valid values still assign
+    assert (head.ignore_index, head.refresh_every) == (7, 0)
+
+
+def test_head_refuses_a_sampler_without_full_support():
+    from imi_softmax import TopCellsSampler
+    with pytest.raises(ValueError, match="TopCellsSampler gives most classes probability 0.*MixtureSampler"):
+        IMISoftmax(8, 50, sampler=TopCellsSampler(MIDXSampler(4), budget=5))
+
+
+def test_python_list_target_names_the_conversion(head):
+    x = torch.randn(3, 8)
+    for target in ([1, 2, 3], [1, 2]):
+        with pytest.raises(TypeError, match=r"target must be an int64 tensor.*got a list of int.*torch.tensor"):
+            head(x, target)
+
+
+def test_generator_must_be_a_generator(head):
+    x, y = torch.randn(3, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int \(0\)"):
+        head.sampled_logits(x, y, generator=0)
+    s = MIDXSampler(4).build(torch.randn(20, 8))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        s.sample(x, 3, generator=1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        UniformSampler(20).sample(x, 3, generator="seed")
+
+
+def test_functional_refuses_a_bool_ignore_index():
+    """ignore_index=True is the int 1: it would silently drop every row whose target is class 1."""
+    x, w = torch.randn(3, 4), torch.randn(10, 4)
+    t, ids, lq, tlq = torch.tensor([1, 2, 3]), torch.randint(0, 10, (3, 5)), torch.zeros(3, 5), torch.zeros(3)
+    for bad in (True, False):
+        with pytest.raises(TypeError, match="ignore_index must be an int .*got bool"):
+            IF.sampled_softmax_loss(x, w, None, t, ids, lq, tlq, ignore_index=bad)
+
+
+def test_midx_refuses_non_float_weight_bias_and_query():
+    with pytest.raises(TypeError, match=r"weight must have dtype in .*got torch.int64"):
+        MIDXSampler(4).build(torch.randint(0, 5, (20, 8)))
+    with pytest.raises(TypeError, match=r"bias must have dtype in .*got torch.int64"):
+        MIDXSampler(4).build(torch.randn(20, 8), torch.zeros(20, dtype=torch.long))
+    s = MIDXSampler(4).build(torch.randn(20, 8))
+    with pytest.raises(TypeError, match=r"query must have dtype in .*got torch.int64"):
+        s.sample(torch.randint(0, 3, (2, 8)), 3)
+
+
+def test_midx_empty_batch_with_huge_num_samples_returns_at_once():
+    """B = 0 draws nothing: it used to size the op's per-thread scratch by num_samples (minutes for 2^31)."""
+    s = MIDXSampler(4).build(torch.randn(20, 8))
+    ids, log_q, tlq = s.sample_with_targets(torch.randn(0, 8), 2 ** 31 + 5, torch.zeros(0, 2, dtype=torch.long))
+    assert ids.shape == log_q.shape == (0, 2 ** 31 + 5) and tlq.shape == (0, 2)
+    assert ids.dtype == torch.int64 and log_q.dtype == tlq.dtype == torch.float32
+
+
+def test_midx_load_state_dict_names_a_foreign_state():
+    with pytest.raises(ValueError, match=r"not written by MIDXSampler.state_dict\(\).*another sampler"):
+        MIDXSampler(4).load_state_dict({})
+
+
+def test_extra_state_of_another_shape_is_refused():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randint(0, 50, (4,))
+    for other in (dict(in_features=8, num_classes=30), dict(in_features=6, num_classes=50)):
+        src = IMISoftmax(8, 50, num_samples=4, num_codewords=4, full_refresh_every=0)
+        src(x, y)
+        sd = {"_extra_state": src.state_dict()["_extra_state"]}
+        dst = IMISoftmax(other["in_features"], other["num_classes"], num_samples=4, num_codewords=4,
+                         full_refresh_every=0)
+        with pytest.raises(ValueError, match=r"index was built for \[50, 8\].*this head is \["):
+            dst.load_state_dict(sd, strict=False)
+
+
+def test_exact_sampler_checks_its_inputs():
+    from imi_softmax import ExactSampler
+    s = ExactSampler().build(torch.randn(10, 8))
+    with pytest.raises(ValueError, match=r"query must be \[B, 8\].*got \(5, 7\)"):
+        s.sample(torch.randn(5, 7), 3)
+    with pytest.raises(ValueError, match=r"query must be \[B, 8\]"):
+        s.log_prob(torch.randn(5, 7), torch.zeros(5, 1, dtype=torch.long))
+    q = torch.randn(5, 8)
+    q[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="softmax of query @ weight.T \\+ bias holds NaN"):
+        s.sample(q, 3)
+    with pytest.raises(ValueError, match=r"bias must be \[10\]"):
+        ExactSampler().build(torch.randn(10, 8), torch.randn(9))
+    masked = torch.zeros(10)
+    masked[3] = float("-inf")  # a -inf bias masks a class: still a valid proposal
+    ids, _ = ExactSampler().build(torch.randn(10, 8), masked).sample(torch.randn(5, 8), 40)
+    assert not bool((ids == 3).any())

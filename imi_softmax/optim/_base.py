@@ -139,8 +139,29 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
+        owner = type(self).__name__
+        for i, (pid, p) in enumerate(zip(saved_ids, params)):
             if pid not in saved_state:
                 continue
-            self.state[p] = {k: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
-                             for k, v in saved_state[pid].items()}
+            state = {k: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
+                     for k, v in saved_state[pid].items()}
+            # The fused ops take float32 state shaped by the parameter: a checkpoint of another
+            # model (or optimizer) is refused here, naming the parameter, not by the op at the next step.
+            for key, shape in {"step": None, **self._state_shapes(p)}.items():
+                if key not in state:
+                    raise ValueError(f"{owner}.load_state_dict: the state of parameter {i} {tuple(p.shape)} has no "
+                                     f"{key!r} (it holds {sorted(state)}): was it saved by another optimizer?")
+                if shape is None:
+                    continue
+                v = state[key]
+                if not isinstance(v, Tensor) or tuple(v.shape) != shape or not v.is_floating_point():
+                    got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                    raise ValueError(f"{owner}.load_state_dict: state {key!r} of parameter {i} must be a float "
+                                     f"tensor of shape {shape} (the parameter is {tuple(p.shape)}), got {got}: the "
+                                     f"checkpoint was saved for parameters of other shapes (or in another order)")
+                state[key] = v.to(torch.float32)
+            self.state[p] = state
+
+    def _state_shapes(self, p: Tensor) -> Dict[str, Tuple[int, ...]]:
+        """The float32 state tensors of parameter p and their shapes (besides the int ``step``)."""
+        raise NotImplementedError

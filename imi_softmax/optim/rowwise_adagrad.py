@@ -1,7 +1,7 @@
 """FBGEMM's row-wise Adagrad over the touched rows of the head (fused C++/CUDA op ``row_wise_adagrad_``)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,9 @@ class RowWiseAdagrad(RowSparseOptimizer):
     def _init_state(self, p: Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         return {"step": 0, "sum": torch.full((p.shape[0],), group["initial_accumulator_value"],
                                              dtype=torch.float32, device=p.device)}
+
+    def _state_shapes(self, p: Tensor) -> Dict[str, Tuple[int, ...]]:
+        return {"sum": (p.shape[0],)}
 
     def _update(self, p: Tensor, state: Dict[str, Any], rows: Optional[Tensor], values: Tensor,
                 group: Dict[str, Any]) -> None:

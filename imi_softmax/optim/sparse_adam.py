@@ -85,6 +85,9 @@ class SparseAdam(RowSparseOptimizer):
                 "exp_avg": torch.zeros(p.shape, dtype=torch.float32, device=p.device),
                 "exp_avg_sq": torch.zeros(p.shape, dtype=torch.float32, device=p.device)}
 
+    def _state_shapes(self, p: Tensor) -> Dict[str, Tuple[int, ...]]:
+        return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
     def _update(self, p: Tensor, state: Dict[str, Any], rows: Optional[Tensor], values: Tensor,
                 group: Dict[str, Any]) -> None:
         self._check_group(group)  # hyperparameters may have been edited (schedulers) since

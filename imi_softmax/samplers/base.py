@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._validation import check_positive_int, check_tensor
+from .._validation import check_generator, check_positive_int, check_tensor
 
 
 def no_autocast(device: torch.device):
@@ -50,10 +50,11 @@ class Sampler:
             raise RuntimeError(f"{type(self).__name__} has no index yet: call build(weight, bias) first")
         return self.num_classes
 
-    def _check_sample_args(self, query: Tensor, num_samples: int) -> None:
+    def _check_sample_args(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> None:
         self._require_built()
         check_tensor("query", query, dims=(2,))
         check_positive_int("num_samples", num_samples, minimum=0)
+        check_generator(generator)
 
     def _check_ids(self, query: Tensor, ids: Tensor) -> None:
         from .._validation import check_class_ids

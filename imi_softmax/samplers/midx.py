@@ -10,7 +10,9 @@ from torch import Tensor
 
 from .._ops import ops
 from .._serial_glue import serial_glue
-from .._validation import _compiling, check_class_ids, check_finite, check_fp32_range, check_positive_int, check_tensor
+from .._fallback._checks import MAX_CODEWORDS
+from .._validation import (FLOAT_DTYPES, _compiling, check_class_ids, check_finite, check_fp32_range, check_generator,
+                           check_positive_int, check_tensor)
 from ..kmeans import assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
 
@@ -179,6 +181,9 @@ class MIDXSampler(Sampler):
                  max_points_per_centroid: int = 256, seed: int = 0, kl_refine_steps: int = 0,
                  kl_refine_lr: float = 0.01):
         self.num_codewords = check_positive_int("num_codewords", num_codewords)
+        if num_codewords > MAX_CODEWORDS:  # the ops' limit (csrc kMaxCodewords): K * K cells
+            raise ValueError(f"num_codewords must be <= {MAX_CODEWORDS} (K codewords per codebook give K * K "
+                             f"cells), got {num_codewords}; 64 to 1024 suit up to ~10^8 classes")
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         self.quantizer = quantizer
@@ -239,7 +244,7 @@ class MIDXSampler(Sampler):
         NaN/Inf, overflowing rows) is refused before, with the old index kept."""
         if not isinstance(copy_vectors, bool):
             raise TypeError(f"copy_vectors must be a bool, got {type(copy_vectors).__name__}")
-        check_tensor("weight", weight, dims=(2,))
+        check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
         n, d = weight.shape
         if n < 1:
             raise ValueError("weight must hold at least one class (got 0 rows)")
@@ -250,7 +255,7 @@ class MIDXSampler(Sampler):
                              "classes (its class ids are int32): shard the head over processes "
                              "(IMISoftmax(..., process_group=pg)) so that each rank's index holds fewer")
         if bias is not None:
-            check_tensor("bias", bias, dims=(1,))
+            check_tensor("bias", bias, dims=(1,), dtypes=FLOAT_DTYPES)
             if bias.shape[0] != n:
                 raise ValueError(f"bias must be [{n}] to match weight, got {tuple(bias.shape)}")
         with no_autocast(weight.device):
@@ -626,7 +631,7 @@ class MIDXSampler(Sampler):
             raise ValueError(f"weight is on {weight.device} but the index is on {index.codebook1.device}")
 
     def _check_query(self, index: MIDXIndex, query: Tensor) -> None:
-        check_tensor("query", query, dims=(2,))
+        check_tensor("query", query, dims=(2,), dtypes=FLOAT_DTYPES)
         if query.shape[1] != index.in_features:
             raise ValueError(f"query must be [B, {index.in_features}], got {tuple(query.shape)}")
         if query.device != index.codebook1.device:
@@ -646,10 +651,14 @@ class MIDXSampler(Sampler):
         index = self._require_index()  # the one read of the index for this call
         self._check_query(index, query)
         check_positive_int("num_samples", num_samples, minimum=0)
+        check_generator(generator)
         if targets is not None:
             self._check_index_ids("targets", index, query, targets)
             if targets.dim() != 2:
                 raise ValueError(f"targets must be [B, L], got {tuple(targets.shape)}")
+        if query.shape[0] == 0:  # nothing to draw (the op would still size its scratch by num_samples)
+            ids, log_q = self._empty_draw(query, num_samples)
+            return ids, log_q, log_q.new_empty((0, 0 if targets is None else targets.shape[1]))
         s1, s2 = self.scores(query, index, check=query.device.type != "cpu")  # the CPU op checks them
         return self._proposal_op(query, s1, s2, ops.midx_sample, s1, s2, index.log_n, index.cell_mass,
                                  index.log_n_max, index.offsets, index.class_ids, index.alias_prob,
@@ -759,6 +768,11 @@ class MIDXSampler(Sampler):
         return state
 
     def load_state_dict(self, state: Dict[str, Any], device=None) -> bool:
+        if not isinstance(state, dict) or not {"num_codewords", "quantizer", "generator"} <= state.keys():
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"this sampler state was not written by MIDXSampler.state_dict() (it holds {keys}): "
+                             "was the checkpoint saved by a head with another sampler? Construct the head with "
+                             "the sampler it was saved with")
         for key in ("num_codewords", "quantizer"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"sampler state was saved with {key}={state.get(key)!r}, this sampler has "

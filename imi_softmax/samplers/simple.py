@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import check_positive_int, check_tensor
+from .._validation import FLOAT_DTYPES, check_positive_int, check_tensor
 from .base import Sampler, no_autocast
 
 
@@ -17,7 +17,7 @@ class UniformSampler(Sampler):
         self.num_classes = check_positive_int("num_classes", num_classes)
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        self._check_sample_args(query, num_samples)
+        self._check_sample_args(query, num_samples, generator)
         shape = (query.shape[0], num_samples)
         ids = torch.randint(0, self.num_classes, shape, generator=generator, device=query.device)
         # float32 whatever torch's default dtype is (the Sampler contract)
@@ -54,7 +54,7 @@ class UnigramSampler(Sampler):
         return self
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        self._check_sample_args(query, num_samples)
+        self._check_sample_args(query, num_samples, generator)
         log_p = self._log_p.to(query.device)
         b = query.shape[0]
         if b * num_samples == 0:  # multinomial refuses to draw 0 samples
@@ -89,21 +89,45 @@ class ExactSampler(Sampler):
     """
 
     def build(self, weight: Tensor, bias: Optional[Tensor] = None) -> "ExactSampler":
+        check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
+        if bias is not None:
+            check_tensor("bias", bias, dims=(1,), dtypes=FLOAT_DTYPES)
+            if bias.shape[0] != weight.shape[0] or bias.device != weight.device:
+                raise ValueError(f"bias must be [{weight.shape[0]}] on {weight.device} to match weight "
+                                 f"{tuple(weight.shape)}, got {tuple(bias.shape)} on {bias.device}")
         super().build(weight, bias)
         self._live = (weight, bias)  # one assignment: a concurrent sample sees one (weight, bias)
         return self
 
+    def _check_query(self, query: Tensor) -> None:
+        weight = self._live[0]
+        check_tensor("query", query, dims=(2,), dtypes=FLOAT_DTYPES)
+        if query.shape[1] != weight.shape[1]:
+            raise ValueError(f"query must be [B, {weight.shape[1]}] to match the weight the sampler was built "
+                             f"with, got {tuple(query.shape)}")
+        if query.device != weight.device:
+            raise ValueError(f"query is on {query.device} but the weight is on {weight.device}")
+
     def _log_p(self, query: Tensor) -> Tensor:
+        self._check_query(query)
         weight, bias = self._live
         w = weight.detach()
         b = None if bias is None else bias.detach()
         with no_autocast(query.device):
             logits = F.linear(query.detach().to(torch.float64), w.to(torch.float64),
                               None if b is None else b.to(torch.float64))
-        return torch.log_softmax(logits, dim=-1)
+        log_p = torch.log_softmax(logits, dim=-1)
+        # The softmax reads the live weight (no snapshot to check at build): a NaN / Inf query,
+        # weight or bias shows here as NaN, before multinomial fails on it with a message naming none.
+        # (A -inf log P, from a -inf bias masking a class, is a valid proposal.)
+        if log_p.numel() and bool(torch.isnan(log_p.sum())):
+            raise ValueError("ExactSampler: the softmax of query @ weight.T + bias holds NaN: the query, the "
+                             "weight or the bias contains NaN or Inf")
+        return log_p
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        self._check_sample_args(query, num_samples)
+        self._check_sample_args(query, num_samples, generator)
+        self._check_query(query)
         if query.shape[0] * num_samples == 0:  # multinomial refuses to draw 0 samples
             return self._empty_draw(query, num_samples)
         log_p = self._log_p(query)
