@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,6 +287,29 @@ def test_empty_batch_and_zero_samples():
         ids, log_q, tlq = ops.midx_sample(e1, e2, *index_args(s), m, None,
                                           targets=targets[:0], **codes)
         assert ids.shape == (0, m) and log_q.shape == (0, m) and tlq.shape == (0, 1)
+
+
+def test_empty_batch_sets_up_no_scratch_for_its_num_samples():
+    """The CPU ops set up per-thread scratch inside their parallel loop; midx_sample's is sized by
+    num_samples. An empty batch runs no loop body, so 2^31 + 5 draws for no query return at once
+    (they used to allocate and touch that scratch for minutes). In a subprocess, so that a
+    regression fails by its time limit instead of stalling the suite."""
+    script = (
+        "import torch\n"
+        "from imi_softmax import MIDXSampler, ops\n"
+        "s = MIDXSampler(4).build(torch.randn(50, 8))\n"
+        "s1, s2 = s.scores(torch.randn(0, 8))\n"
+        "m = 2 ** 31 + 5\n"
+        "for seeded in (False, True):\n"
+        "    args = (s1, s2, s.log_n, s.cell_mass, s.log_n_max, s.offsets, s.class_ids, s.alias_prob,\n"
+        "            s.alias_pos, s.beta_csr, m)\n"
+        "    out = ops.midx_sample_seeded(*args, 1, 0) if seeded else ops.midx_sample(*args, None)\n"
+        "    assert out[0].shape == (0, m) and out[1].shape == (0, m), out[0].shape\n"
+        "print('ok')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+                       cwd=pathlib.Path(__file__).resolve().parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_sample_ops_pass_opcheck():

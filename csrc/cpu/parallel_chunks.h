@@ -47,9 +47,12 @@ class ChunkQueue {
 // Runs body(queue) once on each thread of one parallel region (on the calling thread alone when
 // [0, n) is a single chunk, with one thread, or inside another parallel region; with every thread of
 // kernel_threads() while the calling thread's glue is serial); body claims chunks
-// until queue.next() returns false. Per-thread scratch is set up in body, before its claim loop.
+// until queue.next() returns false. Per-thread scratch is set up in body, before its claim loop, so
+// an empty range runs no body at all: its scratch may be sized by another argument (midx_sample's
+// by num_samples, which for B = 0 could be 2^31 draws).
 template <typename Body>
 void parallel_chunks(int64_t n, int64_t chunk, const Body& body) {
+  if (n <= 0) return;
   ChunkQueue queue(n, chunk);
   const int64_t chunks = chunk > 0 ? (n + chunk - 1) / chunk : n;
   const int64_t threads = std::min<int64_t>(kernel_threads(), chunks);
