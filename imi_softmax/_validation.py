@@ -77,6 +77,23 @@ def check_finite(name: str, value: Tensor) -> None:
     raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_log_q(name: str, value: Tensor) -> None:
+    """log Q of the samples or the targets given to the functional losses must be finite: -inf is a
+    class the proposal cannot draw (the correction -log Q is then +inf and the loss NaN), +inf would
+    silently drop the column (its corrected logit is -inf), NaN is no log-probability. A constant
+    offset (an unnormalized proposal) is fine: it cancels within each row."""
+    if _compiling() or value.numel() == 0:
+        return
+    finite = torch.isfinite(value)
+    if bool(finite.all()):
+        return
+    bad = value[~finite][0].item()
+    why = ("a class the proposal gives probability 0: every target and sample needs Q > 0 (mix a proposal "
+           "without full support, such as TopCellsSampler, with one that has it: MixtureSampler)"
+           if bad == float("-inf") else "not a log-probability")
+    raise ValueError(f"{name} must be finite, got {bad} at {tuple(int(i) for i in (~finite).nonzero()[0])}: {why}")
+
+
 def check_fp32_range(name: str, value: Tensor, fix: str, cause: Optional[Tensor] = None) -> None:
     """Raises when value holds inf or NaN produced by float32 arithmetic from finite inputs
     (scores, squared norms); ``cause`` is the input whose largest magnitude the message reports."""

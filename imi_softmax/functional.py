@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ._ops import acc_dtype, ops
 from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
-                          check_same_device, check_samples, check_tensor)
+                          check_log_q, check_same_device, check_samples, check_tensor)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -55,6 +55,8 @@ def sampled_softmax_loss(
     check_class_ids("target", target, n, ignore_index=ignore_index)
     check_class_ids("sample_ids", sample_ids, n)
     check_finite("x", x)
+    check_log_q("sample_log_q", sample_log_q)
+    check_log_q("target_log_q", torch.where(target == ignore_index, 0.0, target_log_q))  # ignored rows: unused
     return _sampled_softmax_loss(x, weight, bias, target, sample_ids, sample_log_q, target_log_q,
                                  remove_accidental_hits=remove_accidental_hits, ignore_index=ignore_index,
                                  reduction=reduction, sparse_grad=sparse_grad)

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ._ops import acc_dtype, ops
 from ._targets import csr_to_padded
-from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_linear_inputs, check_same_device,
-                          check_samples, check_tensor)
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_linear_inputs, check_log_q,
+                          check_same_device, check_samples, check_tensor)
 
 MultiLabelTarget = Union[Tensor, Tuple[Tensor, Tensor]]
 REDUCTIONS = ("mean", "sum", "none")
@@ -128,6 +128,8 @@ def multilabel_sampled_softmax_loss(
                       sample_log_q=sample_log_q, target_log_q=tlq)
     check_class_ids("sample_ids", sample_ids, n)
     check_finite("x", x)
+    check_log_q("sample_log_q", sample_log_q)
+    check_log_q("target_log_q", torch.where(positives < 0, 0.0, tlq))  # pads: unused
     rows = positives.shape[0]
     return multilabel_loss(x.reshape(rows, x.shape[-1]), weight, bias, positives,
                            sample_ids.reshape(rows, sample_ids.shape[-1]),

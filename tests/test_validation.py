@@ -187,6 +187,43 @@ def test_functional_refuses_a_bool_ignore_index():
             IF.sampled_softmax_loss(x, w, None, t, ids, lq, tlq, ignore_index=bad)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_functional_losses_refuse_log_q_that_is_not_finite(bad):
+    """+inf log Q silently drops its column (corrected logit -inf), -inf (a class the proposal cannot
+    draw) and NaN make the loss NaN: the functional losses refuse them, naming the argument and the
+    position; an ignored row's or a pad's target log Q is not read, and a constant offset (an
+    unnormalized proposal) leaves the loss unchanged."""
+    from imi_softmax.multilabel import multilabel_sampled_softmax_loss
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 4, generator=g), torch.randn(10, 4, generator=g)
+    t, ids = torch.tensor([1, -100, 3]), torch.randint(0, 10, (3, 5), generator=g)
+    lq, tlq = torch.full((3, 5), -2.3), torch.full((3,), -2.3)
+    ref = IF.sampled_softmax_loss(x, w, None, t, ids, lq, tlq)
+    torch.testing.assert_close(IF.sampled_softmax_loss(x, w, None, t, ids, lq + 7.0, tlq + 7.0), ref)
+    ignored = tlq.clone()
+    ignored[1] = bad  # row 1 is ignored: its target log Q is never read
+    torch.testing.assert_close(IF.sampled_softmax_loss(x, w, None, t, ids, lq, ignored), ref)
+    bad_lq, bad_tlq = lq.clone(), tlq.clone()
+    bad_lq[2, 4], bad_tlq[2] = bad, bad
+    why = "probability 0" if bad == float("-inf") else "not a log-probability"
+    with pytest.raises(ValueError, match=rf"sample_log_q must be finite, got {bad} at \(2, 4\): .*{why}"):
+        IF.sampled_softmax_loss(x, w, None, t, ids, bad_lq, tlq)
+    with pytest.raises(ValueError, match=rf"target_log_q must be finite, got {bad} at \(2,\)"):
+        IF.sampled_softmax_loss(x, w, None, t, ids, lq, bad_tlq)
+    labels = torch.tensor([[1, 2], [4, -100], [3, 5]])
+    mtlq = torch.full((3, 2), -2.3)
+    mref = multilabel_sampled_softmax_loss(x, w, None, labels, ids, lq, mtlq)
+    pad = mtlq.clone()
+    pad[1, 1] = bad  # a pad: not read
+    torch.testing.assert_close(multilabel_sampled_softmax_loss(x, w, None, labels, ids, lq, pad), mref)
+    mbad = mtlq.clone()
+    mbad[2, 0] = bad
+    with pytest.raises(ValueError, match=rf"target_log_q must be finite, got {bad} at \(2, 0\)"):
+        multilabel_sampled_softmax_loss(x, w, None, labels, ids, lq, mbad)
+    with pytest.raises(ValueError, match=rf"sample_log_q must be finite, got {bad} at \(2, 4\)"):
+        multilabel_sampled_softmax_loss(x, w, None, labels, ids, bad_lq, mtlq)
+
+
 def test_midx_refuses_non_float_weight_bias_and_query():
     with pytest.raises(TypeError, match=r"weight must have dtype in .*got torch.int64"):
         MIDXSampler(4).build(torch.randint(0, 5, (20, 8)))
