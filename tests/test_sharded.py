@@ -481,6 +481,16 @@ def test_no_process_group_gets_a_clear_error():
         ShardedIMISoftmax(D, N)
 
 
+@pytest.mark.parametrize("bad", ["nccl", 4, [0, 1]])
+def test_a_process_group_that_is_not_one_is_named(bad):
+    """A backend name or a rank list passed as process_group: a TypeError naming it, not the advice
+    to initialize a group."""
+    from imi_softmax import ShardedIMISoftmax
+
+    with pytest.raises(TypeError, match=r"process_group must be a torch.distributed ProcessGroup .*got "):
+        ShardedIMISoftmax(D, N, process_group=bad)
+
+
 def test_the_sharded_example_trains_and_reports(tmp_path):
     """examples/sharded/train_sharded.py under torchrun, 2 processes, tiny sizes: it runs, reports
     what it promises, and the head's bytes per step match the formula 2 R d + 5 R + P numbers."""

@@ -8,6 +8,11 @@ def resolve_group(process_group) -> Tuple[object, int, int]:
     """(group, world size, this rank's index in it), with a clear error when there is no usable group."""
     if not dist.is_available():
         raise RuntimeError("ShardedIMISoftmax needs torch.distributed, which this torch build lacks")
+    if (process_group is not None and not isinstance(process_group, dist.ProcessGroup)
+            and process_group != dist.GroupMember.NON_GROUP_MEMBER):  # that one gets its own message below
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.new_group(ranks)) or "
+                        f"None for the default group, got {type(process_group).__name__} ({process_group!r}); the "
+                        f"backend (gloo, nccl) is chosen by dist.init_process_group(backend=...)")
     if not dist.is_initialized():
         raise RuntimeError("ShardedIMISoftmax needs an initialized process group: call "
                            "torch.distributed.init_process_group(...) first (torchrun sets the environment "
