@@ -1,4 +1,5 @@
 """Argument checks that run before any kernel: bad input gets a Python error naming the argument."""
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -32,9 +33,21 @@ def check_materialized(name: str, value: Tensor) -> None:
         )
 
 
+def _as_int(name: str, value) -> int:
+    """value as a Python int: ints and what indexes like one (numpy integers, one-element integer
+    tensors: sizes computed from data, which nn.Linear accepts too); never a bool or bool tensor (a
+    True flag in the wrong argument is a mistake, not the size 1), a float or a string."""
+    is_bool = isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool)
+    try:
+        if not is_bool:
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+
+
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    value = _as_int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

@@ -177,9 +177,9 @@ def diagnose(head, x: Tensor, target: Tensor, *, num_draws: int = 8, num_samples
     """
     t_start = time.perf_counter()
     _check_head(head)
-    check_positive_int("num_draws", num_draws, minimum=2)
+    num_draws = check_positive_int("num_draws", num_draws, minimum=2)
     m = head.num_samples if num_samples is None else num_samples
-    check_positive_int("num_samples", m)
+    m = check_positive_int("num_samples", m)
     chunk = DEFAULT_CHUNK if chunk_size is None else check_positive_int("chunk_size", chunk_size)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor of class ids, got {type(target).__name__}")

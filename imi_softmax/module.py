@@ -119,7 +119,7 @@ class IMISoftmax(nn.Module):
         self.num_classes = check_positive_int("num_classes", num_classes)
         self.num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         self.refresh_every = refresh_every
-        check_positive_int("num_codewords", num_codewords)
+        num_codewords = check_positive_int("num_codewords", num_codewords)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.sparse_grad = bool(sparse_grad)
         self.ignore_index = ignore_index
@@ -136,7 +136,7 @@ class IMISoftmax(nn.Module):
         if self.weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {self.weight.dtype}")
         self.sampler = self._make_sampler(sampler, num_codewords, quantizer, class_counts, kmeans_iters)
-        check_positive_int("kl_refine_steps", kl_refine_steps, minimum=0)
+        kl_refine_steps = check_positive_int("kl_refine_steps", kl_refine_steps, minimum=0)
         self.kl_refine_queries = check_positive_int("kl_refine_queries", kl_refine_queries)
         if kl_refine_steps > 0:
             if not isinstance(self.sampler, MIDXSampler):
@@ -562,9 +562,9 @@ class IMISoftmax(nn.Module):
         current weight and bias. ``budget >= num_classes`` gives the exact top-k. Values are in the
         weight's dtype (no autocast)."""
         self._check_input(x, None)
-        check_positive_int("k", k)
+        k = check_positive_int("k", k)
         if chunk_size is not None:
-            check_positive_int("chunk_size", chunk_size)
+            chunk_size = check_positive_int("chunk_size", chunk_size)
         if k > self.num_classes:
             raise ValueError(f"k must be <= num_classes ({self.num_classes}), got {k}")
         flat = x.reshape(-1, self.in_features)

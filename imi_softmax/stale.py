@@ -311,7 +311,7 @@ def fresh_sampled_softmax_loss(query: Tensor, target: Tensor, sampler, encode: C
         raise TypeError(f"target must hold int64 item ids, got {target.dtype}")
     if target.shape[0] != query.shape[0]:
         raise ValueError(f"target must be [{query.shape[0]}] (one item per query row), got {tuple(target.shape)}")
-    check_positive_int("num_samples", num_samples, minimum=0)
+    num_samples = check_positive_int("num_samples", num_samples, minimum=0)
     n = sampler.num_classes
     if n is None:
         raise RuntimeError("sampler has no index yet: build it (or call StaleEmbeddingIndex.begin_step) first")

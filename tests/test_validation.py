@@ -145,6 +145,24 @@ def test_fuzzed_constructor_arguments(kwargs, exc, match):
         IMISoftmax(8, 50, num_samples=4, **kwargs)
 
 
+def test_sizes_computed_from_data_are_accepted_as_ints():
+    """num_classes = labels.max() + 1 is a numpy integer or a 0-d tensor: accepted as nn.Linear does,
+    and stored as a Python int; bools, bool tensors and floats are still refused."""
+    import numpy as np
+    head = IMISoftmax(np.int64(8), torch.tensor(50), num_samples=np.int32(4), num_codewords=np.int64(4))
+    assert (head.in_features, head.num_classes, head.num_samples) == (8, 50, 4)
+    assert all(type(v) is int for v in (head.in_features, head.num_classes, head.num_samples))
+    x, y = torch.randn(6, 8), torch.randint(0, 50, (6,))
+    assert torch.isfinite(head(x, y))
+    ids, log_q = head.sampler.sample(x, np.int64(3))
+    assert ids.shape == log_q.shape == (6, 3)
+    scores, top = head.topk(x, np.int64(5))
+    assert top.shape == (6, 5)
+    for bad, kind in ((True, "bool"), (torch.tensor(True), "Tensor"), (50.0, "float"), (np.float64(50), "float64")):
+        with pytest.raises(TypeError, match=rf"num_classes must be an int, got {kind}"):
+            IMISoftmax(8, bad)
+
+
 def test_settings_are_checked_when_assigned_after_construction(head):
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         head.ignore_index = None

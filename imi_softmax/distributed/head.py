@@ -84,13 +84,13 @@ class ShardedIMISoftmax(nn.Module):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
-        check_positive_int("num_samples", num_samples, minimum=0)
+        num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         self.refresh_every = check_positive_int("refresh_every", refresh_every, minimum=0)
-        check_positive_int("num_codewords", num_codewords)
+        num_codewords = check_positive_int("num_codewords", num_codewords)
         if grad_reduction not in GRAD_REDUCTIONS:
             raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
         if eval_chunk_size is not None:
-            check_positive_int("eval_chunk_size", eval_chunk_size)
+            eval_chunk_size = check_positive_int("eval_chunk_size", eval_chunk_size)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         self.init_seed = check_positive_int("init_seed", init_seed, minimum=0)
@@ -205,7 +205,7 @@ class ShardedIMISoftmax(nn.Module):
 
     @num_samples.setter
     def num_samples(self, value: int) -> None:
-        check_positive_int("num_samples", value, minimum=0)
+        value = check_positive_int("num_samples", value, minimum=0)
         self.samples_per_shard = split_samples(value, self.shard_bounds)
         self._num_samples = value
 
@@ -335,11 +335,11 @@ class ShardedIMISoftmax(nn.Module):
         rank's rows (a collective)."""
         def check():
             self._check_input(x, None)
-            check_positive_int("k", k)
-            if k > self.num_classes:
+            if check_positive_int("k", k) > self.num_classes:
                 raise ValueError(f"k must be <= num_classes ({self.num_classes}), got {k}")
 
         self._checked(check)
+        k = int(k)  # checked: an int, or a numpy integer / one-element integer tensor
         flat_x, _, batch = self._gather(x.to(self.weight.dtype), None)
         v, i = sharded_topk(self._comm, batch, self.weight.detach(),
                             None if self.bias is None else self.bias.detach(), self.class_start, k,

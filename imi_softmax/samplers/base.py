@@ -53,7 +53,7 @@ class Sampler:
     def _check_sample_args(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> None:
         self._require_built()
         check_tensor("query", query, dims=(2,))
-        check_positive_int("num_samples", num_samples, minimum=0)
+        num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         check_generator(generator)
 
     def _check_ids(self, query: Tensor, ids: Tensor) -> None:

@@ -177,7 +177,7 @@ class InBatchSampler(Sampler):
         """
         self._require_built()
         check_tensor("query", query, dims=(2,))
-        check_positive_int("num_samples", num_samples, minimum=0)
+        num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         if targets is None:
             raise TypeError("InBatchSampler needs the batch's targets: sample_with_targets(query, num_samples, "
                             "targets [B, L])")

@@ -650,7 +650,7 @@ class MIDXSampler(Sampler):
         targets [B, L] int64 class ids or None -> (ids [B, M], log_q [B, M], target_log_q [B, L])."""
         index = self._require_index()  # the one read of the index for this call
         self._check_query(index, query)
-        check_positive_int("num_samples", num_samples, minimum=0)
+        num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         check_generator(generator)
         if targets is not None:
             self._check_index_ids("targets", index, query, targets)

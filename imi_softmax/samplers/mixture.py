@@ -169,7 +169,7 @@ class MixtureSampler(Sampler):
         """(ids [B, M], log_q [B, M], target_log_q [B, L]) with log Q of the mixture for both."""
         n = self._require_all_built()
         check_tensor("query", query, dims=(2,))
-        check_positive_int("num_samples", num_samples, minimum=0)
+        num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         if targets is not None:
             self._check_ids(query, targets)
             if targets.dim() != 2:

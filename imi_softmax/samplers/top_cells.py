@@ -152,7 +152,7 @@ class TopCellsSampler(Sampler):
         with self.midx._lock:  # the wrapped sampler's in-place update never runs meanwhile
             index = self.midx._require_index()
             self.midx._check_query(index, query)
-            check_positive_int("num_samples", num_samples, minimum=0)
+            num_samples = check_positive_int("num_samples", num_samples, minimum=0)
             b, m = query.shape[0], num_samples
             if b * m == 0:
                 return self._empty_draw(query, m)
