@@ -116,6 +116,20 @@ def test_cells_that_empty_and_rows_that_move_to_empty_cells(bias):
 
 
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n", [20, 200])
+def test_every_class_moving_to_one_cell(bias, n):
+    """Every class joins one cell: the cells that stay empty but sit in a saved band are copied with
+    zero entries from an empty per-thread buffer, whose data() is null: memcpy(dst, nullptr, 0) is
+    undefined behaviour (UBSan: "null pointer passed as argument 2"), so such a cell copies nothing."""
+    k = 4
+    a = _index_arrays(n, k, bias, seed=5)
+    change = _change(n, k, list(range(n)), bias, seed=6, to_cells=[(0, k - 1)])
+    got = _check_all_three(a, change, k, bias)
+    counts = got["offsets"][1:] - got["offsets"][:-1]
+    assert int(counts[k - 1]) == n
+
+
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("direction", ["grow_first", "grow_last", "shrink_first", "shrink_last"])
 def test_staging_in_both_directions(bias, direction):
     """Rows moving into the first (last) cell shift every later (earlier) cell right (left); rows

@@ -213,6 +213,7 @@ void rewrite_cells(const Shared& s, int64_t c0, int64_t c1, const Saved& left, c
       gather(ob, oe, Csr{t_ids.data(), t_prob.data(), t_alias.data(), t_bcsr.data()});
       stage.drop_below(oe);
       protect(c);
+      if (n_old == 0) continue;  // t_ids may be empty (null data()): memcpy's arguments must not be null
       std::memcpy(a.ids + nb, t_ids.data(), n_old * sizeof(int32_t));
       if (hb) {
         std::memcpy(a.prob + nb, t_prob.data(), n_old * sizeof(float));
