@@ -264,7 +264,7 @@ def test_sample_and_log_prob_check_what_they_index_with():
     s = _index(n=300, K=4)
     s1, s2 = s.scores(torch.randn(2, 12, generator=torch.Generator().manual_seed(9)))
     good = list(_tables(s))
-    cases = {3: s.offsets.flip(0), 4: s.class_ids + 1, 6: s.alias_pos.clone().fill_(300), 5: s.alias_prob[:-1]}
+    cases = {3: s.offsets.flip(0), 4: s.class_ids + 300, 6: s.alias_pos.clone().fill_(300), 5: s.alias_prob[:-1]}
     for where, bad in cases.items():
         args = list(good)
         args[where] = bad
@@ -303,7 +303,7 @@ def test_bad_targets_ids_and_aliases_raise_the_kernels_messages():
     tables = list(_tables(s))
     tables[5], tables[6] = torch.zeros(n), outside  # always take the alias
     same_error(lambda m: m.midx_sample_seeded(s1, s2, *tables, 16, 7, 0))
-    with pytest.raises(RuntimeError, match="a draw reached an empty cell or an alias outside its cell"):
+    with pytest.raises(RuntimeError, match="a draw reached an empty cell, an alias outside its cell"):
         fb.midx_sample_seeded(s1, s2, *tables, 16, 7, 0)
 
 

@@ -396,6 +396,29 @@ def test_ops_reject_mixed_devices(index):
             call()
 
 
+@pytest.mark.parametrize("bad_id", [-7, N, 2**31 - 1])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sample_rejects_class_ids_outside_the_classes(index, bad_id, with_bias):
+    """class_ids entries are read per draw (no O(N) scan per call): an entry outside [0, N) fails the
+    draw that reads it, with and without alias tables, instead of being handed out as a drawn id."""
+    s, _, _ = index
+    bad = s.class_ids.clone()
+    bad.fill_(bad_id)  # every position: any draw reads one
+    over = dict(class_ids=bad) if with_bias else dict(class_ids=bad, alias_prob=None, alias_pos=None, beta_csr=None)
+    with pytest.raises(BAD, match=r"a class id outside \[0, N\).*class_ids"):
+        ops.midx_sample_seeded(*sample_args(index, **over), 50, 7, 0)
+    one = s.class_ids.clone()
+    one[0] = bad_id  # one position: only the draws that land there fail, the others are the same
+    ids, _, _ = ops.midx_sample_seeded(*sample_args(index), 50, 7, 0)
+    hit = bool((ids == s.class_ids[0]).any())
+    if hit:
+        with pytest.raises(BAD, match="a class id outside"):
+            ops.midx_sample_seeded(*sample_args(index, class_ids=one), 50, 7, 0)
+    else:
+        ids_one, _, _ = ops.midx_sample_seeded(*sample_args(index, class_ids=one), 50, 7, 0)
+        assert torch.equal(ids_one, ids)
+
+
 @pytest.mark.parametrize("alias", ["huge", "other_cell"])
 def test_sample_rejects_alias_positions_outside_their_cell(index, alias):
     """alias_pos is read per draw (no O(N) scan per call): an entry outside its cell, even a valid

@@ -593,7 +593,8 @@ inline void stage2(Simd level, const float* cdf_t, int64_t K, const int32_t* k1,
 // Stage 3 and the outputs. Slots first, with the next reads prefetched, so that the cache misses
 // of the following pass (alias check, class id, bias of random CSR positions) overlap. t1, t2: the
 // shifted scores of the query (ws.t1, ws.t2 after prepare).
-// Returns false when a draw met a corrupt index or NaN scores (its id is -1, see resolve_alias).
+// Returns false when a draw met a corrupt index or NaN scores (its id is -1, see resolve_alias and
+// drawn_class).
 inline bool finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M, int64_t* ids,
                    float* log_q) {
   const int64_t K = ix.K;
@@ -620,13 +621,14 @@ inline bool finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M
   bool ok = true;
   for (int64_t j = 0; j < M; ++j) {
     const int64_t p = ws.pos[j];
-    if (p < 0) {
+    const int64_t id = p < 0 ? int64_t(-1) : imi::drawn_class(ix, p);
+    if (id < 0) {
       ids[j] = -1;
       log_q[j] = std::numeric_limits<float>::quiet_NaN();
       ok = false;
       continue;
     }
-    ids[j] = ix.class_ids[p];
+    ids[j] = id;
     log_q[j] = imi::drawn_log_q(ix, ws.t1.data(), ws.t2.data(), ws.k1[j], ws.k2[j], p, log_z);
   }
   return ok;

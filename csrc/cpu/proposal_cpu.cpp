@@ -95,8 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(
     });
   }
   check_scores_were_finite("midx_sample", bad_scores);
-  TORCH_CHECK(!bad_draw, "midx_sample: a draw reached an empty cell or an alias outside its cell: the "
-              "query scores hold NaN or the index tables (offsets, alias_pos) are corrupt; rebuild the index");
+  TORCH_CHECK(!bad_draw, "midx_sample: a draw reached an empty cell, an alias outside its cell or a class id "
+              "outside [0, N): the query scores hold NaN or the index tables (offsets, alias_pos, class_ids) are "
+              "corrupt; rebuild the index");
   TORCH_CHECK(!bad_target, "midx_sample: targets must lie in [0, ", N,
               ") or be negative (ignored), and their codes in [0, ", K, ")");
   return {ids, log_q, target_log_q};

@@ -117,10 +117,11 @@ midx_sample_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float*
                                 : imi::stage2_search_streaming(ix, k1, q.t2, q.e2, q.r[k1], u1);
       const imi::SlotDraw d = imi::cell_slot(ix, k1 * K + k2, imi::random64(w.w[2], w.w[3]));
       const int64_t p = imi::resolve_alias(ix, k1 * K + k2, d);
-      // p < 0: corrupt index or NaN scores; id -1 is rejected by every loss op (no device assert)
-      ids[b * M + j] = p < 0 ? -1 : ix.class_ids[p];
-      log_q[b * M + j] = p < 0 ? nanf("")
-                               : imi::drawn_log_q(ix, q.t1, q.t2, k1, k2, p, log_z);
+      // id < 0: corrupt index or NaN scores; id -1 is rejected by every loss op (no device assert)
+      const int64_t id = p < 0 ? int64_t(-1) : imi::drawn_class(ix, p);
+      ids[b * M + j] = id;
+      log_q[b * M + j] = id < 0 ? nanf("")
+                                : imi::drawn_log_q(ix, q.t1, q.t2, k1, k2, p, log_z);
     }
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x)
       target_log_q[b * L + l] = imi::target_log_q(ix, q.t1, q.t2, targets[b * L + l], num_classes, log_z);

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (check_cell_masses, check_class_codes, check_codes, check_cpu_simd_env, check_ids_and_codes,
-                      check_no_bad_position, check_query_scores, check_same_device, check_sampling_tables, in_range,
-                      present)
+                      check_query_scores, check_same_device, check_sampling_tables, present)
 from .philox import MASK32, draw_words, slot_and_accept, uniform24
 
 ROW_MASS_FLOOR = 1e-30  # IMI_ROW_MASS_FLOOR: rows below it are recomputed in log space
@@ -148,17 +147,9 @@ def _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z):
     return _log_q(t1, t2, code1[safe].long(), code2[safe].long(), beta, safe, log_n_max, log_z)
 
 
-def _check_class_ids(class_ids: Tensor) -> None:
-    """Every entry of class_ids is a class id in [0, N). The kernels hand out whatever a draw reads
-    there (the loss ops reject it later); the fallback's O(N) look costs little beside its draws
-    and names the corrupt entry where it is."""
-    n = class_ids.numel()
-    ids = class_ids.long()
-    check_no_bad_position("midx_sample", "class_ids", ids, ~in_range(ids, n), f"[0, {n})")
-
-
-_BAD_DRAW = ("midx_sample: a draw reached an empty cell or an alias outside its cell: the query scores hold NaN "
-             "or the index tables (offsets, alias_pos) are corrupt; rebuild the index")
+_BAD_DRAW = ("midx_sample: a draw reached an empty cell, an alias outside its cell or a class id outside [0, N): "
+             "the query scores hold NaN or the index tables (offsets, alias_pos, class_ids) are corrupt; rebuild the "
+             "index")
 
 
 def _check_finite_scores(op: str, s1: Tensor, s2: Tensor) -> None:
@@ -220,7 +211,6 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
                       beta_csr=beta_csr, targets=targets, beta=beta, code1=code1, code2=code2)
     check_cell_masses(K, log_n, cell_mass, log_n_max)
     check_sampling_tables("midx_sample", K, offsets, class_ids, alias_prob, alias_pos, beta_csr)
-    _check_class_ids(class_ids)
     _check_sample_targets(B, K, targets, beta, code1, code2)
     if s1.device.type == "cpu":
         check_cpu_simd_env()
@@ -255,6 +245,8 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
             raise RuntimeError(_BAD_DRAW)
         pos = torch.where(take, alias, pos)
     ids = class_ids[pos].long()  # the index stores int32; users get int64 ids
+    if bool(((ids < 0) | (ids >= class_ids.numel())).any()):  # imi::drawn_class: entries read at use
+        raise RuntimeError(_BAD_DRAW)
     log_q = _log_q(t1, t2, k1, k2, beta_csr, pos, log_n_max, log_z)
     return ids, log_q, target_log_q
 
