@@ -619,9 +619,10 @@ inline bool finish(const imi::CellIndex& ix, Scratch& ws, float log_z, int64_t M
     }
   }
   bool ok = true;
+  const int64_t num_classes = ix.offsets[K * K];
   for (int64_t j = 0; j < M; ++j) {
     const int64_t p = ws.pos[j];
-    const int64_t id = p < 0 ? int64_t(-1) : imi::drawn_class(ix, p);
+    const int64_t id = p < 0 ? int64_t(-1) : imi::drawn_class(ix, p, num_classes);
     if (id < 0) {
       ids[j] = -1;
       log_q[j] = std::numeric_limits<float>::quiet_NaN();

@@ -105,6 +105,7 @@ midx_sample_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float*
     offset = static_cast<uint64_t>(*philox.offset_ptr) + philox.offset_intragraph;
   }
   const int64_t row_stride = K + 1;
+  const int64_t num_index_classes = ix.offsets[K * K];
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const float log_z = block_query_prepare(ix, s1 + b * K, s2 + b * K, q, kTable ? q.table : nullptr,
                                             row_stride);
@@ -118,7 +119,7 @@ midx_sample_kernel(imi::CellIndex ix, const float* __restrict__ s1, const float*
       const imi::SlotDraw d = imi::cell_slot(ix, k1 * K + k2, imi::random64(w.w[2], w.w[3]));
       const int64_t p = imi::resolve_alias(ix, k1 * K + k2, d);
       // id < 0: corrupt index or NaN scores; id -1 is rejected by every loss op (no device assert)
-      const int64_t id = p < 0 ? int64_t(-1) : imi::drawn_class(ix, p);
+      const int64_t id = p < 0 ? int64_t(-1) : imi::drawn_class(ix, p, num_index_classes);
       ids[b * M + j] = id;
       log_q[b * M + j] = id < 0 ? nanf("")
                                 : imi::drawn_log_q(ix, q.t1, q.t2, k1, k2, p, log_z);

@@ -239,11 +239,11 @@ IMI_HD int64_t resolve_alias(const CellIndex& ix, int64_t cell, const SlotDraw& 
 }
 
 // The class at drawn position pos, or -1 (a corrupt index, as resolve_alias's -1) when class_ids
-// holds a value outside [0, N), N = offsets[K * K] (one CSR position per class): a corrupt table is
-// reported, never returned as a drawn id.
-IMI_HD int64_t drawn_class(const CellIndex& ix, int64_t pos) {
+// holds a value outside [0, num_classes) (num_classes = offsets[K * K]: one CSR position per class,
+// read once by the caller): a corrupt table is reported, never returned as a drawn id.
+IMI_HD int64_t drawn_class(const CellIndex& ix, int64_t pos, int64_t num_classes) {
   const int64_t id = ix.class_ids[pos];
-  return (id >= 0 && id < ix.offsets[ix.K * ix.K]) ? id : int64_t(-1);
+  return (id >= 0 && id < num_classes) ? id : int64_t(-1);
 }
 
 // The class term of log Q, shifted: beta_i - log_n_max (beta 0 without a bias).
