@@ -52,6 +52,12 @@ def _extension(mode, plan):
     # are unchanged (sqrtps is the correctly rounded sqrtf).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DIMI_PYTHON_MODULE"]
     link = ["-fopenmp"]
+    if os.environ.get("IMI_SANITIZE", "0") not in ("", "0"):
+        # scripts/sanitize_check.sh: AddressSanitizer + UndefinedBehaviorSanitizer, every report fatal
+        # (-O1 after torch's -O3 wins); CPU only (the check runs where no GPU is)
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cxx = cxx[1:] + ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitize
+        link = link + sanitize
     if mode == "cuda":
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
