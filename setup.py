@@ -56,7 +56,7 @@ def _extension(mode, plan):
         # scripts/sanitize_check.sh: AddressSanitizer + UndefinedBehaviorSanitizer, every report fatal
         # (-O1 after torch's -O3 wins); CPU only (the check runs where no GPU is)
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-        cxx = cxx[1:] + ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitize
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitize
         link = link + sanitize
     if mode == "cuda":
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))

@@ -133,8 +133,6 @@ class IMISoftmax(nn.Module):
             raise TypeError(f"dtype must be a floating dtype ({floats}), got {dtype!r}")
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
-        if self.weight.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be a floating dtype, got {self.weight.dtype}")
         self.sampler = self._make_sampler(sampler, num_codewords, quantizer, class_counts, kmeans_iters)
         kl_refine_steps = check_positive_int("kl_refine_steps", kl_refine_steps, minimum=0)
         self.kl_refine_queries = check_positive_int("kl_refine_queries", kl_refine_queries)

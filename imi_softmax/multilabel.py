@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ._ops import acc_dtype, ops
 from ._targets import csr_to_padded
-from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_linear_inputs, check_log_q,
-                          check_same_device, check_samples, check_tensor)
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
+                          check_log_q, check_same_device, check_samples, check_tensor)
 
 MultiLabelTarget = Union[Tensor, Tuple[Tensor, Tensor]]
 REDUCTIONS = ("mean", "sum", "none")
@@ -118,8 +118,7 @@ def multilabel_sampled_softmax_loss(
     n = check_linear_inputs(x, weight, bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     batch_shape = x.shape[:-1]
     check_samples(sample_ids, sample_log_q, batch_shape)
     positives = padded_positives(target, batch_shape, n, ignore_index)

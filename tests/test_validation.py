@@ -242,6 +242,18 @@ def test_functional_losses_refuse_log_q_that_is_not_finite(bad):
         multilabel_sampled_softmax_loss(x, w, None, labels, ids, bad_lq, mtlq)
 
 
+def test_every_head_and_loss_refuses_a_bool_ignore_index():
+    """One check (check_ignore_index) for the multi-label loss and the sharded head too."""
+    from imi_softmax import ShardedIMISoftmax
+    from imi_softmax.multilabel import multilabel_sampled_softmax_loss
+    x, w = torch.randn(3, 4), torch.randn(10, 4)
+    labels, ids, lq = torch.tensor([[1, 2], [3, -100], [4, 5]]), torch.randint(0, 10, (3, 5)), torch.zeros(3, 5)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int .*got bool \(True\)"):
+        multilabel_sampled_softmax_loss(x, w, None, labels, ids, lq, torch.zeros(3, 2), ignore_index=True)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int .*got float"):
+        ShardedIMISoftmax(4, 10, ignore_index=-100.0)
+
+
 def test_midx_refuses_non_float_weight_bias_and_query():
     with pytest.raises(TypeError, match=r"weight must have dtype in .*got torch.int64"):
         MIDXSampler(4).build(torch.randint(0, 5, (20, 8)))

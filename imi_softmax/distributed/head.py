@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ddp import head_params_managed_by_active_ddp
-from .._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_positive_int, check_tensor
+from .._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_ignore_index,
+                           check_positive_int, check_tensor)
 from ..samplers import Sampler
 from ..samplers.base import no_autocast
 from ..samplers.factory import SAMPLERS, make_sampler  # noqa: F401  (SAMPLERS: public name)
@@ -91,8 +92,7 @@ class ShardedIMISoftmax(nn.Module):
             raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
         if eval_chunk_size is not None:
             eval_chunk_size = check_positive_int("eval_chunk_size", eval_chunk_size)
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        check_ignore_index(ignore_index)
         self.init_seed = check_positive_int("init_seed", init_seed, minimum=0)
         self.grad_reduction = grad_reduction
         self.eval_chunk_size = eval_chunk_size

@@ -50,11 +50,13 @@ class Sampler:
             raise RuntimeError(f"{type(self).__name__} has no index yet: call build(weight, bias) first")
         return self.num_classes
 
-    def _check_sample_args(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> None:
+    def _check_sample_args(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> int:
+        """Checks a sample call's arguments; returns num_samples as a Python int."""
         self._require_built()
         check_tensor("query", query, dims=(2,))
         num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         check_generator(generator)
+        return num_samples
 
     def _check_ids(self, query: Tensor, ids: Tensor) -> None:
         from .._validation import check_class_ids

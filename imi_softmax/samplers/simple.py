@@ -17,7 +17,7 @@ class UniformSampler(Sampler):
         self.num_classes = check_positive_int("num_classes", num_classes)
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        self._check_sample_args(query, num_samples, generator)
+        num_samples = self._check_sample_args(query, num_samples, generator)
         shape = (query.shape[0], num_samples)
         ids = torch.randint(0, self.num_classes, shape, generator=generator, device=query.device)
         # float32 whatever torch's default dtype is (the Sampler contract)
@@ -54,7 +54,7 @@ class UnigramSampler(Sampler):
         return self
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        self._check_sample_args(query, num_samples, generator)
+        num_samples = self._check_sample_args(query, num_samples, generator)
         log_p = self._log_p.to(query.device)
         b = query.shape[0]
         if b * num_samples == 0:  # multinomial refuses to draw 0 samples
@@ -126,7 +126,7 @@ class ExactSampler(Sampler):
         return log_p
 
     def sample(self, query: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        self._check_sample_args(query, num_samples, generator)
+        num_samples = self._check_sample_args(query, num_samples, generator)
         self._check_query(query)
         if query.shape[0] * num_samples == 0:  # multinomial refuses to draw 0 samples
             return self._empty_draw(query, num_samples)
