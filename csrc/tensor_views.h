@@ -357,6 +357,14 @@ inline SampleCall midx_sample_call(const at::Tensor& s1, int64_t M, const at::Te
 // code1 / code2 int32 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and
 // beta (undefined when absent). Code values are checked by the backends (in the counting loop on
 // CPU, one min/max read on CUDA).
+// A bias snapshot (beta, new_beta) must be finite: one NaN or Inf makes its cell's log-sum-exp NaN,
+// and every draw and log Q read from that cell's mass would be NaN without an error. One O(n) pass
+// (and, on CUDA, one host read) per build or update.
+inline void check_finite_beta(const char* op, const char* name, const at::Tensor& beta) {
+  TORCH_CHECK(beta.numel() == 0 || at::isfinite(beta).all().item<bool>(), op, ": ", name,
+              " holds NaN or Inf (the bias snapshot must be finite): check the bias for NaN / Inf before building");
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const at::Tensor& code1,
                                                                          const at::Tensor& code2,
                                                                          const std::optional<at::Tensor>& beta,
@@ -368,6 +376,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const a
               "build_cells: code1 and code2 must be int32 (the index's codes are int32), got ", code1.scalar_type(),
               " and ", code2.scalar_type(), ": convert them with .to(torch.int32)");
   check_index_classes("build_cells", code1.numel());
+  TORCH_CHECK(code1.numel() > 0, "build_cells: an index needs at least one class, got code1 and code2 of length 0");
   const bool has_beta = beta.has_value() && beta->defined();
   check_same_device("build_cells", {named("code1", code1), named("code2", code2), named("beta", beta)});
   at::Tensor b;
@@ -375,6 +384,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const a
     TORCH_CHECK(beta->dim() == 1 && beta->size(0) == code1.size(0) && beta->scalar_type() == at::kFloat,
                 "build_cells: beta must be float32 [N]");
     b = beta->contiguous();
+    check_finite_beta("build_cells", "beta", b);
   }
   return {code1.contiguous(), code2.contiguous(), b};
 }
@@ -427,6 +437,7 @@ inline bool update_cells_inputs(const char* op, int64_t K, const at::Tensor& off
                     new_beta->is_contiguous(),
                 op, ": new_beta must be contiguous float32 [C] = [", C, "] like changed, got ",
                 new_beta->scalar_type(), " ", new_beta->sizes());
+  if (has_beta) check_finite_beta(op, "new_beta", *new_beta);
   return has_beta;
 }
 

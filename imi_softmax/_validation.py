@@ -46,6 +46,18 @@ def _as_int(name: str, value) -> int:
     raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
 
 
+def check_flag(name: str, value) -> bool:
+    """value as a Python bool: a bool, a numpy bool or a one-element bool tensor. A string is refused:
+    ``bias='False'`` (from a config file or the command line) is truthy and would silently turn the
+    option on; so are ints (a size or a count passed in the wrong place) and anything else."""
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool and value.numel() == 1:
+            return bool(value)
+    elif isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} ({value!r})")
+
+
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     value = _as_int(name, value)
     if value < minimum:

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._ops import acc_dtype, ops
-from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
+from ._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
                           check_log_q, check_same_device, check_samples, check_tensor)
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -50,6 +50,8 @@ def sampled_softmax_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_ignore_index(ignore_index)  # a bool is refused: ignore_index=True would skip every target 1
+    remove_accidental_hits = check_flag("remove_accidental_hits", remove_accidental_hits)
+    sparse_grad = check_flag("sparse_grad", sparse_grad)
     check_same_device(x=x, weight=weight, bias=bias, target=target, sample_ids=sample_ids,
                       sample_log_q=sample_log_q, target_log_q=target_log_q)
     check_class_ids("target", target, n, ignore_index=ignore_index)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._ddp import head_params_managed_by_active_ddp
 from ._serial_glue import serial_glue
-from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_generator, check_head_input,
+from ._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_generator, check_head_input,
                           check_ignore_index, check_positive_int, check_tensor)
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_multilabel_loss, chunked_topk
 from .functional import _sampled_softmax_loss
@@ -120,8 +120,9 @@ class IMISoftmax(nn.Module):
         self.num_samples = check_positive_int("num_samples", num_samples, minimum=0)
         self.refresh_every = refresh_every
         num_codewords = check_positive_int("num_codewords", num_codewords)
-        self.remove_accidental_hits = bool(remove_accidental_hits)
-        self.sparse_grad = bool(sparse_grad)
+        self.remove_accidental_hits = check_flag("remove_accidental_hits", remove_accidental_hits)
+        self.sparse_grad = check_flag("sparse_grad", sparse_grad)
+        bias = check_flag("bias", bias)
         self.ignore_index = ignore_index
         self.full_refresh_every = full_refresh_every
         self.eval_chunk_size = eval_chunk_size

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._ops import acc_dtype, ops
 from ._targets import csr_to_padded
-from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
+from ._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
                           check_log_q, check_same_device, check_samples, check_tensor)
 
 MultiLabelTarget = Union[Tensor, Tuple[Tensor, Tensor]]
@@ -119,6 +119,8 @@ def multilabel_sampled_softmax_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_ignore_index(ignore_index)
+    remove_accidental_hits = check_flag("remove_accidental_hits", remove_accidental_hits)
+    sparse_grad = check_flag("sparse_grad", sparse_grad)
     batch_shape = x.shape[:-1]
     check_samples(sample_ids, sample_log_q, batch_shape)
     positives = padded_positives(target, batch_shape, n, ignore_index)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_positive_int, check_tensor
+from ._validation import FLOAT_DTYPES, check_class_ids, check_finite, check_flag, check_positive_int, check_tensor
 from .functional import sampled_softmax_loss
 from .samplers import MIDXSampler
 
@@ -164,8 +164,7 @@ class StaleEmbeddingIndex(nn.Module):
     def __init__(self, sampler: MIDXSampler, refresh_every: int, corrector: Optional[EmbeddingCorrector] = None,
                  correct_every: int = 10, reset_on_refresh: bool = False):
         super().__init__()
-        if not isinstance(reset_on_refresh, bool):
-            raise TypeError(f"reset_on_refresh must be a bool, got {type(reset_on_refresh).__name__}")
+        reset_on_refresh = check_flag("reset_on_refresh", reset_on_refresh)
         self.reset_on_refresh = reset_on_refresh
         if not hasattr(sampler, "build") or not hasattr(sampler, "sample"):
             raise TypeError(f"sampler must be a Sampler with build/sample/log_prob (e.g. MIDXSampler()), "

@@ -307,3 +307,45 @@ def test_exact_sampler_checks_its_inputs():
     masked[3] = float("-inf")  # a -inf bias masks a class: still a valid proposal
     ids, _ = ExactSampler().build(torch.randn(10, 8), masked).sample(torch.randn(5, 8), 40)
     assert not bool((ids == 3).any())
+
+
+@pytest.mark.parametrize("flag", ["bias", "remove_accidental_hits", "sparse_grad"])
+@pytest.mark.parametrize("bad", ["False", "no", "", None, 0.5, 0, 1, [True]])
+def test_flags_refuse_values_that_are_not_plain_booleans(flag, bad):
+    """bias='False' (from a config file or the command line) is truthy: it would silently turn the
+    option on. A flag takes a bool (numpy's too) or a one-element bool tensor, as copy_vectors did."""
+    with pytest.raises(TypeError, match=rf"{flag} must be a bool \(True or False\), got {type(bad).__name__}"):
+        IMISoftmax(8, 50, num_samples=4, **{flag: bad})
+
+
+def test_flags_accept_bools_of_every_kind():
+    import numpy as np
+    for off in (False, np.False_, torch.tensor(False)):
+        head = IMISoftmax(8, 50, num_samples=4, bias=off, remove_accidental_hits=off, sparse_grad=off)
+        assert head.bias is None and head.remove_accidental_hits is False and head.sparse_grad is False
+    for on in (True, np.True_, torch.tensor([True])):
+        head = IMISoftmax(8, 50, num_samples=4, bias=on, remove_accidental_hits=on, sparse_grad=on)
+        assert head.bias is not None and head.remove_accidental_hits is True and head.sparse_grad is True
+
+
+def test_every_loss_sampler_and_head_refuses_a_string_flag():
+    from imi_softmax import ShardedIMISoftmax
+    from imi_softmax.functional import sampled_softmax_loss
+    from imi_softmax.data import ClusteredBatchSampler
+    from imi_softmax.multilabel import multilabel_sampled_softmax_loss
+    x, w = torch.randn(3, 4), torch.randn(10, 4)
+    y, ids, lq = torch.tensor([1, 2, 3]), torch.randint(0, 10, (3, 5)), torch.zeros(3, 5)
+    for flag in ("remove_accidental_hits", "sparse_grad"):
+        with pytest.raises(TypeError, match=rf"{flag} must be a bool .*got str \('False'\)"):
+            sampled_softmax_loss(x, w, None, y, ids, lq, torch.zeros(3), **{flag: "False"})
+        with pytest.raises(TypeError, match=rf"{flag} must be a bool .*got str"):
+            multilabel_sampled_softmax_loss(x, w, None, torch.tensor([[1, 2], [3, -100], [4, 5]]), ids, lq,
+                                            torch.zeros(3, 2), **{flag: "False"})
+        with pytest.raises(TypeError, match=rf"{flag} must be a bool .*got str"):
+            ShardedIMISoftmax(4, 10, **{flag: "False"})
+    with pytest.raises(TypeError, match=r"bias must be a bool .*got str"):
+        ShardedIMISoftmax(4, 10, bias="False")
+    with pytest.raises(TypeError, match=r"copy_vectors must be a bool .*got str"):
+        MIDXSampler(4).build(torch.randn(20, 8), copy_vectors="False")
+    with pytest.raises(TypeError, match=r"drop_last must be a bool .*got str"):
+        ClusteredBatchSampler(torch.randn(20, 4), batch_size=4, drop_last="False")

@@ -134,6 +134,12 @@ def _cell_log_mass_and_alias(beta_cell: np.ndarray, begin: int):
     return m + np.float32(math.log(total)), prob, [begin + a for a in alias]
 
 
+def _check_finite_beta(op: str, name: str, beta: Tensor) -> None:
+    """check_finite_beta (csrc/tensor_views.h)."""
+    check(bool(torch.isfinite(beta).all()), f"{op}: {name} holds NaN or Inf (the bias snapshot must be finite): "
+          "check the bias for NaN / Inf before building")
+
+
 def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewords: int):
     """(offsets [K*K+1], class_ids [N], alias_prob, alias_pos, beta_csr ([N] with beta, else [0]),
     log_n [K, K], cell_mass [K, K], log_n_max [1]); see the schema in csrc/ops.cpp."""
@@ -145,12 +151,14 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
           f"build_cells: code1 and code2 must be int32 (the index's codes are int32), got {code1.dtype} and "
           f"{code2.dtype}: convert them with .to(torch.int32)")
     check_index_classes("build_cells", code1.numel())
+    check(code1.numel() > 0, "build_cells: an index needs at least one class, got code1 and code2 of length 0")
     check_same_device("build_cells", code1=code1, code2=code2, beta=beta)
     n = code1.shape[0]
     has_beta = beta is not None
     if has_beta:
         check(beta.dim() == 1 and beta.shape[0] == n and beta.dtype == torch.float32,
               "build_cells: beta must be float32 [N]")
+        _check_finite_beta("build_cells", "beta", beta)
     bad = ~(in_range(code1, K) & in_range(code2, K))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -241,6 +249,7 @@ def _check_update_inputs(op: str, K: int, offsets: Tensor, class_ids: Tensor, al
               and contiguous(new_beta),
               f"{op}: new_beta must be contiguous float32 [C] = [{c}] like changed, got {new_beta.dtype} "
               f"{list(new_beta.shape)}")
+        _check_finite_beta(op, "new_beta", new_beta)
     return has_beta
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from .._validation import check_finite, check_positive_int, check_tensor
+from .._validation import check_finite, check_flag, check_positive_int, check_tensor
 from ..kmeans import assign, kmeans
 
 __all__ = ["ClusteredBatchSampler"]
@@ -59,7 +59,7 @@ class ClusteredBatchSampler(Sampler[List[int]]):
             raise ValueError(f"random_fraction must be in [0, 1] (the fraction of random batches), got {random_fraction}")
         self.random_fraction = float(random_fraction)
         self.refresh_every = check_positive_int("refresh_every", refresh_every, minimum=0)
-        self.drop_last = bool(drop_last)
+        self.drop_last = check_flag("drop_last", drop_last)
         self.kmeans_iters = check_positive_int("kmeans_iters", kmeans_iters, minimum=0)
         self.seed = check_positive_int("seed", seed, minimum=0)
         emb = self._embeddings()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ddp import head_params_managed_by_active_ddp
-from .._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_ignore_index,
+from .._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_ignore_index,
                            check_positive_int, check_tensor)
 from ..samplers import Sampler
 from ..samplers.base import no_autocast
@@ -96,8 +96,9 @@ class ShardedIMISoftmax(nn.Module):
         self.init_seed = check_positive_int("init_seed", init_seed, minimum=0)
         self.grad_reduction = grad_reduction
         self.eval_chunk_size = eval_chunk_size
-        self.remove_accidental_hits = bool(remove_accidental_hits)
-        self.sparse_grad = bool(sparse_grad)
+        self.remove_accidental_hits = check_flag("remove_accidental_hits", remove_accidental_hits)
+        self.sparse_grad = check_flag("sparse_grad", sparse_grad)
+        bias = check_flag("bias", bias)
         self.ignore_index = ignore_index
         self.process_group, self.world_size, self.rank = resolve_group(process_group)
         self.shard_bounds = shard_bounds(num_classes, self.world_size, shard_sizes)

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._ops import ops
 from .._serial_glue import serial_glue
 from .._fallback._checks import MAX_CODEWORDS
-from .._validation import (FLOAT_DTYPES, _compiling, check_class_ids, check_finite, check_fp32_range, check_generator,
+from .._validation import (check_flag, FLOAT_DTYPES, _compiling, check_class_ids, check_finite, check_fp32_range, check_generator,
                            check_positive_int, check_tensor)
 from ..kmeans import assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
@@ -242,8 +242,7 @@ class MIDXSampler(Sampler):
         codewords out of range), the sampler is left without an index: the next call raises "no
         index yet" and an IMISoftmax head rebuilds fully at its next refresh. Bad input (shapes,
         NaN/Inf, overflowing rows) is refused before, with the old index kept."""
-        if not isinstance(copy_vectors, bool):
-            raise TypeError(f"copy_vectors must be a bool, got {type(copy_vectors).__name__}")
+        copy_vectors = check_flag("copy_vectors", copy_vectors)
         check_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
         n, d = weight.shape
         if n < 1:
