@@ -354,9 +354,6 @@ inline SampleCall midx_sample_call(const at::Tensor& s1, int64_t M, const at::Te
 
 // ---- build_cells / assign_codewords ------------------------------------------------------------
 
-// code1 / code2 int32 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and
-// beta (undefined when absent). Code values are checked by the backends (in the counting loop on
-// CPU, one min/max read on CUDA).
 // A bias snapshot (beta, new_beta) must be finite: one NaN or Inf makes its cell's log-sum-exp NaN,
 // and every draw and log Q read from that cell's mass would be NaN without an error. One O(n) pass
 // (and, on CUDA, one host read) per build or update.
@@ -365,6 +362,9 @@ inline void check_finite_beta(const char* op, const char* name, const at::Tensor
               " holds NaN or Inf (the bias snapshot must be finite): check the bias for NaN / Inf before building");
 }
 
+// code1 / code2 int32 [N], beta float32 [N] or absent, K in range. Returns the contiguous codes and
+// beta (undefined when absent). Code values are checked by the backends (in the counting loop on
+// CPU, one min/max read on CUDA).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> build_cells_inputs(const at::Tensor& code1,
                                                                          const at::Tensor& code2,
                                                                          const std::optional<at::Tensor>& beta,

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._ops import acc_dtype, ops
-from ._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_flag, check_ignore_index, check_linear_inputs,
                           check_log_q, check_same_device, check_samples, check_tensor)
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._ddp import head_params_managed_by_active_ddp
 from ._serial_glue import serial_glue
-from ._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_generator, check_head_input,
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_flag, check_generator, check_head_input,
                           check_ignore_index, check_positive_int, check_tensor)
 from .chunked import auto_chunk_size, chunked_cross_entropy, chunked_multilabel_loss, chunked_topk
 from .functional import _sampled_softmax_loss

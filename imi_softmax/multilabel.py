@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._ops import acc_dtype, ops
 from ._targets import csr_to_padded
-from ._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_ignore_index, check_linear_inputs,
+from ._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_flag, check_ignore_index, check_linear_inputs,
                           check_log_q, check_same_device, check_samples, check_tensor)
 
 MultiLabelTarget = Union[Tensor, Tuple[Tensor, Tensor]]

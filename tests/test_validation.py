@@ -330,14 +330,13 @@ def test_flags_accept_bools_of_every_kind():
 
 def test_every_loss_sampler_and_head_refuses_a_string_flag():
     from imi_softmax import ShardedIMISoftmax
-    from imi_softmax.functional import sampled_softmax_loss
     from imi_softmax.data import ClusteredBatchSampler
     from imi_softmax.multilabel import multilabel_sampled_softmax_loss
     x, w = torch.randn(3, 4), torch.randn(10, 4)
     y, ids, lq = torch.tensor([1, 2, 3]), torch.randint(0, 10, (3, 5)), torch.zeros(3, 5)
     for flag in ("remove_accidental_hits", "sparse_grad"):
         with pytest.raises(TypeError, match=rf"{flag} must be a bool .*got str \('False'\)"):
-            sampled_softmax_loss(x, w, None, y, ids, lq, torch.zeros(3), **{flag: "False"})
+            IF.sampled_softmax_loss(x, w, None, y, ids, lq, torch.zeros(3), **{flag: "False"})
         with pytest.raises(TypeError, match=rf"{flag} must be a bool .*got str"):
             multilabel_sampled_softmax_loss(x, w, None, torch.tensor([[1, 2], [3, -100], [4, 5]]), ids, lq,
                                             torch.zeros(3, 2), **{flag: "False"})

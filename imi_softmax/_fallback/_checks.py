@@ -81,6 +81,12 @@ def in_range(ids: Tensor, n: int) -> Tensor:
 
 # ---- the MIDX index ------------------------------------------------------------------------------
 
+def check_finite_beta(op: str, name: str, beta: Tensor) -> None:
+    """check_finite_beta (csrc/tensor_views.h): a NaN / Inf bias snapshot would give NaN cell masses."""
+    check(bool(torch.isfinite(beta).all()), f"{op}: {name} holds NaN or Inf (the bias snapshot must be finite): "
+          "check the bias for NaN / Inf before building")
+
+
 def check_num_codewords(op: str, K: int) -> None:
     # Capped far below where K*K overflows: the sampling ops hold two K*K float tables per thread.
     check(1 <= K <= MAX_CODEWORDS, f"{op}: num_codewords (K, the width of s1/s2) must lie in [1, {MAX_CODEWORDS}], "

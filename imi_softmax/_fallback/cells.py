@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import (check, check_cell_masses, check_codes, check_index_classes, check_no_bad_position,
+from ._checks import (check, check_cell_masses, check_codes, check_finite_beta, check_index_classes, check_no_bad_position,
                       check_no_shared_memory, check_num_codewords, check_same_device, check_sampling_tables,
                       contiguous, in_range, present)
 
@@ -134,12 +134,6 @@ def _cell_log_mass_and_alias(beta_cell: np.ndarray, begin: int):
     return m + np.float32(math.log(total)), prob, [begin + a for a in alias]
 
 
-def _check_finite_beta(op: str, name: str, beta: Tensor) -> None:
-    """check_finite_beta (csrc/tensor_views.h)."""
-    check(bool(torch.isfinite(beta).all()), f"{op}: {name} holds NaN or Inf (the bias snapshot must be finite): "
-          "check the bias for NaN / Inf before building")
-
-
 def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewords: int):
     """(offsets [K*K+1], class_ids [N], alias_prob, alias_pos, beta_csr ([N] with beta, else [0]),
     log_n [K, K], cell_mass [K, K], log_n_max [1]); see the schema in csrc/ops.cpp."""
@@ -158,7 +152,7 @@ def build_cells(code1: Tensor, code2: Tensor, beta: Optional[Tensor], num_codewo
     if has_beta:
         check(beta.dim() == 1 and beta.shape[0] == n and beta.dtype == torch.float32,
               "build_cells: beta must be float32 [N]")
-        _check_finite_beta("build_cells", "beta", beta)
+        check_finite_beta("build_cells", "beta", beta)
     bad = ~(in_range(code1, K) & in_range(code2, K))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -249,7 +243,7 @@ def _check_update_inputs(op: str, K: int, offsets: Tensor, class_ids: Tensor, al
               and contiguous(new_beta),
               f"{op}: new_beta must be contiguous float32 [C] = [{c}] like changed, got {new_beta.dtype} "
               f"{list(new_beta.shape)}")
-        _check_finite_beta(op, "new_beta", new_beta)
+        check_finite_beta(op, "new_beta", new_beta)
     return has_beta
 
 

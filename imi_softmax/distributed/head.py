@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ddp import head_params_managed_by_active_ddp
-from .._validation import (check_flag, FLOAT_DTYPES, check_class_ids, check_finite, check_head_input, check_ignore_index,
+from .._validation import (FLOAT_DTYPES, check_class_ids, check_finite, check_flag, check_head_input, check_ignore_index,
                            check_positive_int, check_tensor)
 from ..samplers import Sampler
 from ..samplers.base import no_autocast

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._ops import ops
 from .._serial_glue import serial_glue
 from .._fallback._checks import MAX_CODEWORDS
-from .._validation import (check_flag, FLOAT_DTYPES, _compiling, check_class_ids, check_finite, check_fp32_range, check_generator,
+from .._validation import (FLOAT_DTYPES, _compiling, check_class_ids, check_finite, check_flag, check_fp32_range, check_generator,
                            check_positive_int, check_tensor)
 from ..kmeans import assign_chunked, assign_residual, kmeans
 from .base import Sampler, no_autocast
