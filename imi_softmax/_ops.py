@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._differentiable_once import differentiable_once, keep_anchors
 from ._loader import load_library
 from ._serial_glue import with_serial_glue
 
@@ -185,6 +186,7 @@ def _save_flags(ctx, inputs):
 
 
 def _setup_context(ctx, inputs, output):
+    keep_anchors(ctx, *inputs[:3])  # x, weight, bias
     x, weight, bias, ids, log_q = inputs[:5]
     _, lse = output
     ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
@@ -192,6 +194,7 @@ def _setup_context(ctx, inputs, output):
     _mark_constant_outputs(ctx, lse)
 
 
+@differentiable_once("sampled_softmax_loss")
 def _backward(ctx, grad_loss: Tensor, _grad_lse):
     x, weight, bias, ids, log_q, lse = ctx.saved_tensors
     if grad_loss is None:
@@ -210,6 +213,7 @@ torch.library.register_autograd(
 
 def _train_setup_context(ctx, inputs, output):
     # The weight is not saved: the forward already took everything the backward needs from it.
+    keep_anchors(ctx, *inputs[:3])  # x, weight, bias
     x, ids = inputs[0], inputs[3]
     _, lse, coef, grad_x = output
     ctx.save_for_backward(x, ids, coef, grad_x)
@@ -218,14 +222,9 @@ def _train_setup_context(ctx, inputs, output):
 
 
 @with_serial_glue  # O(B * M) scaling around the weight-gradient kernel (imi_softmax/_serial_glue.py)
+@differentiable_once("sampled_softmax_loss")  # coef and grad_x are constants here
 def _train_backward(ctx, grad_loss: Tensor, _grad_lse, _grad_coef, _grad_x):
     x, ids, coef, grad_x = ctx.saved_tensors
-    if grad_loss is not None and grad_loss.requires_grad:
-        # coef and grad_x are constants here: a graph through this backward would miss their
-        # dependence on x, W and b and give silently wrong second derivatives.
-        raise RuntimeError("sampled_softmax_loss does not support double backward (create_graph=True "
-                           "through the loss): differentiate the loss once, or use the full softmax "
-                           "(F.cross_entropy) for higher-order gradients")
     if grad_loss is None:
         grad_loss = torch.zeros(x.shape[0], dtype=coef.dtype, device=x.device)
     # Ignored rows get exactly zero, as the backward op gives them, even where grad_loss is not
@@ -263,6 +262,7 @@ def _multilabel_backward_fake(grad_loss, x, weight, bias, ids, log_q, lse, num_p
 
 
 def _multilabel_setup_context(ctx, inputs, output):
+    keep_anchors(ctx, *inputs[:3])  # x, weight, bias
     x, weight, bias, ids, log_q, num_positives, remove_accidental_hits, sparse_grad = inputs
     _, lse = output
     ctx.save_for_backward(x, weight, bias, ids, log_q, lse)
@@ -272,6 +272,7 @@ def _multilabel_setup_context(ctx, inputs, output):
     _mark_constant_outputs(ctx, lse)
 
 
+@differentiable_once("the multi-label sampled softmax loss")
 def _multilabel_backward(ctx, grad_loss: Tensor, _grad_lse):
     x, weight, bias, ids, log_q, lse = ctx.saved_tensors
     if grad_loss is None:
@@ -289,6 +290,7 @@ torch.library.register_autograd(
 
 def _multilabel_train_setup_context(ctx, inputs, output):
     # The weight is not saved: the forward already took everything the backward needs from it.
+    keep_anchors(ctx, *inputs[:3])  # x, weight, bias
     x, weight, bias, ids, log_q, pos_weight, num_positives, remove_accidental_hits, sparse_grad = inputs
     _, coef, grad_x = output
     ctx.save_for_backward(x, ids, coef, grad_x)
@@ -298,12 +300,9 @@ def _multilabel_train_setup_context(ctx, inputs, output):
 
 
 @with_serial_glue  # as _train_backward
+@differentiable_once("the multi-label sampled softmax loss")
 def _multilabel_train_backward(ctx, grad_row_loss: Tensor, _grad_coef, _grad_x):
     x, ids, coef, grad_x = ctx.saved_tensors
-    if grad_row_loss is not None and grad_row_loss.requires_grad:
-        # as _train_backward: coef and grad_x are constants of this graph
-        raise RuntimeError("the multi-label sampled softmax loss does not support double backward "
-                           "(create_graph=True through the loss): differentiate the loss once")
     if grad_row_loss is None:
         grad_row_loss = torch.zeros(x.shape[0], dtype=coef.dtype, device=x.device)
     # A row without positives gets exactly zero, as the backward op gives it, even where its grad is

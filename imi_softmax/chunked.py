@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._differentiable_once import differentiable_once, keep_anchors
 from .samplers.base import no_autocast
 
 # A [B, chunk] float32 logit block of about 32 MiB when the chunk size is chosen automatically.
@@ -98,11 +99,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         count = valid.sum()
         loss = torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum() / count.to(acc)
         ctx.save_for_backward(x, weight, bias, target, lse, count)
+        keep_anchors(ctx, x, weight, bias)
         ctx.ignore_index, ctx.chunk, ctx.lin = ignore_index, chunk, lin
         return loss.to(torch.float32) if acc == torch.float32 else loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once("chunked_cross_entropy")
     def backward(ctx, grad_loss: Tensor):
         x, weight, bias, target, lse, count = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -183,11 +185,12 @@ class _ChunkedNegativeLogSumExp(torch.autograd.Function):
             run_max = new_max
         lse = run_max + torch.log(run_sum)  # -inf + log 0 = -inf for a row with no negative class
         ctx.save_for_backward(x, weight, bias, positives, lse)
+        keep_anchors(ctx, x, weight, bias)
         ctx.chunk, ctx.lin = chunk, lin
         return lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once("chunked_multilabel_loss")
     def backward(ctx, grad_lse: Tensor):
         x, weight, bias, positives, lse = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

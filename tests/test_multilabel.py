@@ -267,18 +267,6 @@ def test_loss_takes_the_training_op_only_when_a_gradient_is_needed(monkeypatch, 
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_train_op_double_backward_raises():
-    """As the single-label training op: the saved coefficients are constants of the backward, so a
-    second derivative through them is an error, never a silently wrong (zero) answer."""
-    x, w, b, target, ids, log_q, tlq, _ = make_case()
-    loss = IF.multilabel_sampled_softmax_loss(x, w, b, target, ids, log_q, tlq, ignore_index=PAD)
-    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
-    assert gx.grad_fn is None
-    v = torch.ones((), dtype=loss.dtype, requires_grad=True)
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.autograd.grad(loss * v, x, create_graph=True)
-
-
 @pytest.mark.skipif(USING_FALLBACK, reason="the compiled library is not loaded: nothing to compare with")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -105,19 +105,7 @@ def test_training_forward_only_when_a_gradient_is_needed(device, monkeypatch):
     assert torch.equal(a, c) and not a.requires_grad and d.requires_grad and e.requires_grad
 
 
-def test_double_backward_raises_instead_of_a_wrong_answer(device):
-    """The saved coefficients are constants of the backward: a second derivative through them would
-    miss their dependence on x, W and b, so it is an error, never a silent zero."""
-    x, w, b, t, ids, lq, tlq = make_inputs(device=device)
-    loss = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq)
-    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
-    assert gx.grad_fn is None
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        torch.autograd.grad(gx.sum(), w)
-    rows = IF.sampled_softmax_loss(x, w, b, t, ids, lq, tlq, reduction="none")
-    v = torch.ones_like(rows, requires_grad=True)
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.autograd.grad(rows, x, grad_outputs=v, create_graph=True)
+# double backward (an error wherever a gradient is differentiated again): tests/test_double_backward.py
 
 
 # opcheck of every op (this one included): tests/test_opcheck.py

@@ -233,6 +233,10 @@ def _case_errors(rank, world, group):
 
         out["inside_ddp"] = _catch(lambda: DDP(Model(), process_group=group)(x, t))
     out["after_one_bad_draw"] = float(head(x, t))
+    # a gradient taken with create_graph=True is tied to a node that refuses a second derivative
+    xg = torch.randn(3, D, requires_grad=True)
+    (gx,) = torch.autograd.grad(head(xg, torch.tensor([0, 1, 2])), xg, create_graph=True)
+    out["double_backward"] = _catch(lambda: (xg.square().sum() + gx.square().sum()).backward())
     return out
 
 
@@ -466,6 +470,8 @@ def test_bad_input_gets_clear_errors_on_every_rank(pool, world):
         else:
             assert res["one_bad_draw"].startswith("RuntimeError") and "another rank" in res["one_bad_draw"]
         assert math.isfinite(res["after_one_bad_draw"])
+        assert res["double_backward"].startswith("RuntimeError") and "ShardedIMISoftmax's loss does not support " \
+            "double backward" in res["double_backward"]
         if world > 1:
             assert res["inside_ddp"].startswith("RuntimeError") and "Wrap only the body" in res["inside_ddp"]
     for r in range(2, POOL):

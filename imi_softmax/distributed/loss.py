@@ -39,6 +39,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._differentiable_once import differentiable_once, keep_anchors
 from .._ops import acc_dtype, ops
 from .collectives import Collectives
 
@@ -149,10 +150,12 @@ class ShardedSampledSoftmax(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.weight_shape, ctx.weight_dtype, ctx.x_dtype = weight.shape, weight.dtype, x.dtype
         ctx.save_for_backward(w, ids, u, lse, own)
+        keep_anchors(ctx, x, weight, bias)
         start = comm.rank * batch.rows_per_rank
         return rows[start:start + batch.local_rows].to(x.dtype)
 
     @staticmethod
+    @differentiable_once("ShardedIMISoftmax's loss")
     def backward(ctx, grad_rows: Tensor):
         w, ids, u, lse, own = ctx.saved_tensors
         comm, batch = ctx.comm, ctx.batch
