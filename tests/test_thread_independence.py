@@ -33,7 +33,9 @@ def _run_all(s, w, b):
     dense_w, dense_b = ops.dense_weight_grad(coef, all_ids, x, n)
     uniq, rows, bias_rows = ops.sparse_weight_grad(coef, all_ids, x, n)
     cells = ops.build_cells(s.code1, s.code2, s.beta, s.num_codewords)
-    return [*cells, ids, log_q, tlq, lp, loss, lse, grad_x, coef, dense_w, dense_b, uniq, rows, bias_rows]
+    found = [t for rerank in ("query", "cell")
+             for t in ops.midx_search(x, w, b, s1, s2, s.offsets, s.class_ids, 10, 500, rerank)]
+    return [*cells, ids, log_q, tlq, lp, loss, lse, grad_x, coef, dense_w, dense_b, uniq, rows, bias_rows, *found]
 
 
 def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
@@ -42,7 +44,7 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
     threads(1)
     s = MIDXSampler(num_codewords=32).build(w, b)
     reference = _run_all(s, w, b)
-    assert len(reference[-3]) > 100  # many touched classes: many weight-grad chunks
+    assert len(reference[-7]) > 100  # many touched classes: many weight-grad chunks
     for count in (2, 4, 2):
         threads(count)
         for got, want in zip(_run_all(s, w, b), reference):

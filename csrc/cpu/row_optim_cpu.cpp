@@ -1,17 +1,19 @@
 // CPU launchers of the row-sparse optimizer steps (csrc/include/imi_softmax/row_optim.h): parallel
-// over the updated rows, a vectorizable loop over d inside each. Only the rows listed are read or
-// written; nothing of size N is allocated or swept.
+// over the updated rows, handed out in chunks that the threads claim as they come (parallel_chunks.h:
+// a thread another process keeps off its core does not hold up the step with half the rows), a
+// vectorizable loop over d inside each. Only the rows listed are read or written; nothing of size N
+// is allocated or swept.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../tensor_views.h"
 #include "imi_softmax/row_optim.h"
+#include "parallel_chunks.h"
 
 namespace imi_softmax {
 namespace {
 
-// Rows per parallel task: enough elements that a task outweighs its scheduling.
+// Rows per chunk: enough elements that a chunk outweighs its claim.
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
 
 // Storage type of the weight: float32, bfloat16 or float16 (checked before).
@@ -35,7 +37,7 @@ inline void prefetch_row(const T* p, int64_t d) {
 }
 
 // Rows [u0, u1) of one update (rows == nullptr: row u itself). Separate functions rather than the
-// parallel_for lambdas, which would not inherit the optimize attribute.
+// parallel_chunks lambdas, which would not inherit the optimize attribute.
 template <typename w_t>
 IMI_NO_FP_CONTRACT void adam_range(w_t* w, float* m, float* v, const int64_t* rows, const w_t* g, int64_t u0,
                                    int64_t u1, int64_t d, const imi::AdamCoef& c) {
@@ -84,13 +86,17 @@ IMI_NO_FP_CONTRACT void adagrad_range(w_t* w, float* G, const int64_t* rows, con
 template <typename w_t>
 void adam_rows(w_t* w, float* m, float* v, const int64_t* rows, const w_t* g, int64_t U, int64_t d,
                const imi::AdamCoef& c) {
-  at::parallel_for(0, U, row_grain(d), [&](int64_t u0, int64_t u1) { adam_range(w, m, v, rows, g, u0, u1, d, c); });
+  parallel_chunks(U, row_grain(d), [&](ChunkQueue& queue) {
+    for (int64_t u0, u1; queue.next(u0, u1);) adam_range(w, m, v, rows, g, u0, u1, d, c);
+  });
 }
 
 template <typename w_t>
 void adagrad_rows(w_t* w, float* G, const int64_t* rows, const w_t* g, int64_t U, int64_t d,
                   const imi::AdagradCoef& c) {
-  at::parallel_for(0, U, row_grain(d), [&](int64_t u0, int64_t u1) { adagrad_range(w, G, rows, g, u0, u1, d, c); });
+  parallel_chunks(U, row_grain(d), [&](ChunkQueue& queue) {
+    for (int64_t u0, u1; queue.next(u0, u1);) adagrad_range(w, G, rows, g, u0, u1, d, c);
+  });
 }
 
 void row_sparse_adam_cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,

@@ -10,7 +10,6 @@
 // Queries / cells are claimed in small chunks (parallel_chunks.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -248,7 +247,8 @@ void search_cell_major_block(const at::Tensor& query, const at::Tensor& weight, 
   // 4. each query's k best over the threads' heaps
   int64_t* idp = ids.data_ptr<int64_t>() + q0 * k;
   acc_t* vp = scores.data_ptr<acc_t>() + q0 * k;
-  at::parallel_for(0, nq, 64, [&](int64_t b0, int64_t b1) {
+  parallel_chunks(nq, 64, [&](ChunkQueue& queue) {
+    for (int64_t b0, b1; queue.next(b0, b1);)
     for (int64_t b = b0; b < b1; ++b) {
       imi::TopK<acc_t> top{vp + b * k, idp + b * k, k, 0};
       for (const Heaps& h : all)
