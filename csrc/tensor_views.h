@@ -643,6 +643,23 @@ inline SearchRerank parse_search_rerank(const char* op, const std::string& reran
   TORCH_CHECK(false, op, ": rerank must be 'auto', 'query' or 'cell', got '", rerank, "'");
 }
 
+// The error of a query row whose scores s1/s2 are not all finite; MIDXSampler recognizes "hold NaN or
+// Inf" to name the cause (query or overflow).
+inline void fail_scores_not_finite(const char* op, int64_t row) {
+  TORCH_CHECK(false, op, ": the query scores s1/s2 of row ", row, " hold NaN or Inf: the query holds NaN or Inf, ",
+              "or query . codeword overflows float32 (scale the query or the weight down)");
+}
+
+// s1/s2 all finite (one reduction, and a sync on CUDA; the search ops sync anyway). The search ranks
+// the codewords by score: a NaN has no rank, so a rank would stay unfilled (the CUDA walk would read
+// cells through it) and the CPU's sort would be undefined.
+inline void check_finite_scores(const char* op, const at::Tensor& s1, const at::Tensor& s2) {
+  if (s1.numel() == 0) return;
+  const at::Tensor row_ok = at::isfinite(s1).all(1).logical_and_(at::isfinite(s2).all(1));
+  if (row_ok.all().item<bool>()) return;
+  fail_scores_not_finite(op, row_ok.logical_not().nonzero()[0][0].item<int64_t>());
+}
+
 // midx_search_cells' s1/s2 [B, K] and the shape of offsets [K*K+1]; returns K*K.
 inline int64_t check_search_cells_shapes(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& offsets) {
   check_query_scores(s1, s2);
@@ -660,6 +677,7 @@ inline void check_search_cells_inputs(const char* op, const at::Tensor& s1, cons
   TORCH_CHECK(budget >= 1, op, ": budget (candidates to collect per query) must be >= 1, got ", budget);
   check_same_device(op, {named("s1", s1), named("s2", s2), named("offsets", offsets)});
   check_offsets(op, s1.size(1), offsets, n);
+  check_finite_scores(op, s1, s2);
 }
 
 // midx_search: query [B, d] and weight [N, d] of one floating dtype, bias [N] of that dtype or absent,

@@ -12,6 +12,7 @@ from imi_softmax import IMISoftmax, ops
 from imi_softmax import _fallback as fb
 from imi_softmax._loader import USING_FALLBACK
 from imi_softmax.optim import RowWiseAdagrad, SparseAdam
+from conftest import DEVICES
 
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 needs_kernels = pytest.mark.skipif(USING_FALLBACK, reason="the compiled library is not loaded: nothing to compare with")
@@ -336,6 +337,21 @@ def test_no_rows_is_a_no_op(impl):
     lib.row_sparse_adam_(p, m, v, empty, grad, 0.1, 0.9, 0.99, 1e-8, 0.1, 1)
     lib.row_wise_adagrad_(p, s, empty, grad, 0.1, 1e-8, 0.1)
     assert all(torch.equal(a, b) for a, b in zip((p, m, v, s), before))
+
+
+@pytest.mark.parametrize("impl", ["ops", "fallback"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_of_no_columns_are_a_no_op(impl, device):
+    """A weight [N, 0]: nothing to update, and Adagrad's row mean square (0 / 0) must not turn the
+    accumulator into NaN."""
+    lib = ops if impl == "ops" else fb
+    p, m, v = (torch.zeros(6, 0, device=device) for _ in range(3))
+    s = torch.full((6,), 0.5, device=device)
+    rows, grad = torch.tensor([1, 4], device=device), torch.zeros(2, 0, device=device)
+    lib.row_sparse_adam_(p, m, v, rows, grad, 0.1, 0.9, 0.99, 1e-8, 0.1, 1)
+    lib.row_wise_adagrad_(p, s, rows, grad, 0.1, 1e-8, 0.1)
+    lib.row_wise_adagrad_(p, s, None, torch.zeros(6, 0, device=device), 0.1, 1e-8, 0.1)
+    assert torch.equal(s, torch.full((6,), 0.5, device=device))
 
 
 @needs_cuda

@@ -432,6 +432,43 @@ def test_op_checks_what_it_indexes_with():
         ops.midx_search(q, w, b, s1, s2, offsets, class_ids.float(), 5, 50)
 
 
+def _tied_args(device="cpu"):
+    """Op arguments whose rerank scores tie: 40 distinct weight rows, each the row of 10 classes, and
+    a bias of -inf on every tenth class (real candidates that score -inf)."""
+    q, w, b, s1, s2, offsets, class_ids = _op_args()
+    rep = torch.arange(w.shape[0]) % 40
+    w, b = w[rep], b[rep].clone()
+    b[::10] = float("-inf")
+    return [t.to(device) for t in (q, w, b, s1, s2, offsets, class_ids)]
+
+
+def _check_ties_by_id(ids, scores):
+    """Real ids only, each once, equal scores by ascending id."""
+    for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
+        assert all(i >= 0 for i in row_ids)
+        pairs = list(zip(row_scores, row_ids))
+        assert pairs == sorted(pairs, key=lambda p: (-p[0], p[1]))
+        assert len(set(row_ids)) == len(row_ids)
+
+
+@pytest.mark.parametrize("rerank", ["query", "cell"])
+def test_tied_scores_go_to_the_smaller_id(rerank):
+    """budget = N: every class is a candidate, so the result is the exact top-k by (score, then id)
+    against a float64 reference, also where the k-th place falls inside a tie and where candidates
+    score -inf (k = N). Tied classes share a weight row, so they tie in float64 as well."""
+    q, w, b, s1, s2, offsets, class_ids = _tied_args()
+    n = w.shape[0]
+    # one product per distinct row, shared by its classes (the float64 GEMM may round two copies of a
+    # row differently)
+    ref = (q.double() @ w.double().T)[:, torch.arange(n) % 40] + b.double()
+    for k in (25, n):
+        ids, scores = ops.midx_search(q, w, b, s1, s2, offsets, class_ids, k, n, rerank)
+        _check_ties_by_id(ids, scores)
+        for r in range(q.shape[0]):
+            want = sorted(range(n), key=lambda i: (-ref[r, i].item(), i))[:k]
+            assert ids[r].tolist() == want
+
+
 # --- CUDA ---------------------------------------------------------------------------------------
 
 @needs_cuda
@@ -446,6 +483,20 @@ def test_cuda_equals_cpu(dtype, id_dtype):
         assert torch.equal(a[0], c[0].cpu()) and torch.equal(a[1], c[1].cpu())
         ids, scores = ops.midx_search(*cpu, 9, budget)
         gids, gscores = ops.midx_search(*gpu, 9, budget)
+        assert torch.equal(ids, gids.cpu())
+        torch.testing.assert_close(scores, gscores.cpu())
+
+
+@needs_cuda
+def test_cuda_ties_and_minus_inf_scores_equal_cpu():
+    """CUDA picks the k best with stable sorts: ties to the smaller id and real -inf candidates before
+    its padding, as the CPU (torch.topk leaves both open)."""
+    cpu = _tied_args()
+    gpu = [t.cuda() for t in cpu]
+    n = cpu[1].shape[0]
+    for k, budget in ((25, n), (n, n), (9, 120)):
+        ids, scores = ops.midx_search(*cpu, k, budget)
+        gids, gscores = ops.midx_search(*gpu, k, budget)
         assert torch.equal(ids, gids.cpu())
         torch.testing.assert_close(scores, gscores.cpu())
 

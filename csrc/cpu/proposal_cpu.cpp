@@ -37,11 +37,9 @@ bool finite_scores(const float* s1, const float* s2, int64_t K, int64_t b, std::
   return false;
 }
 
-// The message MIDXSampler recognizes ("hold NaN or Inf") to name the cause (query or overflow).
 void check_scores_were_finite(const char* op, const std::atomic<int64_t>& bad_row) {
   const int64_t b = bad_row.load();
-  TORCH_CHECK(b < 0, op, ": the query scores s1/s2 of row ", b, " hold NaN or Inf: the query holds NaN or Inf, ",
-              "or query . codeword overflows float32 (scale the query or the weight down)");
+  if (b >= 0) fail_scores_not_finite(op, b);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_seeded_cpu(

@@ -119,7 +119,7 @@ void row_wise_adagrad_cpu(const at::Tensor& param, const at::Tensor& sum, const 
                           const at::Tensor& grad_in, double lr, double eps, double weight_decay) {
   const RowOptimShape s =
       row_optim_inputs("row_wise_adagrad_", param, {named("sum", sum)}, {param.size(0)}, rows_in, grad_in);
-  if (s.U == 0) return;
+  if (s.U == 0 || s.d == 0) return;  // a row of no columns has no mean square (G would become 0 / 0)
   const imi::AdagradCoef c = imi::make_adagrad_coef(lr, eps, weight_decay);
   dispatch_weight(param.scalar_type(), [&](auto tag) {
     using w_t = decltype(tag);

@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -277,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
   const c10::cuda::CUDAGuard guard(s1_in.device());
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
+  check_finite_scores("midx_sample", s1, s2);  // as the CPU op, which checks in its loop
   const auto log_n_max = log_n_max_in.contiguous();
   const auto offsets = offsets_in.contiguous();
   const auto class_ids = class_ids_in.contiguous();
@@ -377,6 +379,7 @@ at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
   check_ids_and_codes("midx_log_prob", "ids", ids_in, code1, code2, K);
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
+  check_finite_scores("midx_log_prob", s1, s2);
   const auto log_n_max = log_n_max_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto beta = contiguous_opt(beta_in);
@@ -468,10 +471,15 @@ std::tuple<at::Tensor, at::Tensor> midx_search_cuda(const at::Tensor& query_in, 
             cand_ids.data_ptr<int64_t>(), cand_scores.data_ptr<acc_t>(), Cmax, first_bad.data_ptr<int64_t>(),
             stream)));
     });
-    // every query holds >= min(budget, N) >= k candidates: the padding (-inf) is never picked
-    auto best = cand_scores.topk(k, 1, /*largest=*/true, /*sorted=*/true);
-    ids.narrow(0, r0, nb).copy_(cand_ids.gather(1, std::get<1>(best)));
-    scores.narrow(0, r0, nb).copy_(std::get<0>(best));
+    // The k best, ties to the smaller id as on the CPU (topk leaves the order of equal scores open):
+    // candidates by id (the padding, id -1 and score -inf, last), then a stable sort by score. A real
+    // candidate of score -inf (a bias of -inf) thus still comes before the padding.
+    const auto by_id = std::get<1>(
+        cand_ids.masked_fill(cand_ids.lt(0), std::numeric_limits<int64_t>::max()).sort(/*stable=*/true, 1));
+    const auto score_by_id = cand_scores.gather(1, by_id);
+    const auto best = std::get<1>(score_by_id.sort(/*stable=*/true, 1, /*descending=*/true)).narrow(1, 0, k);
+    ids.narrow(0, r0, nb).copy_(cand_ids.gather(1, by_id).gather(1, best));
+    scores.narrow(0, r0, nb).copy_(score_by_id.gather(1, best));
   }
   const int64_t bad = first_bad.item<int64_t>();
   if (bad != IMI_NO_BAD_POSITION)

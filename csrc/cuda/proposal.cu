@@ -158,11 +158,13 @@ inline cudaError_t max_optin_smem(size_t* out) {
   return e;
 }
 
+// Raises the kernel's dynamic shared-memory limit to the device's opt-in maximum (not to this call's
+// size: the attribute is per process, and two threads sampling with different K would otherwise lower
+// it under each other's launch; the limit reserves nothing).
 template <typename Kernel>
-inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+inline cudaError_t allow_smem(Kernel kernel, size_t bytes, size_t optin) {
   if (bytes <= kDefaultSmem) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(optin));
 }
 
 }  // namespace
@@ -179,13 +181,13 @@ cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const 
   const bool table = stage2_mode == 1 ? true : stage2_mode == 2 ? false : table_bytes <= optin;
   if (table) {
     if (table_bytes > optin) return cudaErrorInvalidValue;
-    e = allow_smem(midx_sample_kernel<true>, table_bytes);
+    e = allow_smem(midx_sample_kernel<true>, table_bytes, optin);
     if (e != cudaSuccess) return e;
     midx_sample_kernel<true><<<query_grid(B), kThreads, table_bytes, stream>>>(
         ix, s1, s2, B, M, philox, ids, log_q, targets, L, num_classes, target_log_q);
   } else {
     if (prep_bytes > optin) return cudaErrorInvalidValue;
-    e = allow_smem(midx_sample_kernel<false>, prep_bytes);
+    e = allow_smem(midx_sample_kernel<false>, prep_bytes, optin);
     if (e != cudaSuccess) return e;
     midx_sample_kernel<false><<<query_grid(B), kThreads, prep_bytes, stream>>>(
         ix, s1, s2, B, M, philox, ids, log_q, targets, L, num_classes, target_log_q);
@@ -202,7 +204,7 @@ cudaError_t launch_midx_log_prob(const imi::CellIndex& ix, const float* s1, cons
   if (e != cudaSuccess) return e;
   const size_t bytes = prep_smem_bytes(ix.K);
   if (bytes > optin) return cudaErrorInvalidValue;
-  e = allow_smem(midx_log_prob_kernel, bytes);
+  e = allow_smem(midx_log_prob_kernel, bytes, optin);
   if (e != cudaSuccess) return e;
   midx_log_prob_kernel<<<query_grid(B), kThreads, bytes, stream>>>(ix, s1, s2, B, ids, L, out);
   return cudaGetLastError();

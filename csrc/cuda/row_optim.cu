@@ -50,6 +50,7 @@ __global__ void adagrad_rows_kernel(w_t* __restrict__ w, float* __restrict__ G, 
     sum_sq = warp_sum(sum_sq);
     float Gr = G[r];
     const float mult = imi::adagrad_row(Gr, sum_sq, d, c);  // same value on every lane
+    __syncwarp();  // every lane has read G[r] before lane 0 writes it
     if (lane == 0) G[r] = Gr;
     for (int64_t i = lane; i < d; i += 32)
       w[r * d + i] = imi::round_from_float<w_t>(imi::adagrad_update(to_acc(w[r * d + i]), to_acc(g[u * d + i]), mult, c));

@@ -114,6 +114,16 @@ def check_query_scores(s1: Tensor, s2: Tensor) -> None:
     check_num_codewords("imi_softmax", s1.shape[1])
 
 
+def check_finite_scores(op: str, s1: Tensor, s2: Tensor) -> None:
+    """tensor_views.h check_finite_scores (the sampling kernels check the same in their loop): a row of
+    NaN / Inf scores would give NaN CDFs and meaningless draws, and no rank in the search's visit order."""
+    bad = ~(torch.isfinite(s1).all(1) & torch.isfinite(s2).all(1))
+    if bool(bad.any()):
+        raise RuntimeError(f"{op}: the query scores s1/s2 of row {int(bad.nonzero()[0, 0])} hold NaN or Inf: the "
+                           f"query holds NaN or Inf, or query . codeword overflows float32 (scale the query or the "
+                           f"weight down)")
+
+
 def check_cell_masses(K: int, log_n: Tensor, cell_mass: Tensor, log_n_max: Tensor) -> None:
     check_num_codewords("imi_softmax", K)
     check(log_n.numel() == K * K and cell_mass.numel() == K * K,

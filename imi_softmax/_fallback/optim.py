@@ -99,9 +99,9 @@ def row_sparse_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: O
 def row_wise_adagrad_(param: Tensor, sum: Tensor, rows: Optional[Tensor], grad: Tensor, lr: float, eps: float,
                       weight_decay: float) -> None:
     _check("row_wise_adagrad_", param, [("sum", sum)], (param.shape[0],) if param.dim() >= 1 else (), rows, grad)
-    if rows is not None and rows.numel() == 0:
-        return
     d = param.shape[1] if param.dim() == 2 else 1
+    if (rows is not None and rows.numel() == 0) or d == 0:  # no row, or rows of no columns: nothing to update
+        return
     g = grad.float()
     g64 = g.double()
     sq = g64.mul(g64)  # exact: a float product fits a double

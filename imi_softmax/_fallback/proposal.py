@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import (check_cell_masses, check_class_codes, check_codes, check_cpu_simd_env, check_ids_and_codes,
-                      check_query_scores, check_same_device, check_sampling_tables, present)
+from ._checks import (check_cell_masses, check_class_codes, check_codes, check_cpu_simd_env, check_finite_scores,
+                      check_ids_and_codes, check_query_scores, check_same_device, check_sampling_tables, present)
 from .philox import MASK32, draw_words, slot_and_accept, uniform24
 
 ROW_MASS_FLOOR = 1e-30  # IMI_ROW_MASS_FLOOR: rows below it are recomputed in log space
@@ -152,15 +152,6 @@ _BAD_DRAW = ("midx_sample: a draw reached an empty cell, an alias outside its ce
              "index")
 
 
-def _check_finite_scores(op: str, s1: Tensor, s2: Tensor) -> None:
-    """The kernels' own check: a row of NaN / Inf scores would give NaN CDFs and meaningless draws."""
-    bad = ~(torch.isfinite(s1).all(1) & torch.isfinite(s2).all(1))
-    if bool(bad.any()):
-        raise RuntimeError(f"{op}: the query scores s1/s2 of row {int(bad.nonzero()[0, 0])} hold NaN or Inf: the "
-                           f"query holds NaN or Inf, or query . codeword overflows float32 (scale the query or the "
-                           f"weight down)")
-
-
 def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) -> Tensor:
     """Exact log Q(ids | query) [B, L] float32 from the same preparation as the draws."""
     check_query_scores(s1, s2)
@@ -175,7 +166,7 @@ def midx_log_prob(s1, s2, log_n, cell_mass, log_n_max, beta, code1, code2, ids) 
     check_class_codes("midx_log_prob", beta, code1, code2)
     if s1.device.type == "cpu":
         check_cpu_simd_env()
-    _check_finite_scores("midx_log_prob", s1, s2)
+    check_finite_scores("midx_log_prob", s1, s2)
     log_n_max = log_n_max.reshape(1)
     t1, t2, _, _, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)
     return _class_log_q(t1, t2, beta, code1, code2, ids, log_n_max, log_z)
@@ -215,7 +206,7 @@ def midx_sample_seeded(s1, s2, log_n, cell_mass, log_n_max, offsets, class_ids, 
     if s1.device.type == "cpu":
         check_cpu_simd_env()
     if M > 0 or (targets is not None and targets.shape[1] > 0):
-        _check_finite_scores("midx_sample", s1, s2)
+        check_finite_scores("midx_sample", s1, s2)
     dev = s1.device
     log_n_max = log_n_max.reshape(1)
     t1, t2, cdf1, cdf2, log_z = prepare(s1, s2, log_n.reshape(K, K), cell_mass.reshape(K, K), log_n_max)

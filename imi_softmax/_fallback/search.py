@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import (check, check_no_bad_position, check_offsets, check_query_scores, check_same_device, contiguous,
-                      in_range)
+from ._checks import (check, check_finite_scores, check_no_bad_position, check_offsets, check_query_scores,
+                      check_same_device, contiguous, in_range)
 
 
 def _ranks(s: Tensor) -> Tensor:
@@ -54,6 +54,7 @@ def _check_cells_inputs(op: str, s1: Tensor, s2: Tensor, offsets: Tensor, n: int
     check(budget >= 1, f"{op}: budget (candidates to collect per query) must be >= 1, got {budget}")
     check_same_device(op, s1=s1, s2=s2, offsets=offsets)
     check_offsets(op, s1.shape[1], offsets, n)
+    check_finite_scores(op, s1, s2)
 
 
 def midx_search_cells(s1: Tensor, s2: Tensor, offsets: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
