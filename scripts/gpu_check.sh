@@ -5,13 +5,15 @@
 #
 #     OUT=/some/dir bash scripts/gpu_check.sh
 #
-# Stages, each bounded by its own timeout (defaults add up to 9.5 min: run under a 10 min limit):
+# Stages, each bounded by its own timeout (the defaults add up to 555 s: run under a 600 s limit):
 #   1. the device and the toolchain (nvidia-smi, torch, nvcc);
 #   2. `pip install --no-build-isolation --no-deps -e .` for this GPU's architecture only (quicker
 #      than the default sm_80 + sm_90 + PTX), with IMI_STRICT_BUILD=1: a kernel that does not
 #      compile fails the build instead of leaving a CPU-only library;
 #   3. tests/test_cuda.py, then every device-parametrized test of the suite on its CUDA case;
-#   4. bench/test_bench_ops.py on CUDA (pytest-benchmark, JSON) and bench/sweep.py --quick on CUDA.
+#   4. bench/test_bench_ops.py on CUDA (pytest-benchmark, JSON), and bench/sweep.py on CUDA at the
+#      acceptance point (N = 1M, d = 128, B = 512, M = 256): IMISoftmax dense and sparse against the
+#      full softmax, time per step.
 # A stage that fails or times out is reported and the next one runs. Everything is written to $OUT
 # (default bench/results/gpu): 8 files at most, flat, as the device tool returns them (summary.txt,
 # device.txt, build.log, test_cuda.log, suite_cuda.log, bench.log, bench_ops.json, sweep.csv).
@@ -49,7 +51,7 @@ EOF
   git log -1 --format='commit %h %s' 2>/dev/null || true
 }
 export -f info
-stage device "${INFO_TIMEOUT:-30}" "$OUT/device.txt" bash -c info
+stage device "${INFO_TIMEOUT:-20}" "$OUT/device.txt" bash -c info
 
 export arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))' 2>/dev/null || echo "9.0")
 build() {
@@ -63,19 +65,20 @@ print("imi_softmax with its CUDA kernels loaded from", imi_softmax.__file__)'
 }
 if [ -n "${SKIP_BUILD:-}" ]; then  # a dry run of the other stages against an existing build
   echo "== build skipped (SKIP_BUILD)" | tee -a "$summary"
-elif ! (export -f build; stage build "${BUILD_TIMEOUT:-270}" "$OUT/build.log" bash -c build); then
+elif ! (export -f build; stage build "${BUILD_TIMEOUT:-240}" "$OUT/build.log" bash -c build); then
   echo "the build failed: no test or benchmark can run (build.log)" | tee -a "$summary"
   exit 1
 fi
 
-stage test_cuda "${TEST_TIMEOUT:-120}" "$OUT/test_cuda.log" \
+stage test_cuda "${TEST_TIMEOUT:-100}" "$OUT/test_cuda.log" \
   "$PY" -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider
-stage suite_cuda "${SUITE_TIMEOUT:-90}" "$OUT/suite_cuda.log" \
+stage suite_cuda "${SUITE_TIMEOUT:-70}" "$OUT/suite_cuda.log" \
   "$PY" -m pytest tests -q -rfE -p no:cacheprovider -k cuda --ignore=tests/test_cuda.py
-stage bench_ops "${BENCH_TIMEOUT:-60}" "$OUT/bench.log" \
+stage bench_ops "${BENCH_TIMEOUT:-45}" "$OUT/bench.log" \
   "$PY" -m pytest bench/test_bench_ops.py -q -p no:cacheprovider -k cuda --benchmark-json="$OUT/bench_ops.json"
 sweep_dir=$(mktemp -d)
-stage sweep "${SWEEP_TIMEOUT:-90}" "$OUT/bench.log" \
-  "$PY" bench/sweep.py --quick --device cuda --no-memory --out "$sweep_dir"
+stage sweep "${SWEEP_TIMEOUT:-80}" "$OUT/bench.log" \
+  "$PY" bench/sweep.py --device cuda --no-memory --N 1000000 --M 256 --d 128 --methods imi_dense imi_sparse full \
+  --repeats 5 --max-seconds 10 --out "$sweep_dir"
 cp "$sweep_dir"/sweep_*.csv "$OUT/sweep.csv" 2>/dev/null || true
 echo "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$summary"
