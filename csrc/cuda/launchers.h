@@ -76,6 +76,11 @@ cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const 
                                int64_t* ids, float* log_q, const int64_t* targets, int64_t L,
                                int64_t num_classes, float* target_log_q, cudaStream_t stream);
 
+// The most codewords whose per-query arrays fit in the shared memory a block of the current device
+// may opt into (launch_midx_sample / launch_midx_log_prob refuse more): for a readable error before
+// the launch.
+cudaError_t midx_max_codewords(int64_t* out);
+
 // ids [B, L] -> out [B, L]. Uses ix.beta/code1/code2 (the sampling tables are not read).
 cudaError_t launch_midx_log_prob(const imi::CellIndex& ix, const float* s1, const float* s2,
                                  int64_t B, const int64_t* ids, int64_t L, float* out,

@@ -254,6 +254,16 @@ update_cells_cuda(const at::Tensor& offsets, const at::Tensor& class_ids,
 
 // ---- midx_sample / midx_sample_seeded / midx_log_prob ------------------------------------------
 
+// K codewords fit the sampling kernels' shared memory on this GPU (a readable error instead of the
+// launch's "invalid argument"). The opt-in limit is 227 KiB on an H100 (K <= 11,609), 163 KiB on an
+// A100 (8,332: above kMaxCodewords either way), 99 KiB on sm_86 / sm_89 (5,056).
+void check_codewords_fit(const char* op, int64_t K) {
+  int64_t most = 0;
+  C10_CUDA_CHECK(cuda::midx_max_codewords(&most));
+  TORCH_CHECK(K <= most, op, ": num_codewords K = ", K, " is more than this GPU's shared memory holds for a query's ",
+              "scores (at most ", most, " codewords here): rebuild the index with num_codewords <= ", most);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
     const at::Tensor& s1_in, const at::Tensor& s2_in, const at::Tensor& log_n_in,
     const at::Tensor& cell_mass_in, const at::Tensor& log_n_max_in, const at::Tensor& offsets_in,
@@ -279,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> midx_sample_impl(
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   check_finite_scores("midx_sample", s1, s2);  // as the CPU op, which checks in its loop
+  check_codewords_fit("midx_sample", s1.size(1));
   const auto log_n_max = log_n_max_in.contiguous();
   const auto offsets = offsets_in.contiguous();
   const auto class_ids = class_ids_in.contiguous();
@@ -380,6 +391,7 @@ at::Tensor midx_log_prob_cuda(const at::Tensor& s1_in, const at::Tensor& s2_in,
   const auto s1 = s1_in.contiguous();
   const auto s2 = s2_in.contiguous();
   check_finite_scores("midx_log_prob", s1, s2);
+  check_codewords_fit("midx_log_prob", K);
   const auto log_n_max = log_n_max_in.contiguous();
   const auto ids = ids_in.contiguous();
   const auto beta = contiguous_opt(beta_in);

@@ -195,6 +195,13 @@ cudaError_t launch_midx_sample(const imi::CellIndex& ix, const float* s1, const 
   return cudaGetLastError();
 }
 
+cudaError_t midx_max_codewords(int64_t* out) {
+  size_t optin = kDefaultSmem;
+  const cudaError_t e = max_optin_smem(&optin);
+  *out = (static_cast<int64_t>(optin / sizeof(float)) - kRedFloats) / 5;  // inverse of prep_smem_bytes
+  return e;
+}
+
 cudaError_t launch_midx_log_prob(const imi::CellIndex& ix, const float* s1, const float* s2,
                                  int64_t B, const int64_t* ids, int64_t L, float* out,
                                  cudaStream_t stream) {
