@@ -52,10 +52,11 @@ def double_backward_message(what: str) -> str:
 
 
 def differentiable_once(what: str) -> Callable:
-    """Decorator for a backward formula ``backward(ctx, *grad_outputs)`` of the loss named ``what``:
-    it runs without grad mode and, under ``create_graph=True``, returns its gradients tied to a node
-    that raises when differentiated (tied to the inputs :func:`keep_anchors` kept and to the
-    incoming gradients that require grad, else to a leaf of its own)."""
+    """Decorator for a backward formula ``backward(ctx, *grad_outputs)`` of the loss named ``what``,
+    which returns a tuple (one entry per input): it runs without grad mode and, under
+    ``create_graph=True``, returns its gradients tied to a node that raises when differentiated (tied
+    to the inputs :func:`keep_anchors` kept and to the incoming gradients that require grad, else to
+    a leaf of its own)."""
     message = double_backward_message(what)
 
     def decorate(backward: Callable) -> Callable:
@@ -71,9 +72,7 @@ def differentiable_once(what: str) -> Callable:
             anchors = getattr(ctx, "double_backward_anchors", ()) + tuple(
                 g for g in grad_outputs if isinstance(g, Tensor) and g.requires_grad)
             anchors = anchors or (torch.empty(0, requires_grad=True),)
-            single = isinstance(grads, Tensor)
-            tied = tuple(_RaisesWhenDifferentiated.apply(message, g, *anchors) if isinstance(g, Tensor) else g
-                         for g in ((grads,) if single else grads))
-            return tied[0] if single else tied
+            return tuple(_RaisesWhenDifferentiated.apply(message, g, *anchors) if isinstance(g, Tensor) else g
+                         for g in grads)
         return wrapper
     return decorate

@@ -386,6 +386,12 @@ def test_bad_arguments_raise_clear_errors():
         s.search(q, 3, bias=b)
     with pytest.raises(ValueError, match="NaN or Inf"):
         s.search(torch.full_like(q, float("nan")), 3)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        s.search(torch.full_like(q, float("nan")), 3, weight=w, bias=b)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        s.search_cells(torch.full_like(q, float("nan")), 30)
+    with pytest.raises(ValueError, match="overflows float32"):  # finite query, scores beyond float32
+        s.search_cells(torch.full_like(q, 3e38), 30)
 
 
 def test_head_approximate_topk_needs_a_built_midx_index():

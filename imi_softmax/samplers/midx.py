@@ -596,10 +596,16 @@ class MIDXSampler(Sampler):
         check_fp32_range("proposal scores query @ codewords(weight)", both,
                          "the query or the weight is too large: " + _OVERFLOW_FIX, cause=q)
 
+    def _op_scores(self, query: Tensor, index: MIDXIndex) -> Tuple[Tensor, Tensor]:
+        """scores() for an op called through :meth:`_proposal_op`: unchecked on the CPU, whose ops
+        check them themselves."""
+        return self.scores(query, index, check=query.device.type != "cpu")
+
     def _proposal_op(self, query: Tensor, s1: Tensor, s2: Tensor, op, *args):
-        """op(*args) for a proposal op given scores that scores(check=False) did not check: the CPU
-        ops (and their fallbacks) check them in their loop, sparing the sync of a check here; when
-        they find NaN / Inf scores, the error names the cause as scores(check=True) would."""
+        """op(*args) for a proposal or search op given scores that scores(check=False) did not check:
+        the CPU ops (and their fallbacks) check them (the sampling ops in their loop, sparing the sync
+        of a check here); when they find NaN / Inf scores, the error names the cause as
+        scores(check=True) would."""
         if _compiling() or query.device.type != "cpu":
             return op(*args)
         try:
@@ -658,7 +664,7 @@ class MIDXSampler(Sampler):
         if query.shape[0] == 0:  # nothing to draw (the op would still size its scratch by num_samples)
             ids, log_q = self._empty_draw(query, num_samples)
             return ids, log_q, log_q.new_empty((0, 0 if targets is None else targets.shape[1]))
-        s1, s2 = self.scores(query, index, check=query.device.type != "cpu")  # the CPU op checks them
+        s1, s2 = self._op_scores(query, index)
         return self._proposal_op(query, s1, s2, ops.midx_sample, s1, s2, index.log_n, index.cell_mass,
                                  index.log_n_max, index.offsets, index.class_ids, index.alias_prob,
                                  index.alias_pos, index.beta_csr, num_samples, generator, targets, index.beta,
@@ -670,7 +676,7 @@ class MIDXSampler(Sampler):
         index = self._require_index()  # the one read of the index for this call
         self._check_query(index, query)
         self._check_index_ids("ids", index, query, ids)
-        s1, s2 = self.scores(query, index, check=query.device.type != "cpu")  # the CPU op checks them
+        s1, s2 = self._op_scores(query, index)
         flat = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))  # -1 is ambiguous when B = 0
         out = self._proposal_op(query, s1, s2, ops.midx_log_prob, s1, s2, index.log_n, index.cell_mass,
                                 index.log_n_max, index.beta, index.code1, index.code2, flat)
@@ -717,10 +723,10 @@ class MIDXSampler(Sampler):
         self._check_query(index, query)
         copy = self._cell_copy
         if weight is None and bias is None and copy is not None and copy[0] is index:
-            s1, s2 = self.scores(query, index)
+            s1, s2 = self._op_scores(query, index)
             with no_autocast(query.device):
-                pos, scores = ops.midx_search(query.detach().to(copy[1].dtype), copy[1], copy[2], s1, s2,
-                                              index.offsets, copy[3], k, budget, rerank)
+                pos, scores = self._proposal_op(query, s1, s2, ops.midx_search, query.detach().to(copy[1].dtype),
+                                                copy[1], copy[2], s1, s2, index.offsets, copy[3], k, budget, rerank)
             return index.class_ids[pos].long(), scores  # gather, then widen: never the whole [N] array
         if weight is None:
             if bias is not None:
@@ -736,11 +742,11 @@ class MIDXSampler(Sampler):
             if bias.shape[0] != index.num_classes or bias.dtype != weight.dtype or bias.device != weight.device:
                 raise ValueError(f"bias must be [{index.num_classes}] with weight's dtype ({weight.dtype}) and device, "
                                  f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
-        s1, s2 = self.scores(query, index)
+        s1, s2 = self._op_scores(query, index)
         with no_autocast(query.device):
-            return ops.midx_search(query.detach().to(weight.dtype), weight.detach(),
-                                   None if bias is None else bias.detach(), s1, s2, index.offsets,
-                                   index.class_ids, k, budget, rerank)
+            return self._proposal_op(query, s1, s2, ops.midx_search, query.detach().to(weight.dtype), weight.detach(),
+                                     None if bias is None else bias.detach(), s1, s2, index.offsets,
+                                     index.class_ids, k, budget, rerank)
 
     @_reads_index
     def search_cells(self, query: Tensor, budget: int) -> Tuple[Tensor, Tensor]:
@@ -749,8 +755,8 @@ class MIDXSampler(Sampler):
         index = self._require_index()
         budget = check_positive_int("budget", budget)
         self._check_query(index, query)
-        s1, s2 = self.scores(query, index)
-        return ops.midx_search_cells(s1, s2, index.offsets, budget)
+        s1, s2 = self._op_scores(query, index)
+        return self._proposal_op(query, s1, s2, ops.midx_search_cells, s1, s2, index.offsets, budget)
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
